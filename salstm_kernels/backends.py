@@ -1,0 +1,164 @@
+"""Named backends and how one is chosen.
+
+Precedence, first match wins: the module's ``backend=`` argument when it is not ``"auto"``; the
+innermost :func:`use_backend` context; the ``SALSTM_KERNELS_BACKEND`` environment variable;
+``"auto"``.  ``"auto"`` picks ``triton`` for CUDA tensors, ``cpp`` for CPU tensors when the compiled
+extension is loaded, and ``reference`` otherwise.  A backend named explicitly that is unknown or
+cannot run on the tensor's device raises :class:`BackendUnavailableError`; it never falls back.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+ENV_VAR = "SALSTM_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    #: ``check(device_type) -> (ok, reason)``; ``reason`` says why not when ``ok`` is False.
+    check: Callable[[str], Tuple[bool, str]]
+    #: ``"auto"`` considers backends in ascending priority order per device.
+    auto_devices: Tuple[str, ...] = ()
+
+
+_REGISTRY: Dict[str, Backend] = {}
+_local = threading.local()
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def _check_reference(device_type: str) -> Tuple[bool, str]:
+    return True, ""
+
+
+def triton_import_error() -> Optional[str]:
+    """``None`` when Triton can be imported, else why not (checked without importing it)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_triton(device_type: str) -> Tuple[bool, str]:
+    err = triton_import_error()
+    if err:
+        return False, err
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, ""
+    if device_type == "cpu":
+        if triton_interpreter_on():
+            return True, ""
+        return False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return False, f"no Triton kernels for device type {device_type!r}"
+
+
+def _check_cpp(device_type: str) -> Tuple[bool, str]:
+    from . import cpp_extension
+
+    if device_type != "cpu":
+        return False, "the C++ kernels run on CPU tensors only"
+    return cpp_extension.status()
+
+
+register_backend(Backend("reference", _check_reference, auto_devices=()))
+register_backend(Backend("triton", _check_triton, auto_devices=("cuda",)))
+register_backend(Backend("cpp", _check_cpp, auto_devices=("cpu",)))
+
+
+def backend_names() -> List[str]:
+    return list(_REGISTRY)
+
+
+def backend_status(device_type: str) -> Dict[str, Tuple[bool, str]]:
+    """``{name: (available, reason)}`` for one device type."""
+    return {name: b.check(device_type) for name, b in _REGISTRY.items()}
+
+
+def available_backends(device: "str | torch.device | None" = None) -> List[str]:
+    """Backends that can run on ``device`` (default: ``cuda`` if present, else ``cpu``)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
+    return [name for name, (ok, _) in backend_status(device_type).items() if ok]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for modules built with ``backend="auto"`` inside the ``with`` block."""
+    _validate_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _validate_name(name: str) -> None:
+    if name != "auto" and name not in _REGISTRY:
+        raise BackendUnavailableError(
+            f"unknown backend {name!r}; expected 'auto' or one of {backend_names()}"
+        )
+
+
+_warned_auto: set = set()
+
+
+def requested_backend(module_backend: str = "auto") -> str:
+    """The name asked for, before resolving ``auto``, following the precedence above."""
+    if module_backend != "auto":
+        return module_backend
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return os.environ.get(ENV_VAR, "").strip() or "auto"
+
+
+def resolve_backend(module_backend: str, device: torch.device) -> str:
+    """The backend that will run for a tensor on ``device``."""
+    name = requested_backend(module_backend)
+    _validate_name(name)
+    if name != "auto":
+        ok, reason = _REGISTRY[name].check(device.type)
+        if not ok:
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available for {device.type} tensors: {reason}"
+            )
+        return name
+    for b in _REGISTRY.values():
+        if device.type in b.auto_devices:
+            ok, reason = b.check(device.type)
+            if ok:
+                return b.name
+            key = (b.name, device.type)
+            if key not in _warned_auto:
+                _warned_auto.add(key)
+                warnings.warn(
+                    f"salstm_kernels: backend {b.name!r} unavailable for {device.type} tensors "
+                    f"({reason}); 'auto' uses 'reference'",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return "reference"

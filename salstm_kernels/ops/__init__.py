@@ -1,0 +1,8 @@
+"""Fused ops registered with ``torch.library`` (one file per op: definition, fake kernel, autograd).
+
+Each op takes a ``backend`` string naming the kernel provider that computes it ("triton", "cpp",
+or "reference" -- the pure-PyTorch provider used to test the op plumbing itself).  One fake kernel
+and one autograd registration per op serve every provider and device.
+"""
+from .lstm_attention import lstm_attention, lstm_attention_backward  # noqa: F401
+from .lstm_cell import lstm_cell, lstm_cell_backward  # noqa: F401

@@ -1,0 +1,109 @@
+"""``salstm_kernels::lstm_attention``: last step of SA-LSTM / LSTM-SA in one op.
+
+From the conv output ``A`` and the previous cell state ``c``: gates, ``c'``, ``h'``, the QKV of
+paper eq. 4 (gating learned per-pixel projections of ``h'`` for LSTM-SA), and channel attention
+``softmax(Q K^T * scale) V``.  Returns ``(out, h', c', P)``; ``P (B, C, C)`` float32 is the softmax,
+kept for backward (it is tiny: C x C per image).  Reference:
+:func:`salstm_kernels.reference.lstm_attention_ref`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .providers import kernels
+
+_PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
+
+
+def _projections(wq, bq, wk, bk, wv, bv):
+    proj = (wq, bq, wk, bk, wv, bv)
+    given = [p is not None for p in proj]
+    if not any(given):
+        return None
+    if not all(given):
+        missing = [n for n, g in zip(_PROJ_NAMES, given) if not g]
+        raise ValueError(f"lstm_attention: projections must be all given or all None; missing {missing}")
+    return proj
+
+
+@torch.library.custom_op("salstm_kernels::lstm_attention", mutates_args=())
+def lstm_attention(
+    A: Tensor,
+    c: Tensor,
+    wq: Optional[Tensor],
+    bq: Optional[Tensor],
+    wk: Optional[Tensor],
+    bk: Optional[Tensor],
+    wv: Optional[Tensor],
+    bv: Optional[Tensor],
+    scale: float,
+    combination: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None."""
+    proj = _projections(wq, bq, wk, bk, wv, bv)
+    return kernels(backend).attention_forward(A, c, proj, scale, combination)
+
+
+@lstm_attention.register_fake
+def _(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend):
+    B, C = c.shape[:2]
+    return (A.new_empty(c.shape), A.new_empty(c.shape), A.new_empty(c.shape),
+            A.new_empty((B, C, C), dtype=torch.float64 if A.dtype == torch.float64 else torch.float32))
+
+
+@torch.library.custom_op("salstm_kernels::lstm_attention_backward", mutates_args=())
+def lstm_attention_backward(
+    A: Tensor,
+    c: Tensor,
+    wq: Optional[Tensor],
+    bq: Optional[Tensor],
+    wk: Optional[Tensor],
+    bk: Optional[Tensor],
+    wv: Optional[Tensor],
+    bv: Optional[Tensor],
+    P: Tensor,
+    dout: Tensor,
+    dh: Tensor,
+    dc_new: Tensor,
+    scale: float,
+    combination: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. ``A, c`` and the six projection tensors (empty tensors when absent)."""
+    proj = _projections(wq, bq, wk, bk, wv, bv)
+    dA, dc, dproj = kernels(backend).attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
+    if dproj is None:
+        dproj = tuple(A.new_empty(0) for _ in range(6))
+    return (dA, dc, *dproj)
+
+
+@lstm_attention_backward.register_fake
+def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend):
+    proj = (wq, bq, wk, bk, wv, bv)
+    dproj = [A.new_empty(0) if p is None else torch.empty_like(p) for p in proj]
+    return (torch.empty_like(A), torch.empty_like(c), *dproj)
+
+
+def _setup_context(ctx, inputs, output):
+    A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend = inputs
+    ctx.save_for_backward(A, c, wq, bq, wk, bk, wv, bv, output[3])
+    ctx.scale, ctx.combination, ctx.backend = scale, combination, backend
+    ctx.gated = wq is not None
+
+
+def _backward(ctx, dout, dh, dc_new, dP):
+    A, c, wq, bq, wk, bk, wv, bv, P = ctx.saved_tensors
+    z = lambda g: torch.zeros_like(c) if g is None else g.contiguous()  # noqa: E731
+    grads = lstm_attention_backward(
+        A, c, wq, bq, wk, bk, wv, bv, P, z(dout), z(dh), z(dc_new), ctx.scale, ctx.combination, ctx.backend
+    )
+    dA, dc = grads[0], grads[1]
+    dproj = tuple(grads[2:]) if ctx.gated else (None,) * 6
+    return (dA, dc, *dproj, None, None, None)
+
+
+lstm_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,38 @@
+"""Kernel providers: what computes a fused op for a given backend name.
+
+A provider is a module with four functions (the *kernel contract*; tensors contiguous, NCHW):
+
+``cell_forward(A, c) -> (h, c_new)``
+    ``A (B, 4C, H, W)`` conv output (gate order i, f, o, g), ``c (B, C, H, W)``; outputs ``(B, C, H, W)``.
+``cell_backward(A, c, dh, dc_new) -> (dA, dc)``
+    gate activations recomputed from ``A`` and ``c`` (nothing else saved).
+``attention_forward(A, c, projections, scale, combination) -> (out, h, c_new, P)``
+    last step: cell + QKV formation + channel attention.  ``projections`` is ``None`` (SA-LSTM) or
+    ``(wq, bq, wk, bk, wv, bv)`` with ``w (C, C)``, ``b (C,)`` (LSTM-SA, separated baseline).
+    ``combination`` is "linear", "nonlinear" or "none" (projections only).  ``P (B, C, C)``
+    is the softmax of the scaled scores, saved for backward.
+``attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination)``
+    ``-> (dA, dc, dprojections or None)``; ``dh, dc_new`` are the gradients arriving on the returned
+    states, honoured in addition to ``dout``.
+
+Outputs have ``A``'s dtype; accumulation and the softmax are float32 (float64 for float64 inputs,
+so gradcheck can run; ``P`` then is float64 too).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_PROVIDERS = {
+    "reference": "salstm_kernels.ops.reference_kernels",
+    "triton": "salstm_kernels.triton",
+    "cpp": "salstm_kernels.cpp_kernels",
+}
+
+
+def kernels(backend: str) -> ModuleType:
+    try:
+        path = _PROVIDERS[backend]
+    except KeyError:
+        raise ValueError(f"no fused kernels for backend {backend!r}; expected one of {list(_PROVIDERS)}") from None
+    return importlib.import_module(path)
