@@ -1,0 +1,238 @@
+"""``nn.Module`` front ends: SALSTM2d, LSTMSA2d, the baselines, and the three-slice fusion layer.
+
+Parameter names follow the authors' code (``cell{l}.conv``, ``attention.{q,k,v}_matrix``), so the
+upstream-compatible classes in :mod:`salstm_kernels.compat` are thin subclasses and checkpoints move
+freely between the two APIs.  Each forward resolves a backend (see :mod:`salstm_kernels.backends`):
+``reference`` runs :mod:`salstm_kernels.reference` as written; the fused backends run the split-conv
+recurrence (:mod:`salstm_kernels.recurrence`) and the fused ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from .backends import resolve_backend
+from .recurrence import split_conv_recurrence
+from .validation import check_input, check_kernel_size, check_state
+
+State = Tuple[Tensor, Tensor]
+
+
+class ConvLSTMCellConv(nn.Module):
+    """Holds one layer's conv, named ``conv`` as upstream's ``LSTMCell`` (state_dict ``cell{l}.conv.*``)."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size, 1, (kernel_size - 1) // 2)
+
+
+class ChannelProjections(nn.Module):
+    """Learned per-pixel Q/K/V projections over channels, named as upstream's ``GatedAttention``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.q_matrix = nn.Linear(channels, channels)
+        self.k_matrix = nn.Linear(channels, channels)
+        self.v_matrix = nn.Linear(channels, channels)
+
+    def tensors(self, dtype: Optional[torch.dtype] = None):
+        """``(wq, bq, wk, bk, wv, bv)``, cast to ``dtype`` (autograd flows back to the parameters)."""
+        out = []
+        for lin in (self.q_matrix, self.k_matrix, self.v_matrix):
+            out += [lin.weight, lin.bias]
+        return tuple(t if dtype is None else t.to(dtype) for t in out)
+
+
+def _as_list(hidden_channels: Union[int, Sequence[int]]) -> List[int]:
+    hidden = [hidden_channels] if isinstance(hidden_channels, int) else list(hidden_channels)
+    if not hidden or not all(isinstance(h, int) and h > 0 for h in hidden):
+        raise ValueError(f"hidden_channels must be a positive int or a non-empty list of them, got {hidden_channels!r}")
+    return hidden
+
+
+class ConvLSTM2d(nn.Module):
+    """Stacked ConvLSTM ("LSTM only" baseline); the base of every module here.
+
+    Args:
+        in_channels: channels of each input step.
+        hidden_channels: an int, or a list for stacked layers.
+        kernel_size: odd conv kernel size ("same" padding).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cpp"``.
+
+    ``forward(x, state=None, return_state=False)``: ``x (B, T, Cin, H, W)`` or ``(B, Cin, H, W)``
+    (taken as ``T = 1``); ``state`` an optional list of initial ``(h, c)`` per layer, each
+    ``(B, C_l, H, W)``.  Returns ``(B, C, H, W)``, plus the final ``(h, c)`` of every layer when
+    ``return_state``.
+    """
+
+    combination: Optional[str] = None
+
+    def __init__(self, in_channels: int, hidden_channels: Union[int, Sequence[int]], kernel_size: int = 5, backend: str = "auto"):
+        super().__init__()
+        check_kernel_size(kernel_size)
+        if not (isinstance(in_channels, int) and in_channels > 0):
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        hidden = _as_list(hidden_channels)
+        self.in_channels = in_channels
+        self.hidden_list = hidden
+        self.kernel_size = kernel_size
+        self.backend = backend
+        for layer, (cin, ch) in enumerate(zip([in_channels] + hidden[:-1], hidden)):
+            setattr(self, f"cell{layer}", ConvLSTMCellConv(cin, ch, kernel_size))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden_list)
+
+    @property
+    def out_channels(self) -> int:
+        return self.hidden_list[-1]
+
+    def convs(self) -> List[nn.Conv2d]:
+        return [getattr(self, f"cell{layer}").conv for layer in range(self.num_layers)]
+
+    def extra_repr(self) -> str:
+        s = f"in_channels={self.in_channels}, hidden_channels={self.hidden_list}, kernel_size={self.kernel_size}"
+        if self.combination is not None:
+            s += f", combination={self.combination!r}"
+        return s + f", backend={self.backend!r}"
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, state: Optional[Sequence[State]] = None, return_state: bool = False):
+        x = check_input(x, self.in_channels, type(self).__name__)
+        if state is not None:
+            state = check_state(state, x, self.hidden_list)
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "reference":
+            out, states = self._forward_reference(x, state)
+        else:
+            out, states = self._forward_fused(x, state, backend)
+        return (out, states) if return_state else out
+
+    def _weights(self):
+        convs = self.convs()
+        return [c.weight for c in convs], [c.bias for c in convs]
+
+    def _forward_reference(self, x, state):
+        _, states = reference.convlstm_ref(x, *self._weights(), state)
+        return states[-1][0], states
+
+    def _forward_fused(self, x, state, backend):
+        states, _ = split_conv_recurrence(x, self.convs(), state, backend, stop_before_last=False)
+        return states[-1][0], states
+
+
+class _AttentionMixin:
+    """Shared pieces of the modules that end in channel attention."""
+
+    def _init_attention(self, combination: str, allowed: Tuple[str, ...], attention_size: Optional[int]):
+        if combination not in allowed:
+            raise ValueError(f"combination must be one of {allowed}, got {combination!r}")
+        if attention_size is not None and not (isinstance(attention_size, int) and attention_size > 0):
+            raise ValueError(f"attention_size must be a positive int or None (meaning H*W), got {attention_size!r}")
+        self.combination = combination
+        self.attention_size = attention_size
+
+    def scale_for(self, x: Tensor) -> float:
+        """``1/sqrt(attention_size)``; ``attention_size=None`` means the runtime ``N = H*W``."""
+        size = self.attention_size if self.attention_size is not None else x.shape[-1] * x.shape[-2]
+        return 1.0 / math.sqrt(size)
+
+    def _projection_tensors(self, dtype=None):
+        return None
+
+    def _forward_reference(self, x, state):
+        (i, f, o, g), states = reference.convlstm_ref(x, *self._weights(), state)
+        h, c = states[-1]
+        out = reference._attend(f, g, c, h, self.scale_for(x), self.combination, self._projection_tensors())
+        return out, states
+
+    def _forward_fused(self, x, state, backend):
+        states, (A, c) = split_conv_recurrence(x, self.convs(), state, backend, stop_before_last=True)
+        proj = self._projection_tensors(A.dtype) or (None,) * 6
+        out, h, c_new, _ = ops.lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend)
+        states[-1] = (h, c_new)
+        return out, states
+
+
+class SALSTM2d(_AttentionMixin, ConvLSTM2d):
+    """SA-LSTM (paper Fig. 3a): channel self-attention whose Q, K, V are LSTM states (eq. 4).
+
+    Same arguments as :class:`ConvLSTM2d`, plus ``combination`` ("linear", the published one, or
+    "nonlinear") and ``attention_size`` (the scale is ``1/sqrt(attention_size)``; ``None`` means
+    ``H*W`` of the input).  Output ``(B, C, H, W)`` with ``C = hidden_channels[-1]``.
+    """
+
+    def __init__(self, in_channels, hidden_channels, kernel_size=5, combination="linear", attention_size=None, backend="auto"):
+        super().__init__(in_channels, hidden_channels, kernel_size, backend)
+        self._init_attention(combination, ("linear", "nonlinear"), attention_size)
+
+
+class _ProjectedAttention(_AttentionMixin, ConvLSTM2d):
+    def __init__(self, in_channels, hidden_channels, kernel_size, combination, allowed, attention_size, backend):
+        super().__init__(in_channels, hidden_channels, kernel_size, backend)
+        self._init_attention(combination, allowed, attention_size)
+        self.attention = ChannelProjections(self.out_channels)
+
+    def _projection_tensors(self, dtype=None):
+        return self.attention.tensors(dtype)
+
+
+class LSTMSA2d(_ProjectedAttention):
+    """LSTM-SA (paper Fig. 3b): LSTM states gate learned per-pixel projections of ``h'``.
+
+    ``Q = ((f + c')/2) * (W_q h' + b_q)``, ``K = ((g + h')/2) * (W_k h' + b_k)``,
+    ``V = h' * (W_v h' + b_v)`` (linear combination), then channel attention.
+    Arguments as :class:`SALSTM2d`.
+    """
+
+    def __init__(self, in_channels, hidden_channels, kernel_size=5, combination="linear", attention_size=None, backend="auto"):
+        super().__init__(in_channels, hidden_channels, kernel_size, combination, ("linear", "nonlinear"), attention_size, backend)
+
+
+class LSTMThenSA2d(_ProjectedAttention):
+    """Separated baseline (paper Fig. 2a): ConvLSTM, then standard channel SA over ``h'`` with its own
+    learned ``Q = W_q h'``, ``K = W_k h'``, ``V = W_v h'``."""
+
+    def __init__(self, in_channels, hidden_channels, kernel_size=5, attention_size=None, backend="auto"):
+        super().__init__(in_channels, hidden_channels, kernel_size, "none", ("none",), attention_size, backend)
+
+
+class SAOnly2d(_AttentionMixin, nn.Module):
+    """SA-only baseline: channel self-attention on ``x (B, C, H, W)`` with learned Q/K/V (reference math)."""
+
+    def __init__(self, in_channels: int, attention_size: Optional[int] = None):
+        nn.Module.__init__(self)
+        self._init_attention("none", ("none",), attention_size)
+        self.in_channels = in_channels
+        self.attention = ChannelProjections(in_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SAOnly2d: x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        return reference.sa_only_ref(x, self.attention.tensors(), self.scale_for(x))
+
+
+class SliceFusion2d(nn.Module):
+    """Bidirectional three-slice fusion (paper Fig. 4b; upstream ``TransLSTMLayer``).
+
+    ``y = conv1x1(cat(net_fwd(stack(x1, x2)), net_rev(stack(x3, x2))))`` with ``x2`` the centre
+    slice's features, each ``(B, Cin, H, W)``; output ``(B, num_classes, H, W)``.
+    ``module_cls`` is :class:`SALSTM2d`, :class:`LSTMSA2d`, :class:`LSTMThenSA2d` or :class:`ConvLSTM2d`;
+    ``**kwargs`` go to it.
+    """
+
+    def __init__(self, module_cls, in_channels, hidden_channels, num_classes, kernel_size=5, **kwargs):
+        super().__init__()
+        self.forward_net = module_cls(in_channels, hidden_channels, kernel_size, **kwargs)
+        self.reverse_net = module_cls(in_channels, hidden_channels, kernel_size, **kwargs)
+        self.conv = nn.Conv2d(2 * self.forward_net.out_channels, num_classes, kernel_size=1)
+
+    def forward(self, x1: Tensor, x2: Tensor, x3: Tensor) -> Tensor:
+        y_fwd = self.forward_net(torch.stack([x1, x2], dim=1))
+        y_rev = self.reverse_net(torch.stack([x3, x2], dim=1))
+        return self.conv(torch.cat([y_fwd, y_rev], dim=1))

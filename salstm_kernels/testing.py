@@ -1,0 +1,72 @@
+"""Parity helpers shared by the test suite and ``salstm-kernels verify``.
+
+The per-dtype tolerance table lives here and only here.  Errors are measured as
+``max|x - ref| / max(max|ref|, 1)`` -- relative to the tensor's scale, robust to tiny elements.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+
+#: ``(forward, backward)`` tolerance on the scaled max error, per input dtype.  Backward is
+#: looser: it chains more roundings (and recomputes gates from a low-precision ``A``).
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (5e-3, 2e-2),
+    torch.bfloat16: (3e-2, 6e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, backward: bool = False) -> float:
+    return TOLERANCES[dtype][1 if backward else 0]
+
+
+def scaled_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|x - ref| / max(max|ref|, 1)`` in float64; NaN anywhere in ``x`` but not ``ref`` -> inf."""
+    x64, r64 = x.detach().double(), ref.detach().double()
+    if x64.shape != r64.shape:
+        raise AssertionError(f"shape {tuple(x64.shape)} != reference shape {tuple(r64.shape)}")
+    if x64.numel() == 0:
+        return 0.0
+    if (torch.isnan(x64) != torch.isnan(r64)).any():
+        return float("inf")
+    finite = torch.isfinite(r64)
+    if (x64[~finite] != r64[~finite]).any():
+        return float("inf")
+    diff = (x64[finite] - r64[finite]).abs().max().item() if finite.any() else 0.0
+    scale = max(r64[finite].abs().max().item() if finite.any() else 0.0, 1.0)
+    return diff / scale
+
+
+def assert_close(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, backward: bool = False, name: str = "") -> float:
+    """Raise ``AssertionError`` naming ``name`` when ``x`` is off ``ref`` beyond the dtype's tolerance."""
+    err = scaled_error(x, ref)
+    tol = tolerance(dtype, backward)
+    if not err <= tol:
+        kind = "grad" if backward else "output"
+        raise AssertionError(f"{name or kind}: scaled error {err:.3e} > tolerance {tol:.1e} ({dtype})")
+    return err
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor of ``t``'s shape filled with NaN, so unwritten elements show up."""
+    return torch.full_like(t, float("nan"))
+
+
+def grads_of(outputs: Sequence[torch.Tensor], inputs: Iterable[torch.Tensor], grad_outputs: Sequence[torch.Tensor]):
+    """``torch.autograd.grad`` that returns zeros for inputs the outputs do not depend on."""
+    inputs = list(inputs)
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def random_projections(C: int, dtype=torch.float32, device="cpu", generator: Optional[torch.Generator] = None):
+    """``(wq, bq, wk, bk, wv, bv)`` like ``nn.Linear(C, C)`` initialisation, requiring grad."""
+    bound = 1.0 / C**0.5
+    out = []
+    for shape in ((C, C), (C,)) * 3:
+        t = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        out.append(t.to(device=device, dtype=dtype).requires_grad_(True))
+    return tuple(out)
