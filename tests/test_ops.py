@@ -1,0 +1,131 @@
+"""The fused-op plumbing (torch.library registration, fake kernels, autograd) with the pure-PyTorch
+provider, and the split-conv recurrence against the reference math."""
+import pytest
+import torch
+
+import salstm_kernels as sk
+from salstm_kernels import ops, reference
+from salstm_kernels.ops import reference_kernels as rk
+from salstm_kernels.testing import assert_close, grads_of, random_projections
+
+SHAPES = [(1, 8, 7, 9), (2, 24, 5, 3)]  # (B, C, H, W): N odd, C not a power of two
+
+
+def _inputs(B, C, H, W, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(B, 4 * C, H, W, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_()
+    c = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return A, c, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cell_provider_matches_autograd_of_reference(shape, dtype):
+    A, c, g = _inputs(*shape, dtype)
+    h, c1 = ops.lstm_cell(A, c, "reference")
+    h_ref, c_ref = reference.lstm_cell_ref(A, c)
+    assert_close(h, h_ref, dtype, name="h")
+    assert_close(c1, c_ref, dtype, name="c'")
+    gh, gc = torch.randn_like(h), torch.randn_like(c1)
+    for name, a, b in zip(("dA", "dc"), grads_of([h, c1], [A, c], [gh, gc]), grads_of([h_ref, c_ref], [A, c], [gh, gc])):
+        assert_close(a, b, dtype, backward=True, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("combination,gated", [("linear", False), ("nonlinear", False), ("linear", True), ("nonlinear", True), ("none", True)])
+def test_attention_provider_matches_autograd_of_reference(shape, dtype, combination, gated):
+    A, c, g = _inputs(*shape, dtype, seed=3)
+    C = shape[1]
+    proj = random_projections(C, dtype, generator=g) if gated else None
+    args = proj if gated else (None,) * 6
+    out, h, c1, P = ops.lstm_attention(A, c, *args, 0.2, combination, "reference")
+    assert P.shape == (shape[0], C, C) and P.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(P.sum(-1), torch.ones_like(P.sum(-1)))
+    r = reference.lstm_attention_ref(A, c, 0.2, combination, proj)
+    for name, a, b in zip(("out", "h", "c'"), (out, h, c1), r):
+        assert_close(a, b, dtype, name=name)
+    gys = [torch.randn_like(t) for t in r]
+    inputs = [A, c, *(proj or ())]
+    names = ["dA", "dc", "dwq", "dbq", "dwk", "dbk", "dwv", "dbv"]
+    for name, a, b in zip(names, grads_of([out, h, c1], inputs, gys), grads_of(list(r), inputs, gys)):
+        assert_close(a, b, dtype, backward=True, name=name)
+
+
+def test_partial_projections_rejected():
+    A, c, g = _inputs(1, 8, 3, 3, torch.float32)
+    wq, bq, *_ = random_projections(8)
+    with pytest.raises(ValueError, match="missing"):
+        ops.lstm_attention(A, c, wq, bq, None, None, None, None, 0.5, "linear", "reference")
+
+
+def test_unknown_provider_is_an_error():
+    A, c, g = _inputs(1, 8, 3, 3, torch.float32)
+    with pytest.raises(ValueError, match="no fused kernels for backend 'nope'"):
+        ops.lstm_cell(A, c, "nope")
+
+
+def test_opcheck_all_ops_reference_provider():
+    A, c, g = _inputs(2, 8, 3, 5, torch.float32)
+    opcheck = torch.library.opcheck
+    opcheck(torch.ops.salstm_kernels.lstm_cell.default, (A, c, "reference"))
+    proj = random_projections(8, generator=g)
+    for args in (proj, (None,) * 6):
+        opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *args, 0.3, "linear", "reference"))
+    d = torch.randn(2, 8, 3, 5)
+    opcheck(torch.ops.salstm_kernels.lstm_cell_backward.default, (A.detach(), c.detach(), d, d, "reference"))
+    P = torch.softmax(torch.randn(2, 8, 8), -1)
+    opcheck(
+        torch.ops.salstm_kernels.lstm_attention_backward.default,
+        (A.detach(), c.detach(), *[p.detach() for p in proj], P, d, d, d, 0.3, "linear", "reference"),
+    )
+
+
+MODULES = [
+    (sk.SALSTM2d, {"combination": "linear"}),
+    (sk.SALSTM2d, {"combination": "nonlinear"}),
+    (sk.LSTMSA2d, {"combination": "linear"}),
+    (sk.LSTMSA2d, {"combination": "nonlinear"}),
+    (sk.LSTMThenSA2d, {}),
+    (sk.ConvLSTM2d, {}),
+]
+
+
+@pytest.mark.parametrize("cls,kw", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("T,hidden,with_state", [(1, [6], False), (3, [5, 6], True), (2, [6], True)])
+def test_fused_path_matches_reference_module(cls, kw, T, hidden, with_state):
+    """The split-conv recurrence + fused ops (pure-PyTorch provider) against the reference path."""
+    torch.manual_seed(T)
+    m = cls(4, hidden, 3, backend="reference", **kw)
+    x = torch.randn(2, T, 4, 7, 9, requires_grad=True)
+    state = None
+    if with_state:
+        state = [(torch.randn(2, C, 7, 9, requires_grad=True), torch.randn(2, C, 7, 9, requires_grad=True)) for C in hidden]
+    out_r, st_r = m._forward_reference(x, state)
+    out_f, st_f = m._forward_fused(x, state, "reference")
+    outs_r = [out_r] + [t for s in st_r for t in s]
+    outs_f = [out_f] + [t for s in st_f for t in s]
+    for a, b in zip(outs_f, outs_r):
+        assert_close(a, b, torch.float32)
+    gys = [torch.randn_like(t) for t in outs_r]
+    inputs = [x, *m.parameters()] + ([t for s in state for t in s] if state else [])
+    names = ["x"] + [n for n, _ in m.named_parameters()] + ["h0/c0"] * (2 * len(hidden) if state else 0)
+    for name, a, b in zip(names, grads_of(outs_f, inputs, gys), grads_of(outs_r, inputs, gys)):
+        assert_close(a, b, torch.float32, backward=True, name=name)
+
+
+def test_split_conv_skips_recurrent_conv_at_t0():
+    """25% fewer conv FLOPs at T=2, Cin=C: counted with torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = sk.ConvLSTM2d(8, 8, 5, backend="reference")
+    x = torch.randn(1, 2, 8, 12, 12)
+
+    def conv_flops(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return sum(v for k, v in fc.get_flop_counts()["Global"].items() if "convolution" in str(k))
+
+    eager = conv_flops(lambda: m._forward_reference(x, None))
+    split = conv_flops(lambda: m._forward_fused(x, None, "reference"))
+    assert split == pytest.approx(0.75 * eager)
