@@ -1,0 +1,16 @@
+"""Triton kernel provider for the fused ops (see :mod:`salstm_kernels.ops.providers`).
+
+One file per op, each holding its kernels and launch code (Liger-Kernel layout):
+
+* :mod:`.lstm_cell` -- ConvLSTM gates + state update, and its backward;
+* :mod:`.lstm_attention` -- cell + QKV formation + channel attention (SA-LSTM, LSTM-SA and the
+  separated baseline), and its backward.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set
+before Triton is first imported).  Supports float32 / float16 / bfloat16 (float32 math); float64
+raises ``TypeError`` (use the ``reference`` backend for gradcheck).  Triton is imported only here.
+"""
+from .lstm_attention import attention_backward, attention_forward
+from .lstm_cell import cell_backward, cell_forward
+
+__all__ = ["cell_forward", "cell_backward", "attention_forward", "attention_backward"]

@@ -1,0 +1,470 @@
+"""Triton SA-LSTM / LSTM-SA last step: cell + QKV formation + channel attention, and its backward.
+
+Shapes (NCHW flattened): ``A (B, 4C, N)`` conv output (gate order i, f, o, g), ``c (B, C, N)``.
+Tokens of the attention are the ``C`` channels, features the ``N`` pixels, so every score matrix is
+a tiny ``C x C`` per image and the work is streaming passes over ``N``.
+
+Forward (three launches):
+
+1. ``_cell_qk_scores_kernel`` -- grid ``(SPLITS, B)``; each program walks its share of the N tiles:
+   gates, ``c'``, ``h'`` (written), ``Q``, ``K`` in registers (LSTM-SA: ``q = Wq h' + bq`` is a
+   ``tl.dot`` on the tile, never written), and accumulates ``Q K^T`` in float32 into its own
+   ``(C, C)`` partial.  The partials are summed over the split axis by ``torch.sum`` (fixed order,
+   no float atomics: deterministic).
+2. ``P = softmax(S * scale)`` in float32 torch (``B x C x C``: negligible).
+3. ``_attention_out_kernel`` -- grid ``(N tiles, B)``: ``O = P V`` with ``V`` formed on the fly from
+   ``h'`` (LSTM-SA: ``V = h' * (Wv h' + bv)``).
+
+Backward (two passes over N, gates recomputed from ``A`` and ``c``; nothing else saved):
+
+1. ``_scores_grad_kernel`` -- grid ``(SPLITS, B)``: ``dP = dO V^T`` per-split partials, summed in
+   torch; ``dS = P * (dP - rowsum(dP * P)) * scale`` in torch (``C x C``).
+2. ``_attention_bwd_kernel`` -- grid ``(SPLITS, B)``: per tile ``dV = P^T dO``, ``dQ = dS K``,
+   ``dK = dS^T Q``, the QKV-formation chain rule (LSTM-SA: ``dh' += W^T dq`` by ``tl.dot``, and
+   ``dW += dq h'^T``, ``db += sum dq`` into per-split partials), then one pointwise pass into
+   ``dA`` and ``dc`` honouring the incoming ``dh'``, ``dc'``.
+
+Precision: all math and accumulation in float32.  float32 inputs use ``tl.dot(...,
+input_precision="ieee")`` (no TF32, exact parity with the reference); float16/bfloat16 inputs use
+TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits, and the op
+is memory-bound anyway).  float64 is not supported (raises ``TypeError``): use the reference or
+cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
+needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
+
+Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``attention_backward``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .lstm_cell import check_cell_shapes, check_dtypes, lstm_state, lstm_state_grads, load_lstm_inputs
+
+_COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
+
+#: Force the number of N splits of the reduction kernels (tests use it to cover 1 and many splits).
+SPLITS_OVERRIDE = None
+#: Force the N tile width (a power of two >= 16).
+BLOCK_N_OVERRIDE = None
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_offsets(b, t, C, N, CP: tl.constexpr, BN: tl.constexpr):
+    """Rows (padded channels), the tile's mask and 64-bit offsets into ``A`` (gate i) and ``c``."""
+    rows = tl.arange(0, CP)
+    cols = t * BN + tl.arange(0, BN)
+    mask = (rows < C)[:, None] & (cols < N)[None, :]
+    plane = rows[:, None].to(tl.int64) * N + cols[None, :]
+    a_offs = b * 4 * C * N + plane
+    c_offs = b * C * N + plane
+    return mask, a_offs, c_offs
+
+
+@triton.jit
+def _load_square(ptr, C, CP: tl.constexpr):
+    """A ``(C, C)`` row-major matrix as a zero-padded ``(CP, CP)`` float32 tile."""
+    rows = tl.arange(0, CP)
+    m = (rows < C)[:, None] & (rows < C)[None, :]
+    return tl.load(ptr + rows[:, None] * C + rows[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_square(ptr, x, C, CP: tl.constexpr):
+    rows = tl.arange(0, CP)
+    m = (rows < C)[:, None] & (rows < C)[None, :]
+    tl.store(ptr + rows[:, None] * C + rows[None, :], x, mask=m)
+
+
+@triton.jit
+def _load_vec(ptr, C, CP: tl.constexpr):
+    rows = tl.arange(0, CP)
+    return tl.load(ptr + rows, mask=rows < C, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _project(w, bias, h, PREC: tl.constexpr):
+    """Per-pixel ``Linear`` over channels on a tile: ``w (CP, CP) @ h (CP, BN) + bias``."""
+    return tl.dot(w, h, input_precision=PREC) + bias[:, None]
+
+
+@triton.jit
+def _qk_factors(f, g, c_new, h, COMB: tl.constexpr):
+    """LSTM-state factors of paper eq. 4 for Q and K (combination "none" never calls this)."""
+    if COMB == 0:
+        fq = (f + c_new) * 0.5
+        fk = (g + h) * 0.5
+    else:
+        fq = tl.maximum(f * c_new, 0.0)
+        fk = tl.maximum(g * h, 0.0)
+    return fq, fk
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cell_qk_scores_kernel(
+    a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr,
+    C, N, tiles_per_split, n_tiles, SPLITS,
+    CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+):
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    CN = C * N
+    if GATED:
+        wq = _load_square(wq_ptr, C, CP)
+        wk = _load_square(wk_ptr, C, CP)
+        bq = _load_vec(bq_ptr, C, CP)
+        bk = _load_vec(bk_ptr, C, CP)
+    acc = tl.zeros((CP, CP), dtype=tl.float32)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for t in range(t0, t1):
+        mask, a_offs, c_offs = _tile_offsets(b, t, C, N, CP, BN)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, CN, mask)
+        i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
+        tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(cn_ptr + c_offs, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
+        h = tl.where(mask, h, 0.0)
+        if COMB != 2:
+            q, k = _qk_factors(f, g, c_new, h, COMB)
+            if GATED:
+                q = q * _project(wq, bq, h, PREC)
+                k = k * _project(wk, bk, h, PREC)
+        else:
+            q = _project(wq, bq, h, PREC)
+            k = _project(wk, bk, h, PREC)
+        q = tl.where(mask, q, 0.0)
+        k = tl.where(mask, k, 0.0)
+        acc = tl.dot(q, tl.trans(k), acc, input_precision=PREC)
+    _store_square(s_ptr + (b * SPLITS + split) * C * C, acc, C, CP)
+
+
+@triton.jit
+def _attention_out_kernel(
+    h_ptr, p_ptr, wv_ptr, bv_ptr, o_ptr, C, N,
+    CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    mask, _, c_offs = _tile_offsets(b, t, C, N, CP, BN)
+    h = tl.load(h_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        v = _project(_load_square(wv_ptr, C, CP), _load_vec(bv_ptr, C, CP), h, PREC)
+        if COMB != 2:
+            v = h * v
+        v = tl.where(mask, v, 0.0)
+    else:
+        v = h
+    p = _load_square(p_ptr + b * C * C, C, CP)
+    out = tl.dot(p, v, input_precision=PREC)
+    tl.store(o_ptr + c_offs, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores_grad_kernel(
+    a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr,
+    C, N, tiles_per_split, n_tiles, SPLITS,
+    CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per-split partials of ``dP = dO V^T`` (``V`` recomputed from ``A`` and ``c``)."""
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    CN = C * N
+    if GATED:
+        wv = _load_square(wv_ptr, C, CP)
+        bv = _load_vec(bv_ptr, C, CP)
+    acc = tl.zeros((CP, CP), dtype=tl.float32)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for t in range(t0, t1):
+        mask, a_offs, c_offs = _tile_offsets(b, t, C, N, CP, BN)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, CN, mask)
+        _, _, _, _, _, _, h = lstm_state(ai, af, ao, ag, c)
+        h = tl.where(mask, h, 0.0)
+        if GATED:
+            v = _project(wv, bv, h, PREC)
+            if COMB != 2:
+                v = h * v
+            v = tl.where(mask, v, 0.0)
+        else:
+            v = h
+        do = tl.load(do_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.dot(do, tl.trans(v), acc, input_precision=PREC)
+    _store_square(dp_ptr + (b * SPLITS + split) * C * C, acc, C, CP)
+
+
+@triton.jit
+def _attention_bwd_kernel(
+    a_ptr, c_ptr, do_ptr, dh_ptr, dcn_ptr, p_ptr, ds_ptr,
+    wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    da_ptr, dc_ptr, dw_ptr, db_ptr,
+    C, N, tiles_per_split, n_tiles, SPLITS,
+    CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+):
+    """``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``, QKV chain rule, then ``dA``, ``dc``.
+
+    LSTM-SA also accumulates per-split partials of ``dW = dq h'^T`` and ``db = sum dq`` (q, k, v).
+    """
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    CN = C * N
+    p = _load_square(p_ptr + b * C * C, C, CP)
+    ds = _load_square(ds_ptr + b * C * C, C, CP)
+    if GATED:
+        wq = _load_square(wq_ptr, C, CP)
+        wk = _load_square(wk_ptr, C, CP)
+        wv = _load_square(wv_ptr, C, CP)
+        bq = _load_vec(bq_ptr, C, CP)
+        bk = _load_vec(bk_ptr, C, CP)
+        bv = _load_vec(bv_ptr, C, CP)
+        dwq = tl.zeros((CP, CP), dtype=tl.float32)
+        dwk = tl.zeros((CP, CP), dtype=tl.float32)
+        dwv = tl.zeros((CP, CP), dtype=tl.float32)
+        dbq = tl.zeros((CP,), dtype=tl.float32)
+        dbk = tl.zeros((CP,), dtype=tl.float32)
+        dbv = tl.zeros((CP,), dtype=tl.float32)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for t in range(t0, t1):
+        mask, a_offs, c_offs = _tile_offsets(b, t, C, N, CP, BN)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, CN, mask)
+        i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
+        h = tl.where(mask, h, 0.0)
+        # ---- Q, K, V as in the forward
+        if COMB != 2:
+            fq, fk = _qk_factors(f, g, c_new, h, COMB)
+        if GATED:
+            pq = tl.where(mask, _project(wq, bq, h, PREC), 0.0)
+            pk = tl.where(mask, _project(wk, bk, h, PREC), 0.0)
+            pv = tl.where(mask, _project(wv, bv, h, PREC), 0.0)
+            if COMB != 2:
+                q = fq * pq
+                k = fk * pk
+                v = h * pv
+            else:
+                q = pq
+                k = pk
+                v = pv
+        else:
+            q = fq
+            k = fk
+            v = h
+        q = tl.where(mask, q, 0.0)
+        k = tl.where(mask, k, 0.0)
+        # ---- attention backward on the tile
+        do = tl.load(do_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        dv = tl.dot(tl.trans(p), do, input_precision=PREC)
+        dq = tl.dot(ds, k, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
+        # ---- QKV formation backward
+        dh_t = tl.load(dh_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        dc_t = tl.load(dcn_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            if COMB != 2:
+                dfq = dq * pq
+                dfk = dk * pk
+                dfv = dv * pv
+                dq = dq * fq
+                dk = dk * fk
+                dv = dv * h
+            dq = tl.where(mask, dq, 0.0)
+            dk = tl.where(mask, dk, 0.0)
+            dv = tl.where(mask, dv, 0.0)
+            ht = tl.trans(h)
+            dwq = tl.dot(dq, ht, dwq, input_precision=PREC)
+            dwk = tl.dot(dk, ht, dwk, input_precision=PREC)
+            dwv = tl.dot(dv, ht, dwv, input_precision=PREC)
+            dbq += tl.sum(dq, axis=1)
+            dbk += tl.sum(dk, axis=1)
+            dbv += tl.sum(dv, axis=1)
+            dh_t += tl.dot(tl.trans(wq), dq, input_precision=PREC)
+            dh_t += tl.dot(tl.trans(wk), dk, input_precision=PREC)
+            dh_t += tl.dot(tl.trans(wv), dv, input_precision=PREC)
+        else:
+            dfq = dq
+            dfk = dk
+            dfv = dv
+        df = 0.0
+        dg = 0.0
+        if COMB == 0:
+            df = dfq * 0.5
+            dc_t += dfq * 0.5
+            dg = dfk * 0.5
+            dh_t += dfk * 0.5 + dfv
+        if COMB == 1:
+            mq = f * c_new > 0
+            mk = g * h > 0
+            df = tl.where(mq, dfq * c_new, 0.0)
+            dc_t += tl.where(mq, dfq * f, 0.0)
+            dg = tl.where(mk, dfk * h, 0.0)
+            dh_t += tl.where(mk, dfk * g, 0.0) + dfv
+        # ---- cell backward into dA, dc
+        dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
+        ty = da_ptr.dtype.element_ty
+        tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
+        tl.store(da_ptr + CN + a_offs, daf.to(ty), mask=mask)
+        tl.store(da_ptr + 2 * CN + a_offs, dao.to(ty), mask=mask)
+        tl.store(da_ptr + 3 * CN + a_offs, dag.to(ty), mask=mask)
+        tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+    if GATED:
+        base = b * SPLITS + split
+        _store_square(dw_ptr + (base * 3 + 0) * C * C, dwq, C, CP)
+        _store_square(dw_ptr + (base * 3 + 1) * C * C, dwk, C, CP)
+        _store_square(dw_ptr + (base * 3 + 2) * C * C, dwv, C, CP)
+        rows = tl.arange(0, CP)
+        tl.store(db_ptr + (base * 3 + 0) * C + rows, dbq, mask=rows < C)
+        tl.store(db_ptr + (base * 3 + 1) * C + rows, dbk, mask=rows < C)
+        tl.store(db_ptr + (base * 3 + 2) * C + rows, dbv, mask=rows < C)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch code (the provider contract, see salstm_kernels/ops/providers.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class _Plan:
+    """Tile width, split count and warps for one call."""
+
+    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, backward: bool):
+        self.CP = max(16, triton.next_power_of_2(C))
+        if BLOCK_N_OVERRIDE is not None:
+            bn = BLOCK_N_OVERRIDE
+        elif _interpreted() or A.device.type != "cuda":
+            bn = 16  # small tiles: more tiles per split, so masks and splits get exercised
+        else:
+            budget = 2048 if backward else 4096  # ~ elements of one (CP, BN) fp32 tile
+            bn = max(16, min(64, budget // self.CP))
+        self.BN = bn
+        self.n_tiles = triton.cdiv(N, bn)
+        if SPLITS_OVERRIDE is not None:
+            splits = SPLITS_OVERRIDE
+        elif A.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(A.device).multi_processor_count
+            splits = triton.cdiv(2 * sms, max(B, 1))
+        else:
+            splits = 3
+        splits = max(1, min(splits, self.n_tiles))
+        self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
+        self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
+        self.num_warps = 4 if self.CP <= 32 else 8
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _combination(combination: str, gated: bool) -> int:
+    if combination not in _COMBINATIONS:
+        raise ValueError(f"combination must be one of {tuple(_COMBINATIONS)}, got {combination!r}")
+    if combination == "none" and not gated:
+        raise ValueError("combination='none' needs learned projections")
+    return _COMBINATIONS[combination]
+
+
+def _prepare_projections(projections, C: int, device):
+    if projections is None:
+        return None
+    if len(projections) != 6:
+        raise ValueError("projections must be (wq, bq, wk, bk, wv, bv)")
+    check_dtypes(*projections)
+    out = []
+    for idx, p in enumerate(projections):
+        shape = (C, C) if idx % 2 == 0 else (C,)
+        if tuple(p.shape) != shape:
+            raise ValueError(f"projection {idx} must have shape {shape}, got {tuple(p.shape)}")
+        if p.device != device:
+            raise ValueError(f"projection {idx} is on {p.device}, expected {device}")
+        out.append(p.contiguous())
+    return tuple(out)
+
+
+def attention_forward(A, c, projections, scale, combination):
+    check_cell_shapes(A, c)
+    check_dtypes(A, c)
+    A, c = A.contiguous(), c.contiguous()
+    B, C = c.shape[:2]
+    N = c[0, 0].numel() if B and C else 0
+    proj = _prepare_projections(projections, C, A.device)
+    gated = proj is not None
+    comb = _combination(combination, gated)
+    out = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    if B == 0 or C == 0 or N == 0:
+        P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
+        return out, h, c_new, P
+    plan = _Plan(A, B, C, N, backward=False)
+    wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
+    partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), num_warps=plan.num_warps)
+    _cell_qk_scores_kernel[(plan.splits, B)](
+        A, c, h, c_new, wq, bq, wk, bk, partials, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta
+    )
+    P = torch.softmax(partials.sum(dim=1) * scale, dim=-1).contiguous()
+    _attention_out_kernel[(plan.n_tiles, B)](h, P, wv, bv, out, C, N, **meta)
+    return out, h, c_new, P
+
+
+def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination):
+    check_cell_shapes(A, c)
+    check_dtypes(A, c, dout, dh, dc_new)
+    A, c = A.contiguous(), c.contiguous()
+    dout, dh, dc_new = dout.contiguous(), dh.contiguous(), dc_new.contiguous()
+    B, C = c.shape[:2]
+    N = c[0, 0].numel() if B and C else 0
+    proj = _prepare_projections(projections, C, A.device)
+    gated = proj is not None
+    comb = _combination(combination, gated)
+    dA = torch.empty_like(A)
+    dc = torch.empty_like(c)
+    if B == 0 or C == 0 or N == 0:
+        dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
+        return dA, dc, dproj
+    P = P.to(device=A.device, dtype=torch.float32).contiguous()
+    plan = _Plan(A, B, C, N, backward=True)
+    wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), num_warps=plan.num_warps)
+    grid = (plan.splits, B)
+    dp_partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
+    _scores_grad_kernel[grid](
+        A, c, dout, wv, bv, dp_partials, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta
+    )
+    dP = dp_partials.sum(dim=1)
+    dS = (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
+    if gated:
+        dw = torch.empty(B * plan.splits, 3, C, C, dtype=torch.float32, device=A.device)
+        db = torch.empty(B * plan.splits, 3, C, dtype=torch.float32, device=A.device)
+    else:
+        dw = db = A  # dummies: never written when not GATED
+    _attention_bwd_kernel[grid](
+        A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db,
+        C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta
+    )
+    dproj = None
+    if gated:
+        dw, db = dw.sum(dim=0), db.sum(dim=0)
+        dproj = (
+            dw[0].to(proj[0].dtype), db[0].to(proj[1].dtype),
+            dw[1].to(proj[2].dtype), db[1].to(proj[3].dtype),
+            dw[2].to(proj[4].dtype), db[2].to(proj[5].dtype),
+        )
+    return dA, dc, dproj

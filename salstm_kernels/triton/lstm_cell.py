@@ -1,0 +1,159 @@
+"""Triton ConvLSTM cell: gates + state update from the conv output ``A``, and its backward.
+
+Forward: ``A (B, 4C, N)`` (gate order i, f, o, g) and ``c (B, C, N)`` -> ``h', c'``.
+Backward: recomputes the gates from ``A`` and ``c`` (nothing else is saved) -> ``dA, dc``.
+Reference: :func:`salstm_kernels.ops.reference_kernels.cell_forward` / ``cell_backward``.
+
+The ``@triton.jit`` helpers here (``tanh``, ``lstm_state``, ``lstm_state_grads``) are shared with
+:mod:`salstm_kernels.triton.lstm_attention`, whose fused kernels do the same gate math on tiles.
+All math is float32 whatever the storage dtype; offsets are 64-bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tanh(x):
+    """``tanh`` from ``exp`` (no libdevice: the Triton interpreter cannot run it); no overflow."""
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x >= 0, y, -y)
+
+
+@triton.jit
+def load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gate_stride, mask):
+    """Pre-activations ``(Ai, Af, Ao, Ag)`` and ``c`` as float32.
+
+    ``a_offs`` point at gate ``i`` in ``A``; the other gates are ``gate_stride`` (= C*N) apart.
+    """
+    ai = tl.load(a_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
+    af = tl.load(a_ptr + gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
+    ao = tl.load(a_ptr + 2 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
+    ag = tl.load(a_ptr + 3 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+    return ai, af, ao, ag, c
+
+
+@triton.jit
+def lstm_state(ai, af, ao, ag, c):
+    """Gates ``i, f, o, g``, ``c' = f c + i g``, ``tanh(c')`` and ``h' = o tanh(c')``."""
+    i = tl.sigmoid(ai)
+    f = tl.sigmoid(af)
+    o = tl.sigmoid(ao)
+    g = tanh(ag)
+    c_new = f * c + i * g
+    tc = tanh(c_new)
+    return i, f, o, g, c_new, tc, o * tc
+
+
+@triton.jit
+def lstm_state_grads(i, f, o, g, c, tc, dh, dc_new, df, dg):
+    """``dAi, dAf, dAo, dAg, dc`` from total grads on ``h', c'`` plus extra grads on ``f, g``."""
+    dct = dc_new + dh * o * (1.0 - tc * tc)
+    dai = dct * g * i * (1.0 - i)
+    daf = (dct * c + df) * f * (1.0 - f)
+    dao = dh * tc * o * (1.0 - o)
+    dag = (dct * i + dg) * (1.0 - g * g)
+    return dai, daf, dao, dag, dct * f
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: one program per BLOCK elements of the flattened (B, C, N) state
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, CN, total, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    b = idx // CN
+    a_offs = idx + b * (3 * CN)  # (b, ch, n) of gate i inside (B, 4C, N)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, CN, mask)
+    _, _, _, _, c_new, _, h = lstm_state(ai, af, ao, ag, c)
+    tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(cn_ptr + idx, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, CN, total, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    b = idx // CN
+    a_offs = idx + b * (3 * CN)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, CN, mask)
+    i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
+    dh = tl.load(dh_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dcn = tl.load(dcn_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
+    ty = da_ptr.dtype.element_ty
+    tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + CN, daf.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + 2 * CN, dao.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + 3 * CN, dag.to(ty), mask=mask)
+    tl.store(dc_ptr + idx, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch code (the provider contract, see salstm_kernels/ops/providers.py)
+# --------------------------------------------------------------------------------------------
+_BLOCK = 1024
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtypes(*tensors: torch.Tensor) -> None:
+    """The Triton provider computes in float32 for float32/float16/bfloat16 storage only."""
+    for t in tensors:
+        if t is not None and t.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"salstm_kernels triton backend supports float32, float16 and bfloat16 tensors, got {t.dtype}; "
+                "use backend='reference' (or 'cpp') for float64, e.g. for gradcheck"
+            )
+
+
+def check_cell_shapes(A: torch.Tensor, c: torch.Tensor) -> None:
+    if A.dim() < 3 or c.dim() != A.dim() or A.shape[0] != c.shape[0] or A.shape[1] != 4 * c.shape[1] \
+            or A.shape[2:] != c.shape[2:]:
+        raise ValueError(f"expected A (B, 4C, ...) and c (B, C, ...), got {tuple(A.shape)} and {tuple(c.shape)}")
+    if A.device != c.device:
+        raise ValueError(f"A and c on different devices: {A.device} and {c.device}")
+
+
+def _block(total: int) -> int:
+    return min(_BLOCK, max(16, triton.next_power_of_2(total)))
+
+
+def cell_forward(A: torch.Tensor, c: torch.Tensor):
+    check_cell_shapes(A, c)
+    check_dtypes(A, c)
+    A, c = A.contiguous(), c.contiguous()
+    h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    total = c.numel()
+    if total == 0:
+        return h, c_new
+    CN = total // c.shape[0]
+    block = _block(total)
+    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, CN, total, BLOCK=block)
+    return h, c_new
+
+
+def cell_backward(A: torch.Tensor, c: torch.Tensor, dh: torch.Tensor, dc_new: torch.Tensor):
+    check_cell_shapes(A, c)
+    check_dtypes(A, c, dh, dc_new)
+    A, c, dh, dc_new = A.contiguous(), c.contiguous(), dh.contiguous(), dc_new.contiguous()
+    dA = torch.empty_like(A)
+    dc = torch.empty_like(c)
+    total = c.numel()
+    if total == 0:
+        return dA, dc
+    CN = total // c.shape[0]
+    block = _block(total)
+    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, CN, total, BLOCK=block)
+    return dA, dc
