@@ -461,10 +461,8 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     )
     dproj = None
     if gated:
-        dw, db = dw.sum(dim=0), db.sum(dim=0)
-        dproj = (
-            dw[0].to(proj[0].dtype), db[0].to(proj[1].dtype),
-            dw[1].to(proj[2].dtype), db[1].to(proj[3].dtype),
-            dw[2].to(proj[4].dtype), db[2].to(proj[5].dtype),
+        # one fresh tensor per gradient (returned tensors must not alias each other)
+        dproj = tuple(
+            part[:, k].sum(dim=0).to(proj[2 * k + j].dtype) for k in range(3) for j, part in enumerate((dw, db))
         )
     return dA, dc, dproj

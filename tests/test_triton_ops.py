@@ -1,0 +1,288 @@
+"""The Triton provider (``salstm_kernels/triton``) against the reference, forward and backward.
+
+Without CUDA the kernels run on CPU tensors under the Triton interpreter: ``TRITON_INTERPRET=1``
+is set here, before ``salstm_kernels.triton`` (and so ``@triton.jit``) is first imported -- Triton
+decides interpreter-or-compiler when a kernel is decorated.  With CUDA the same tests run on the GPU.
+Shapes are tiny and odd (``N`` not a multiple of the tile, ``C`` not a power of two).
+"""
+import importlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+if importlib.util.find_spec("triton") is not None:
+    if not HAS_CUDA and "salstm_kernels.triton" in sys.modules:
+        # imported earlier without the interpreter: re-decorate the kernels under it
+        for name in ("salstm_kernels.triton.lstm_cell", "salstm_kernels.triton.lstm_attention", "salstm_kernels.triton"):
+            importlib.reload(sys.modules[name])
+    tk = importlib.import_module("salstm_kernels.triton")
+    from salstm_kernels.triton import lstm_attention as tk_attention
+else:  # pragma: no cover
+    tk = tk_attention = None
+
+import salstm_kernels as sk  # noqa: E402
+from salstm_kernels import ops, reference  # noqa: E402
+from salstm_kernels.ops import reference_kernels as rk  # noqa: E402
+from salstm_kernels.testing import assert_close, grads_of, nan_like, random_projections  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+COMBOS = [("linear", False), ("nonlinear", False), ("linear", True), ("nonlinear", True), ("none", True)]
+COMBO_IDS = ["linear", "nonlinear", "gated-linear", "gated-nonlinear", "none"]
+SHAPES = [(2, 24, 7, 9), (1, 8, 7, 9)]  # (B, C, H, W): N = 63 is not a multiple of any tile
+LOW = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def nan_alloc(monkeypatch):
+    """Fresh ``torch.empty`` / ``empty_like`` tensors are NaN-filled, so unwritten outputs show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def _inputs(B, C, H, W, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(B, 4 * C, H, W, generator=g, dtype=torch.float64) * 2).to(DEVICE, dtype)
+    c = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    grads = [torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(DEVICE, dtype) for _ in range(3)]
+    return A, c, grads, g
+
+
+def _leaf64(t):
+    return t.detach().double().requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------------
+# cell
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(1, 130, 3, 5)], ids=str)
+def test_cell_matches_reference(shape, dtype, nan_alloc):
+    A, c, (dh, dc_new, _), _ = _inputs(*shape, dtype)
+    h, c1 = tk.cell_forward(A, c)
+    dA, dc = tk.cell_backward(A, c, dh, dc_new)
+    assert h.dtype == c1.dtype == dA.dtype == dc.dtype == dtype
+    # the same contract in plain PyTorch
+    for name, x, r in zip(("h", "c'"), (h, c1), rk.cell_forward(A, c)):
+        assert_close(x, r, dtype, name=name)
+    for name, x, r in zip(("dA", "dc"), (dA, dc), rk.cell_backward(A, c, dh, dc_new)):
+        assert_close(x, r, dtype, backward=True, name=name)
+    # autograd of the spec, in float64
+    A64, c64 = _leaf64(A), _leaf64(c)
+    h_ref, c_ref = reference.lstm_cell_ref(A64, c64)
+    assert_close(h, h_ref, dtype, name="h vs spec")
+    assert_close(c1, c_ref, dtype, name="c' vs spec")
+    g_ref = grads_of([h_ref, c_ref], [A64, c64], [dh.double(), dc_new.double()])
+    for name, x, r in zip(("dA", "dc"), (dA, dc), g_ref):
+        assert_close(x, r, dtype, backward=True, name=name + " vs spec")
+
+
+# --------------------------------------------------------------------------------------------
+# attention: provider vs reference provider vs autograd of the spec
+# --------------------------------------------------------------------------------------------
+def _check_attention(shape, dtype, combination, gated, scale=0.3):
+    B, C, H, W = shape
+    A, c, (dout, dh, dc_new), g = _inputs(*shape, dtype, seed=3)
+    proj = tuple(p.detach() for p in random_projections(C, dtype, DEVICE, generator=g)) if gated else None
+
+    out, h, c1, P = tk.attention_forward(A, c, proj, scale, combination)
+    assert out.dtype == h.dtype == c1.dtype == dtype and P.dtype == torch.float32
+    assert P.shape == (B, C, C)
+    dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
+    assert (dproj is not None) == gated
+
+    ref = rk.attention_forward(A, c, proj, scale, combination)
+    for name, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref):
+        assert_close(x, r, dtype, name=name)
+    rdA, rdc, rdproj = rk.attention_backward(A, c, proj, ref[3], dout, dh, dc_new, scale, combination)
+    got = [dA, dc] + (list(dproj) if gated else [])
+    want = [rdA, rdc] + (list(rdproj) if gated else [])
+    names = ["dA", "dc"] + (["dwq", "dbq", "dwk", "dbk", "dwv", "dbv"] if gated else [])
+    for name, x, r in zip(names, got, want):
+        assert x.dtype == r.dtype, name
+        assert_close(x, r, dtype, backward=True, name=name)
+
+    # autograd of salstm_kernels.reference in float64, random upstream grads on out, h', c'
+    A64, c64 = _leaf64(A), _leaf64(c)
+    proj64 = tuple(_leaf64(p) for p in proj) if gated else None
+    outs = reference.lstm_attention_ref(A64, c64, scale, combination, proj64)
+    for name, x, r in zip(("out", "h", "c'"), (out, h, c1), outs):
+        assert_close(x, r, dtype, name=name + " vs spec")
+    leaves = [A64, c64] + (list(proj64) if gated else [])
+    spec = grads_of(list(outs), leaves, [dout.double(), dh.double(), dc_new.double()])
+    for name, x, r in zip(names, got, spec):
+        assert_close(x, r, dtype, backward=True, name=name + " vs spec")
+
+
+@pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_attention_fp32(shape, combination, gated, nan_alloc):
+    _check_attention(shape, torch.float32, combination, gated)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
+def test_attention_low_precision(dtype, combination, gated, nan_alloc):
+    _check_attention((2, 24, 7, 9), dtype, combination, gated)
+
+
+@pytest.mark.parametrize("combination,gated", [("linear", False), ("linear", True)], ids=["salstm", "lstmsa"])
+def test_attention_wide_channels(combination, gated, nan_alloc):
+    """C = 130 pads to 256 channels: masks on both sides of every tl.dot."""
+    _check_attention((1, 130, 3, 5), torch.float32, combination, gated)
+
+
+@pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])
+def test_split_and_tile_choices_agree(splits, block_n, monkeypatch, nan_alloc):
+    """One split, a split per tile and wider tiles all give the reference; repeat runs are bitwise equal."""
+    monkeypatch.setattr(tk_attention, "SPLITS_OVERRIDE", splits)
+    monkeypatch.setattr(tk_attention, "BLOCK_N_OVERRIDE", block_n)
+    _check_attention((2, 24, 7, 9), torch.float32, "linear", True)
+    A, c, (dout, dh, dc_new), g = _inputs(2, 24, 7, 9, torch.float32, seed=5)
+    proj = tuple(p.detach() for p in random_projections(24, torch.float32, DEVICE, generator=g))
+    run = lambda: (*tk.attention_forward(A, c, proj, 0.1, "linear"),  # noqa: E731
+                   *tk.attention_backward(A, c, proj, rk.attention_forward(A, c, proj, 0.1, "linear")[3],
+                                          dout, dh, dc_new, 0.1, "linear")[:2])
+    for x, y in zip(run(), run()):
+        assert torch.equal(x, y)
+
+
+def test_non_contiguous_inputs_are_accepted():
+    A, c, (dout, dh, dc_new), _ = _inputs(1, 8, 9, 7, torch.float32)
+    At, ct = A.transpose(2, 3).contiguous().transpose(2, 3), c.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not At.is_contiguous()
+    for x, r in zip(tk.attention_forward(At, ct, None, 0.2, "linear"), rk.attention_forward(A, c, None, 0.2, "linear")):
+        assert_close(x, r, torch.float32)
+
+
+def test_float64_is_rejected_clearly():
+    A, c, _, _ = _inputs(1, 8, 3, 5, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        tk.cell_forward(A, c)
+    with pytest.raises(TypeError, match="float64"):
+        tk.attention_forward(A, c, None, 0.1, "linear")
+
+
+def test_bad_combination_is_rejected():
+    A, c, _, _ = _inputs(1, 8, 3, 5, torch.float32)
+    with pytest.raises(ValueError, match="needs learned projections"):
+        tk.attention_forward(A, c, None, 0.1, "none")
+    with pytest.raises(ValueError, match="combination"):
+        tk.attention_forward(A, c, None, 0.1, "bogus")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration with the triton provider
+# --------------------------------------------------------------------------------------------
+def test_opcheck_triton_provider():
+    A, c, (d, _, _), g = _inputs(2, 8, 3, 5, torch.float32)
+    A.requires_grad_(True)
+    c.requires_grad_(True)
+    opcheck = torch.library.opcheck
+    opcheck(torch.ops.salstm_kernels.lstm_cell.default, (A, c, "triton"))
+    proj = random_projections(8, torch.float32, DEVICE, generator=g)
+    for args, comb in ((proj, "linear"), ((None,) * 6, "nonlinear"), (proj, "none")):
+        opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *args, 0.3, comb, "triton"))
+    opcheck(torch.ops.salstm_kernels.lstm_cell_backward.default, (A.detach(), c.detach(), d, d, "triton"))
+    P = torch.softmax(torch.randn(2, 8, 8, generator=g), -1).to(DEVICE)
+    for args in ([p.detach() for p in proj], (None,) * 6):
+        opcheck(
+            torch.ops.salstm_kernels.lstm_attention_backward.default,
+            (A.detach(), c.detach(), *args, P, d, d, d, 0.3, "linear", "triton"),
+        )
+
+
+def test_ops_autograd_through_triton_provider():
+    """``ops.lstm_attention`` (registered autograd) with backend="triton" vs autograd of the spec."""
+    A, c, (dout, dh, dc_new), g = _inputs(2, 24, 7, 9, torch.float32, seed=7)
+    A.requires_grad_(True)
+    c.requires_grad_(True)
+    proj = random_projections(24, torch.float32, DEVICE, generator=g)
+    out, h, c1, _ = ops.lstm_attention(A, c, *proj, 0.2, "linear", "triton")
+    outs_ref = reference.lstm_attention_ref(A, c, 0.2, "linear", proj)
+    leaves = [A, c, *proj]
+    for x, r in zip(grads_of([out, h, c1], leaves, [dout, dh, dc_new]), grads_of(list(outs_ref), leaves, [dout, dh, dc_new])):
+        assert_close(x, r, torch.float32, backward=True)
+
+
+# --------------------------------------------------------------------------------------------
+# modules: backend="triton" vs backend="reference"
+# --------------------------------------------------------------------------------------------
+MODULES = [
+    (sk.SALSTM2d, {"combination": "linear"}),
+    (sk.SALSTM2d, {"combination": "nonlinear"}),
+    (sk.LSTMSA2d, {"combination": "linear"}),
+    (sk.LSTMThenSA2d, {}),
+    (sk.ConvLSTM2d, {}),
+]
+
+
+@pytest.mark.parametrize("cls,kw", MODULES, ids=["salstm-linear", "salstm-nonlinear", "lstmsa", "lstm-then-sa", "convlstm"])
+@pytest.mark.parametrize("T,hidden,with_state", [(1, [8], False), (3, [6, 8], True)], ids=["T1", "T3-2layers-state"])
+def test_module_triton_matches_reference(cls, kw, T, hidden, with_state):
+    torch.manual_seed(T)
+    m_ref = cls(4, hidden, 3, backend="reference", **kw).to(DEVICE)
+    m_tri = cls(4, hidden, 3, backend="triton", **kw).to(DEVICE)
+    m_tri.load_state_dict(m_ref.state_dict())
+    H, W = 7, 5
+    x = torch.randn(2, T, 4, H, W, device=DEVICE, requires_grad=True)
+    state = None
+    if with_state:
+        state = [(torch.randn(2, C, H, W, device=DEVICE, requires_grad=True),
+                  torch.randn(2, C, H, W, device=DEVICE, requires_grad=True)) for C in hidden]
+    out_r, st_r = m_ref(x, state, return_state=True)
+    out_t, st_t = m_tri(x, state, return_state=True)
+    outs_r = [out_r] + [t for s in st_r for t in s]
+    outs_t = [out_t] + [t for s in st_t for t in s]
+    for a, b in zip(outs_t, outs_r):
+        assert_close(a, b, torch.float32)
+    gys = [torch.randn_like(t) for t in outs_r]
+    names = ["x"] + [n for n, _ in m_ref.named_parameters()] + ["h0/c0"] * (2 * len(hidden) if state else 0)
+    init = [t for s in state for t in s] if state else []
+    g_r = grads_of(outs_r, [x, *m_ref.parameters(), *init], gys)
+    g_t = grads_of(outs_t, [x, *m_tri.parameters(), *init], gys)
+    for name, a, b in zip(names, g_t, g_r):
+        assert_close(a, b, torch.float32, backward=True, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA only
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_64bit_offsets():
+    """``B * 4C * N > 2^31``: the second image's gates sit past 2^31 elements of ``A``."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GiB of free GPU memory")
+    B, C, H, W = 2, 64, 2049, 2049
+    assert B * 4 * C * H * W > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    A = torch.randn(B, 4 * C, H, W, device="cuda", dtype=torch.float16, generator=g)
+    c = torch.randn(B, C, H, W, device="cuda", dtype=torch.float16, generator=g)
+    h, c1 = tk.cell_forward(A, c)
+    hr, cr = rk.cell_forward(A[-1:], c[-1:])
+    assert_close(h[-1:], hr, torch.float16, name="h")
+    assert_close(c1[-1:], cr, torch.float16, name="c'")
+    del h, c1, hr, cr
+    out, h, c1, P = tk.attention_forward(A, c, None, 1.0 / (H * W) ** 0.5, "linear")
+    ref = rk.attention_forward(A[-1:], c[-1:], None, 1.0 / (H * W) ** 0.5, "linear")
+    for name, x, r in zip(("out", "h", "c'", "P"), (out[-1:], h[-1:], c1[-1:], P[-1:]), ref):
+        assert_close(x, r, torch.float16, name=name)
+
+
+def test_nan_like_helper_is_what_the_fixture_mirrors():
+    t = torch.zeros(3)
+    assert torch.isnan(nan_like(t)).all()
