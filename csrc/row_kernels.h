@@ -1,0 +1,42 @@
+// Pointwise row kernels of the SA-LSTM / LSTM-SA ops (gates, state update, QKV factors and their
+// gradients) over one contiguous run of L pixels of every gate row.  Compiled once per CPU
+// capability (row_kernels_default.cpp, row_kernels_avx2.cpp) and picked at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace salstm_cpu {
+
+// QKV formation of paper eq. 4; kNone: projections only (separated baseline).
+enum Combination : int { kLinear = 0, kNonlinear = 1, kNone = 2 };
+
+// All pointers address the first pixel of a run; gate rows of A (i, f, o, g) are `gs` elements
+// apart (gs = C * N for a (B, 4C, N) tensor), as are the rows of dA.
+template <typename T>
+struct RowKernels {
+  // h' = o * tanh(c'),  c' = f * c + i * g.
+  void (*cell_forward)(const T* A, int64_t gs, const T* c, T* h, T* cn, int64_t L);
+  // As cell_forward, plus the LSTM-state QKV factors fq, fk (unused for kNone; may be null then).
+  void (*attention_state)(const T* A, int64_t gs, const T* c, T* h, T* cn, T* fq, T* fk, int comb, int64_t L);
+  // dA, dc from the gradients on h' and c' (dh, dcn), plus optional extra ones:
+  //   dh_extra (added to dh),  dfq / dfk / dfv: gradients on the QKV factors of `comb`
+  //   (null when absent).
+  void (*backward)(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
+                   const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L);
+};
+
+namespace DEFAULT {
+template <typename T>
+RowKernels<T> row_kernels();
+}
+namespace AVX2 {
+template <typename T>
+RowKernels<T> row_kernels();
+bool compiled();
+}
+
+// The fastest kernels this CPU supports.
+template <typename T>
+const RowKernels<T>& row_kernels();
+
+}  // namespace salstm_cpu
