@@ -1,0 +1,478 @@
+"""One-shot GPU check of the Triton backend: parity first, then speed and memory.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py              # CUDA machine (< 8 min on an H100)
+    PYTHONPATH=. python benchmarks/gpu_check.py --cpu-smoke  # tiny shapes, Triton interpreter, CPU
+
+1. **Parity** (exit status 1 if any row fails): every Triton op (cell forward/backward, attention
+   forward/backward for SA-LSTM linear/nonlinear, LSTM-SA linear/nonlinear, separated "none") and
+   every module (:data:`salstm_kernels.verify.DESIGNS`) in float32, bfloat16 and float16, forward
+   and all gradients, against the float64 reference (``salstm_kernels.reference``) on the same
+   rounded inputs, with the tolerance table of :mod:`salstm_kernels.testing`.  One line per row:
+   ``PASS``/``FAIL``, worst tensor, scaled error / tolerance.
+2. **Speed** at ``B=2, Cin=C=64, T=2, k=5``, ``112x112`` and ``224x224``, float32 and bfloat16:
+   SA-LSTM and LSTM-SA module forward+backward as eager reference (``backend="reference"``),
+   ``torch.compile`` of it (compile time excluded from the timing, reported apart) and
+   ``backend="triton"`` (``triton.testing.do_bench``, median); peak training memory (CUDA
+   ``max_memory_allocated`` above the pre-call allocation) against eager; and the fused non-conv
+   part alone (``lstm_attention`` forward+backward of the last step, and ``lstm_cell``
+   forward+backward) with achieved GB/s for the bytes it must move against a measured device copy
+   bandwidth.  The summary table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+import traceback
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere
+
+import torch  # noqa: E402
+
+import salstm_kernels as sk  # noqa: E402
+from salstm_kernels import ops, reference  # noqa: E402
+from salstm_kernels.ops import providers  # noqa: E402
+from salstm_kernels.testing import random_projections, scaled_error, tolerance  # noqa: E402
+from salstm_kernels.verify import DESIGNS, module_runner, parity  # noqa: E402
+
+COMBOS = (("linear", False), ("nonlinear", False), ("linear", True), ("nonlinear", True), ("none", True))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+def dname(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def combo_name(comb, gated) -> str:
+    return {("linear", False): "SA-LSTM/linear", ("nonlinear", False): "SA-LSTM/nonlinear",
+            ("linear", True): "LSTM-SA/linear", ("nonlinear", True): "LSTM-SA/nonlinear",
+            ("none", True): "LSTM-then-SA"}[(comb, gated)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. parity
+# ------------------------------------------------------------------------------------------------
+class ParityLog:
+    def __init__(self):
+        self.n_pass = 0
+        self.failures = []
+
+    def row(self, label, dtype, errs, error=None):
+        """``errs``: list of (name, err, backward)."""
+        if error is not None:
+            ok, text = False, f"error: {error}"
+        else:
+            worst = max(errs, key=lambda e: e[1] / tolerance(dtype, e[2]))
+            name, err, bwd = worst
+            ok = all(e <= tolerance(dtype, b) for _, e, b in errs)
+            fwd = max((e for _, e, b in errs if not b), default=0.0)
+            bwd_e = max((e for _, e, b in errs if b), default=0.0)
+            text = (f"fwd {fwd:.2e}/{tolerance(dtype):.0e}  bwd {bwd_e:.2e}/{tolerance(dtype, True):.0e}"
+                    f"  worst {name} ({err / tolerance(dtype, bwd):.2f} of tol)")
+        status = "PASS" if ok else "FAIL"
+        line = f"{status}  {label:<58} {dname(dtype):<9} {text}"
+        print(line, flush=True)
+        if ok:
+            self.n_pass += 1
+        else:
+            self.failures.append(line)
+
+
+def _leaf64(t):
+    return t.detach().double().requires_grad_(True)
+
+
+def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0):
+    B, C, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device, dtype)  # noqa: E731
+    A, c = rnd(B, 4 * C, H, W, scale=2.0), rnd(B, C, H, W)
+    dout, dh, dcn = rnd(B, C, H, W), rnd(B, C, H, W), rnd(B, C, H, W)
+    label = f"op cell B{B} C{C} {H}x{W}"
+    try:
+        h, c1 = tk.cell_forward(A, c)
+        dA, dc = tk.cell_backward(A, c, dh, dcn)
+        A64, c64 = _leaf64(A), _leaf64(c)
+        hr, cr = reference.lstm_cell_ref(A64, c64)
+        gr = torch.autograd.grad([hr, cr], [A64, c64], [dh.double(), dcn.double()])
+        log.row(label, dtype, [("h", scaled_error(h, hr), False), ("c'", scaled_error(c1, cr), False),
+                               ("dA", scaled_error(dA, gr[0]), True), ("dc", scaled_error(dc, gr[1]), True)])
+    except Exception as e:  # noqa: BLE001
+        log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
+    scale = 1.0 / math.sqrt(H * W)
+    for comb, gated in combos:
+        label = f"op attention {combo_name(comb, gated)} B{B} C{C} {H}x{W}"
+        try:
+            proj = tuple(p.detach() for p in random_projections(C, dtype, device, generator=g)) if gated else None
+            out, h, c1, P = tk.attention_forward(A, c, proj, scale, comb)
+            dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dcn, scale, comb)
+            A64, c64 = _leaf64(A), _leaf64(c)
+            p64 = tuple(_leaf64(p) for p in proj) if gated else None
+            refs = reference.lstm_attention_ref(A64, c64, scale, comb, p64)
+            leaves = [A64, c64] + (list(p64) if gated else [])
+            grads = torch.autograd.grad(list(refs), leaves, [dout.double(), dh.double(), dcn.double()])
+            errs = [(n, scaled_error(x, r), False) for n, x, r in zip(("out", "h", "c'"), (out, h, c1), refs)]
+            names = ["dA", "dc"] + (["dWq", "dbq", "dWk", "dbk", "dWv", "dbv"] if gated else [])
+            got = [dA, dc] + (list(dproj) if gated else [])
+            errs += [(n, scaled_error(x, r), True) for n, x, r in zip(names, got, grads)]
+            log.row(label, dtype, errs)
+        except Exception as e:  # noqa: BLE001
+            log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
+
+
+def module_parity(log: ParityLog, device, design, cin, hidden, T, H, W, dtype, with_state, seed=0):
+    label = f"module {design} B2 T{T} Cin{cin} C{'x'.join(map(str, hidden))} {H}x{W}" + (" state" if with_state else "")
+    try:
+        torch.manual_seed(seed)
+        m = DESIGNS[design](cin, list(hidden), 3, "triton").to(device=device, dtype=dtype)
+        x = torch.randn(2, T, cin, H, W, device=device).to(dtype)
+        state = None
+        if with_state:
+            state = [(torch.randn(2, C, H, W, device=device).to(dtype), torch.randn(2, C, H, W, device=device).to(dtype))
+                     for C in hidden]
+        res = parity(module_runner(m), m, x, state, seed=seed)
+        if res.error:
+            log.row(label, dtype, [], error=res.error)
+        else:
+            log.row(label, dtype, [(res.fwd_worst, res.fwd_err, False), (res.bwd_worst, res.bwd_err, True)])
+    except Exception as e:  # noqa: BLE001
+        log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
+
+
+def offsets_64bit(log: ParityLog, tk, device):
+    """B * 4C * N > 2^31 elements: the second image of A lies past 2^31 (cell + attention forward)."""
+    B, C, H, W = 2, 64, 2049, 2049
+    label = f"op 64-bit offsets B{B} C{C} {H}x{W} (B*4C*N={B * 4 * C * H * W:.2e})"
+    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
+        print(f"SKIP  {label}: needs ~24 GiB free")
+        return
+    try:
+        from salstm_kernels.ops import reference_kernels as rk
+
+        g = torch.Generator(device=device).manual_seed(0)
+        A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float16, generator=g)
+        c = torch.randn(B, C, H, W, device=device, dtype=torch.float16, generator=g)
+        out, h, c1, P = tk.attention_forward(A, c, None, 1.0 / (H * W), "linear")
+        ref = rk.attention_forward(A[-1:], c[-1:], None, 1.0 / (H * W), "linear")
+        errs = [(n, scaled_error(x[-1:], r), False) for n, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref)]
+        del out, h, c1, P, ref
+        h, c1 = tk.cell_forward(A, c)
+        hr, cr = rk.cell_forward(A[-1:], c[-1:])
+        errs += [("cell h", scaled_error(h[-1:], hr), False), ("cell c'", scaled_error(c1[-1:], cr), False)]
+        log.row(label, torch.float16, errs)
+    except Exception as e:  # noqa: BLE001
+        log.row(label, torch.float16, [], error=f"{type(e).__name__}: {e}"[:200])
+    finally:
+        torch.cuda.empty_cache()
+
+
+def run_parity(device, smoke: bool) -> ParityLog:
+    tk = providers.kernels("triton")
+    log = ParityLog()
+    print("== parity vs float64 reference (scaled error / tolerance) ==", flush=True)
+    if smoke:
+        op_cases = [((1, 8, 5, 3), DTYPES, COMBOS)]
+        mod_cases = [(d, 3, (8,), 2, 5, 3, dt, True) for d in DESIGNS for dt in (torch.float32,)]
+        mod_cases += [("LSTMSA2d(linear)", 3, (8,), 1, 5, 3, torch.bfloat16, False)]
+    else:
+        linear_only = (("linear", False), ("linear", True))
+        op_cases = [
+            ((2, 24, 13, 11), (torch.float32, torch.bfloat16), COMBOS),
+            ((2, 24, 13, 11), (torch.float16,), linear_only),
+            ((2, 64, 33, 31), (torch.float32, torch.bfloat16, torch.float16), linear_only),
+            ((1, 130, 9, 7), (torch.float32,), (("linear", True),)),
+        ]
+        mod_cases = []
+        for dt in (torch.float32, torch.bfloat16):
+            mod_cases += [(d, 5, (24,), 2, 13, 11, dt, False) for d in DESIGNS]
+            mod_cases += [(d, 4, (16, 24), 3, 9, 7, dt, True) for d in ("SALSTM2d(linear)", "LSTMSA2d(linear)")]
+        mod_cases += [(d, 5, (24,), 2, 13, 11, torch.float16, True) for d in ("SALSTM2d(linear)", "LSTMSA2d(linear)")]
+    for shape, dtypes, combos in op_cases:
+        for dt in dtypes:
+            op_parity(log, tk, device, shape, dt, combos)
+    for design, cin, hidden, T, H, W, dt, st in mod_cases:
+        module_parity(log, device, design, cin, hidden, T, H, W, dt, st)
+    if device.type == "cuda":
+        offsets_64bit(log, tk, device)
+    print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
+    return log
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. speed and memory
+# ------------------------------------------------------------------------------------------------
+def bench_ms(fn, device, grad_to_none=None) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()  # CPU smoke: a rough timing only
+    t = time.perf_counter()
+    for _ in range(2):
+        fn()
+    return (time.perf_counter() - t) / 2 * 1e3
+
+
+def peak_mib(fn, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Device copy bandwidth (read + write bytes / time) of a large tensor copy."""
+    n = (256 * 2**20 if device.type == "cuda" else 2**20) // 4
+    src = torch.empty(n, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, **kw):
+        self.rows.append(kw)
+        print("  " + "  ".join(f"{k}={v}" for k, v in kw.items()), flush=True)
+
+    def render(self) -> str:
+        cols = ["case", "impl", "fwd+bwd ms", "vs eager", "peak MiB", "mem vs eager", "GB/s", "% copy BW", "compile s", "note"]
+        lines = []
+        widths = {c: len(c) for c in cols}
+        cells = []
+        for r in self.rows:
+            row = {c: str(r.get(c, "")) for c in cols}
+            cells.append(row)
+            for c in cols:
+                widths[c] = max(widths[c], len(row[c]))
+        lines.append("  ".join(c.ljust(widths[c]) for c in cols))
+        lines.append("  ".join("-" * widths[c] for c in cols))
+        for row in cells:
+            lines.append("  ".join(row[c].ljust(widths[c]) for c in cols))
+        return "\n".join(lines)
+
+
+def _mem_cols(mem, eager):
+    if math.isnan(mem):
+        return {"peak MiB": "-", "mem vs eager": "-"}
+    em = eager.get("mem", float("nan"))
+    return {"peak MiB": f"{mem:.0f}", "mem vs eager": f"{mem / em:.2f}x" if em and not math.isnan(em) else "-"}
+
+
+def _module_step(m, x, gy):
+    def step():
+        m(x).backward(gy)
+    return step
+
+
+def bench_modules(table: Table, device, dtype, B, C, T, k, H, W, budget_s, compile_backend, compile_jobs):
+    """eager / triton rows now; the torch.compile rows are queued (run last, within the budget)."""
+    for label, factory in (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d)):
+        case = f"{label} {H}x{W} {dname(dtype)}"
+        torch.manual_seed(0)
+        m_ref = factory(C, C, k, backend="reference").to(device=device, dtype=dtype)
+        m_tri = copy.deepcopy(m_ref)
+        m_tri.backend = "triton"
+        x = torch.randn(B, T, C, H, W, device=device, dtype=dtype, requires_grad=True)
+        gy = torch.randn(B, C, H, W, device=device, dtype=dtype)
+        eager = {}
+        for impl, m in (("eager", m_ref), ("triton", m_tri)):
+            try:
+                step = _module_step(m, x, gy)
+                step()
+                sync(device)
+                grads = [x, *m.parameters()]
+                ms = bench_ms(step, device, grad_to_none=grads)
+                for p in grads:
+                    p.grad = None
+                mem = peak_mib(step, device)
+                for p in grads:
+                    p.grad = None
+                if impl == "eager":
+                    eager = {"ms": ms, "mem": mem}
+                table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}", "vs eager": f"{eager['ms'] / ms:.2f}x",
+                          **_mem_cols(mem, eager)})
+            except Exception as e:  # noqa: BLE001
+                table.add(case=case, impl=impl, note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+        compile_jobs.append((case, m_ref, x, gy, eager))
+
+
+def run_compile_jobs(table: Table, device, jobs, budget_s, compile_backend):
+    for case, m_ref, x, gy, eager in jobs:
+        if elapsed() > budget_s:
+            table.add(case=case, impl="compile", note=f"skipped: time budget {budget_s:.0f}s spent")
+            continue
+        try:
+            torch._dynamo.reset()
+            cm = torch.compile(m_ref, backend=compile_backend)
+            step = _module_step(cm, x, gy)
+            t = time.perf_counter()
+            step()
+            step()  # the second call can recompile (grad mode / guards); keep it out of the timing
+            sync(device)
+            compile_s = time.perf_counter() - t
+            grads = [x, *m_ref.parameters()]
+            ms = bench_ms(step, device, grad_to_none=grads)
+            for p in grads:
+                p.grad = None
+            mem = peak_mib(step, device)
+            for p in grads:
+                p.grad = None
+            table.add(case=case, impl="compile", **{"fwd+bwd ms": f"{ms:.3f}",
+                      "vs eager": f"{eager['ms'] / ms:.2f}x" if eager.get("ms") else "-",
+                      **_mem_cols(mem, eager), "compile s": f"{compile_s:.1f}"})
+        except Exception as e:  # noqa: BLE001
+            table.add(case=case, impl="compile", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+    torch._dynamo.reset()
+
+
+def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
+    """The non-conv part alone: lstm_attention fwd+bwd and lstm_cell fwd+bwd, GB/s vs copy BW."""
+    N = H * W
+    es = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator(device=device).manual_seed(0)
+    A = torch.randn(B, 4 * C, H, W, device=device, dtype=dtype, generator=g)
+    c, dout, dh, dcn = (torch.randn(B, C, H, W, device=device, dtype=dtype, generator=g) for _ in range(4))
+    scale = 1.0 / math.sqrt(N)
+    for label, gated in (("SA-LSTM", False), ("LSTM-SA", True)):
+        case = f"non-conv {label} {H}x{W} {dname(dtype)}"
+        proj = tuple(p.detach() for p in random_projections(C, dtype, device)) if gated else None
+
+        def fused():
+            _, _, _, P = tk.attention_forward(A, c, proj, scale, "linear")
+            tk.attention_backward(A, c, proj, P, dout, dh, dcn, scale, "linear")
+
+        # must move: fwd reads A, c and writes out, h', c' (8CN); bwd reads A, c, dout, dh, dc'
+        # and writes dA, dc (13CN)
+        nbytes = 21 * B * C * N * es
+        try:
+            ms = bench_ms(fused, device)
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            table.add(case=case, impl="triton ops", **{"fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
+                      "% copy BW": f"{100 * gbs / copy_gbs:.0f}%", "note": f"{nbytes / 2**20:.0f} MiB moved"})
+        except Exception as e:  # noqa: BLE001
+            table.add(case=case, impl="triton ops", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+        # the same math in eager PyTorch (autograd of the reference), for scale
+        try:
+            A_, c_ = A.clone().requires_grad_(True), c.clone().requires_grad_(True)
+            proj_ = tuple(p.clone().requires_grad_(True) for p in proj) if gated else None
+
+            def eager():
+                outs = reference.lstm_attention_ref(A_, c_, scale, "linear", proj_)
+                torch.autograd.backward(list(outs), [dout, dh, dcn])
+
+            leaves = [A_, c_] + (list(proj_) if gated else [])
+            ms_e = bench_ms(eager, device, grad_to_none=leaves)
+            gbs = nbytes / (ms_e * 1e-3) / 1e9
+            table.add(case=case, impl="eager ref", **{"fwd+bwd ms": f"{ms_e:.3f}", "GB/s": f"{gbs:.0f}",
+                      "% copy BW": f"{100 * gbs / copy_gbs:.0f}%", "note": "same bytes model"})
+        except Exception as e:  # noqa: BLE001
+            table.add(case=case, impl="eager ref", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+    case = f"non-conv cell {H}x{W} {dname(dtype)}"
+    nbytes = (7 + 12) * B * C * N * es  # fwd: read 5CN write 2CN; bwd: read 7CN write 5CN
+    try:
+        ms = bench_ms(lambda: (tk.cell_forward(A, c), tk.cell_backward(A, c, dh, dcn)), device)
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        table.add(case=case, impl="triton ops", **{"fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
+                  "% copy BW": f"{100 * gbs / copy_gbs:.0f}%", "note": f"{nbytes / 2**20:.0f} MiB moved"})
+    except Exception as e:  # noqa: BLE001
+        table.add(case=case, impl="triton ops", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+
+
+def run_bench(device, smoke: bool, budget_s: float, no_compile: bool) -> Table:
+    tk = providers.kernels("triton")
+    table = Table()
+    print("== speed / memory ==", flush=True)
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"device copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
+    if smoke:
+        B, C, T, k, sizes, dtypes = 1, 8, 2, 3, ((6, 5),), (torch.float32, torch.bfloat16)
+        compile_backend = "eager"  # exercise the logic only
+    else:
+        B, C, T, k, sizes, dtypes = 2, 64, 2, 5, ((112, 112), (224, 224)), (torch.float32, torch.bfloat16)
+        compile_backend = "inductor"
+    jobs = []
+    for H, W in sizes:
+        for dt in dtypes:
+            bench_modules(table, device, dt, B, C, T, k, H, W, budget_s, compile_backend, jobs)
+            bench_fused_part(table, tk, device, dt, B, C, H, W, copy_gbs)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if no_compile:
+        for case, *_ in jobs:
+            table.add(case=case, impl="compile", note="skipped (--no-compile)")
+    else:
+        run_compile_jobs(table, device, jobs, budget_s, compile_backend)
+    table.copy_gbs = copy_gbs
+    return table
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=360.0,
+                    help="torch.compile rows still pending after this many seconds are skipped")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("no CUDA device: run with --cpu-smoke (Triton interpreter, tiny shapes)")
+        return 2
+    import triton
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, device "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (Triton interpreter)'}", flush=True)
+    log = ParityLog()
+    if not args.skip_parity:
+        try:
+            log = run_parity(device, args.cpu_smoke)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            log.failures.append("parity section crashed")
+    table = None
+    if not args.skip_bench:
+        try:
+            table = run_bench(device, args.cpu_smoke, args.budget_s, args.no_compile)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    # ---- summary, last
+    print()
+    print("=" * 100)
+    if table is not None:
+        print(f"SUMMARY  B=2 Cin=C=64 T=2 k=5 fwd+bwd (do_bench median); copy BW {table.copy_gbs:.0f} GB/s; "
+              f"non-conv bytes model: attention 21*B*C*N, cell 19*B*C*N elements")
+        print(table.render())
+    for line in log.failures:
+        print(line)
+    print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL; total {elapsed():.0f}s")
+    return 1 if log.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
