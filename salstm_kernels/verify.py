@@ -13,7 +13,8 @@ which checks the op plumbing the fused backends share even when none of them is 
 
 Which dtypes: CPU float32 and float64 (bfloat16 only if the backend's kernel provider claims it),
 CUDA float32, float16 and bfloat16.  A provider claims dtypes with an optional module function
-``supported_dtypes(device_type: str) -> Sequence[torch.dtype]``; without one the defaults above hold.
+``supported_dtypes(device_type: str) -> Sequence[torch.dtype]``; without one, the dtypes a built-in
+provider documents (:data:`DOCUMENTED_DTYPES`), else the defaults above, hold.
 
 :func:`parity` is also the correctness gate of ``salstm-kernels bench``.
 """
@@ -36,6 +37,12 @@ from .validation import check_input
 
 #: The implementation label for the fused-op path run by the pure-PyTorch kernel provider.
 REFERENCE_OPS = "reference-ops"
+
+#: Dtypes the built-in providers document in their docstrings, used when a provider has no
+#: ``supported_dtypes`` function (Triton: float32/float16/bfloat16 storage, no float64).
+DOCUMENTED_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
 
 #: ``name -> factory(in_channels, hidden_channels, kernel_size, backend)``.
 DESIGNS: Dict[str, Callable[..., nn.Module]] = {
@@ -214,9 +221,12 @@ def device_dtypes(backend: str, device_type: str) -> List[torch.dtype]:
             claim = getattr(importlib.import_module(path), "supported_dtypes", None)
         except Exception:  # noqa: BLE001 -- an unimportable provider fails in parity, not here
             claim = None
-    if claim is None:
+    if claim is not None:
+        claimed = set(claim(device_type))
+    elif provider in DOCUMENTED_DTYPES:
+        claimed = set(DOCUMENTED_DTYPES[provider])
+    else:
         return default
-    claimed = set(claim(device_type))
     return [d for d in candidates if d in claimed]
 
 
