@@ -1,0 +1,331 @@
+"""The C++ CPU provider (``backend="cpp"``, csrc/) against the reference provider and the reference
+math: forward and every gradient, odd shapes, float32/float64, modules, determinism, opcheck, and
+the package without the extension."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from salstm_kernels import cpp_extension
+
+_ok, _reason = cpp_extension.status()
+if not _ok:
+    pytest.skip(f"C++ extension not available: {_reason}", allow_module_level=True)
+
+import salstm_kernels as sk  # noqa: E402
+from salstm_kernels import cpp_kernels as ck  # noqa: E402
+from salstm_kernels import ops, reference  # noqa: E402
+from salstm_kernels.ops import reference_kernels as rk  # noqa: E402
+from salstm_kernels.testing import assert_close, grads_of, random_projections  # noqa: E402
+
+# (B, C, H, W): odd N, C not a power of two, several pixel tiles (N > 256), a single pixel.
+SHAPES = [(1, 8, 7, 9), (2, 24, 7, 9), (2, 8, 19, 17), (1, 24, 1, 1)]
+DTYPES = [torch.float32, torch.float64]
+VARIANTS = [("linear", False), ("nonlinear", False), ("linear", True), ("nonlinear", True), ("none", True)]
+PROJ_NAMES = ["dwq", "dbq", "dwk", "dbk", "dwv", "dbv"]
+
+
+def _inputs(B, C, H, W, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(B, 4 * C, H, W, generator=g, dtype=torch.float64) * 2).to(dtype)
+    c = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    return A, c, g
+
+
+def _randn(shape, dtype, g):
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _proj(C, dtype, g):
+    return tuple(p.detach() for p in random_projections(C, dtype, generator=g))
+
+
+# ------------------------------------------------------------------------------------------------
+# Provider level: cpp vs reference_kernels (same contract, same formulas)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cell_provider_matches_reference_kernels(shape, dtype):
+    A, c, g = _inputs(*shape, dtype)
+    dh, dcn = _randn(c.shape, dtype, g), _randn(c.shape, dtype, g)
+    for name, a, b in zip(("h", "c'"), ck.cell_forward(A, c), rk.cell_forward(A, c)):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, name=name)
+    for name, a, b in zip(("dA", "dc"), ck.cell_backward(A, c, dh, dcn), rk.cell_backward(A, c, dh, dcn)):
+        assert_close(a, b, dtype, backward=True, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("combination,gated", VARIANTS)
+def test_attention_provider_matches_reference_kernels(shape, dtype, combination, gated):
+    A, c, g = _inputs(*shape, dtype, seed=1)
+    proj = _proj(shape[1], dtype, g) if gated else None
+    got = ck.attention_forward(A, c, proj, 0.3, combination)
+    ref = rk.attention_forward(A, c, proj, 0.3, combination)
+    assert got[3].dtype == ref[3].dtype
+    for name, a, b in zip(("out", "h", "c'", "P"), got, ref):
+        assert_close(a, b, dtype, name=name)
+    dout, dh, dcn = (_randn(c.shape, dtype, g) for _ in range(3))
+    dA, dc, dproj = ck.attention_backward(A, c, proj, ref[3], dout, dh, dcn, 0.3, combination)
+    rA, rc, rproj = rk.attention_backward(A, c, proj, ref[3], dout, dh, dcn, 0.3, combination)
+    assert_close(dA, rA, dtype, backward=True, name="dA")
+    assert_close(dc, rc, dtype, backward=True, name="dc")
+    if gated:
+        for name, a, b in zip(PROJ_NAMES, dproj, rproj):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert_close(a, b, dtype, backward=True, name=name)
+    else:
+        assert dproj is None
+
+
+def test_provider_accepts_non_contiguous_inputs():
+    dtype = torch.float64
+    A, c, g = _inputs(2, 8, 9, 7, dtype, seed=2)
+    # transposed spatial dims: same values, non-contiguous storage
+    At, ct = A.transpose(2, 3).contiguous().transpose(2, 3), c.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not At.is_contiguous() and not ct.is_contiguous()
+    proj = _proj(8, dtype, g)
+    wq_t = proj[0].t().contiguous().t()  # non-contiguous weight
+    proj_nc = (wq_t,) + proj[1:]
+    for a, b in zip(ck.cell_forward(At, ct), rk.cell_forward(A, c)):
+        assert_close(a, b, dtype)
+    got = ck.attention_forward(At, ct, proj_nc, 0.5, "linear")
+    ref = rk.attention_forward(A, c, proj, 0.5, "linear")
+    for a, b in zip(got, ref):
+        assert_close(a, b, dtype)
+    dout = _randn(c.shape, dtype, g).transpose(2, 3).contiguous().transpose(2, 3)
+    dh, dcn = _randn(c.shape, dtype, g)[:, :, :, :], _randn((2, 8, 7, 9), dtype, g).transpose(2, 3)
+    b1 = ck.attention_backward(At, ct, proj_nc, ref[3].transpose(1, 2).contiguous().transpose(1, 2), dout, dh, dcn, 0.5, "linear")
+    b2 = rk.attention_backward(A, c, proj, ref[3], dout.contiguous(), dh, dcn.contiguous(), 0.5, "linear")
+    for a, b in zip(b1[:2] + b1[2], b2[:2] + b2[2]):
+        assert_close(a, b, dtype, backward=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_computed_in_float32(dtype):
+    A, c, g = _inputs(2, 8, 7, 9, dtype, seed=4)
+    proj = _proj(8, dtype, g)
+    out, h, c1, P = ck.attention_forward(A, c, proj, 0.3, "linear")
+    assert out.dtype == h.dtype == c1.dtype == dtype and P.dtype == torch.float32
+    ref = rk.attention_forward(A, c, proj, 0.3, "linear")
+    for a, b in zip((out, h, c1, P), ref):
+        assert_close(a, b, dtype)
+    dout, dh, dcn = (_randn(c.shape, dtype, g) for _ in range(3))
+    got = ck.attention_backward(A, c, proj, P, dout, dh, dcn, 0.3, "linear")
+    exp = rk.attention_backward(A, c, proj, P, dout, dh, dcn, 0.3, "linear")
+    for a, b in zip(got[:2] + got[2], exp[:2] + exp[2]):
+        assert a.dtype == b.dtype
+        assert_close(a, b, dtype, backward=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Op level (torch.library custom ops with backend="cpp") vs autograd of reference.py
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8, 7, 9), (2, 24, 17, 19)])
+def test_cell_op_matches_autograd_of_reference(shape, dtype):
+    A, c, g = _inputs(*shape, dtype, seed=5)
+    A.requires_grad_(), c.requires_grad_()
+    h, c1 = ops.lstm_cell(A, c, "cpp")
+    h_ref, c_ref = reference.lstm_cell_ref(A, c)
+    assert_close(h, h_ref, dtype, name="h")
+    assert_close(c1, c_ref, dtype, name="c'")
+    gys = [_randn(c.shape, dtype, g) for _ in range(2)]
+    for name, a, b in zip(("dA", "dc"), grads_of([h, c1], [A, c], gys), grads_of([h_ref, c_ref], [A, c], gys)):
+        assert_close(a, b, dtype, backward=True, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8, 7, 9), (2, 24, 17, 19)])
+@pytest.mark.parametrize("combination,gated", VARIANTS)
+def test_attention_op_matches_autograd_of_reference(shape, dtype, combination, gated):
+    A, c, g = _inputs(*shape, dtype, seed=6)
+    A.requires_grad_(), c.requires_grad_()
+    proj = random_projections(shape[1], dtype, generator=g) if gated else None
+    args = proj if gated else (None,) * 6
+    out, h, c1, P = ops.lstm_attention(A, c, *args, 0.2, combination, "cpp")
+    torch.testing.assert_close(P.sum(-1), torch.ones_like(P.sum(-1)))
+    r = reference.lstm_attention_ref(A, c, 0.2, combination, proj)
+    for name, a, b in zip(("out", "h", "c'"), (out, h, c1), r):
+        assert_close(a, b, dtype, name=name)
+    gys = [_randn(c.shape, dtype, g) for _ in range(3)]
+    inputs = [A, c, *(proj or ())]
+    names = ["dA", "dc", *PROJ_NAMES]
+    for name, a, b in zip(names, grads_of([out, h, c1], inputs, gys), grads_of(list(r), inputs, gys)):
+        assert_close(a, b, dtype, backward=True, name=name)
+
+
+def test_attention_op_gradients_only_on_out():
+    """Upstream gradient only on ``out`` (``dh``, ``dc'`` arrive as None and become zeros)."""
+    A, c, g = _inputs(2, 8, 7, 9, torch.float64, seed=7)
+    A.requires_grad_(), c.requires_grad_()
+    out, *_ = ops.lstm_attention(A, c, *(None,) * 6, 0.2, "linear", "cpp")
+    r = reference.lstm_attention_ref(A, c, 0.2, "linear")[0]
+    gy = [_randn(c.shape, torch.float64, g)]
+    for a, b in zip(grads_of([out], [A, c], gy), grads_of([r], [A, c], gy)):
+        assert_close(a, b, torch.float64, backward=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules: backend="cpp" vs backend="reference"
+# ------------------------------------------------------------------------------------------------
+def _module_pair(cls, kwargs, dtype):
+    torch.manual_seed(0)
+    ref = cls(backend="reference", **kwargs).to(dtype)
+    cpp = cls(backend="cpp", **kwargs).to(dtype)
+    cpp.load_state_dict(ref.state_dict())
+    return ref, cpp
+
+
+MODULES = [
+    (sk.SALSTM2d, {}),
+    (sk.SALSTM2d, {"combination": "nonlinear"}),
+    (sk.LSTMSA2d, {}),
+    (sk.LSTMSA2d, {"combination": "nonlinear"}),
+    (sk.LSTMThenSA2d, {}),
+    (sk.ConvLSTM2d, {}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,hidden,with_state", [(1, [8], False), (3, [6, 8], True), (3, [8, 8], False)])
+@pytest.mark.parametrize("cls,extra", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_module_cpp_matches_reference(cls, extra, T, hidden, with_state, dtype):
+    B, Cin, H, W = 2, 5, 7, 9
+    ref, cpp = _module_pair(cls, dict(in_channels=Cin, hidden_channels=hidden, kernel_size=3, **extra), dtype)
+    g = torch.Generator().manual_seed(11)
+    x = _randn((B, T, Cin, H, W), dtype, g).requires_grad_()
+    state = [(_randn((B, C, H, W), dtype, g).requires_grad_(), _randn((B, C, H, W), dtype, g).requires_grad_()) for C in hidden] if with_state else None
+    out_r, st_r = ref(x, state, return_state=True)
+    out_c, st_c = cpp(x, state, return_state=True)
+    assert_close(out_c, out_r, dtype, name="out")
+    outs_r = [out_r] + [t for hc in st_r for t in hc]
+    outs_c = [out_c] + [t for hc in st_c for t in hc]
+    for i, (a, b) in enumerate(zip(outs_c[1:], outs_r[1:])):
+        assert_close(a, b, dtype, name=f"state[{i}]")
+    gys = [_randn(t.shape, dtype, g) for t in outs_r]
+    leaves = [x, *(t for hc in (state or ()) for t in hc)]
+    pr, pc = list(ref.parameters()), list(cpp.parameters())
+    names = [n for n, _ in ref.named_parameters()]
+    gr = grads_of(outs_r, leaves + pr, gys)
+    gc = grads_of(outs_c, leaves + pc, gys)
+    for name, a, b in zip(["dx"] + [f"dstate{i}" for i in range(len(leaves) - 1)] + names, gc, gr):
+        assert_close(a, b, dtype, backward=True, name=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism, opcheck, validation
+# ------------------------------------------------------------------------------------------------
+def _run_all(A, c, proj, dout, dh, dcn):
+    f = ck.attention_forward(A, c, proj, 0.1, "linear")
+    b = ck.attention_backward(A, c, proj, f[3], dout, dh, dcn, 0.1, "linear")
+    cf = ck.cell_forward(A, c)
+    cb = ck.cell_backward(A, c, dh, dcn)
+    return list(f) + list(b[:2]) + list(b[2] or ()) + list(cf) + list(cb)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_bitwise_identical_with_1_and_2_threads(gated):
+    A, c, g = _inputs(2, 24, 37, 41, torch.float32, seed=8)  # 6 pixel tiles per image
+    proj = _proj(24, torch.float32, g) if gated else None
+    grads = [_randn(c.shape, torch.float32, g) for _ in range(3)]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_all(A, c, proj, *grads)
+        torch.set_num_threads(2)
+        two = _run_all(A, c, proj, *grads)
+        again = _run_all(A, c, proj, *grads)
+    finally:
+        torch.set_num_threads(old)
+    for a, b, r in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, r)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_opcheck_with_cpp_backend(gated):
+    A, c, g = _inputs(2, 8, 5, 7, torch.float32, seed=9)
+    A.requires_grad_(), c.requires_grad_()
+    proj = random_projections(8, generator=g) if gated else (None,) * 6
+    torch.library.opcheck(torch.ops.salstm_kernels.lstm_cell.default, (A, c, "cpp"))
+    torch.library.opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *proj, 0.3, "linear", "cpp"))
+    d = [_randn(c.shape, torch.float32, g) for _ in range(3)]
+    Ad, cd = A.detach(), c.detach()
+    torch.library.opcheck(torch.ops.salstm_kernels.lstm_cell_backward.default, (Ad, cd, d[0], d[1], "cpp"))
+    P = ops.lstm_attention(Ad, cd, *[p if p is None else p.detach() for p in proj], 0.3, "linear", "cpp")[3]
+    pd = [p if p is None else p.detach() for p in proj]
+    torch.library.opcheck(torch.ops.salstm_kernels.lstm_attention_backward.default,
+                          (Ad, cd, *pd, P, *d, 0.3, "linear", "cpp"))
+
+
+def test_invalid_inputs_raise_clear_errors():
+    op = torch.ops.salstm_kernels_cpp
+    A, c, g = _inputs(2, 8, 5, 7, torch.float32)
+    with pytest.raises(RuntimeError, match=r"A must be \(B, 4C, H, W\)"):
+        op.cell_forward(A[:, :30], c)
+    with pytest.raises(RuntimeError, match=r"c must be \(B, C, H, W\) = \(2, 8, 5, 7\)"):
+        op.cell_forward(A, c[:, :4])
+    with pytest.raises(RuntimeError, match="A must be 4-D"):
+        op.cell_forward(A[0], c)
+    with pytest.raises(RuntimeError, match="dc_new must be"):
+        op.cell_backward(A, c, c, c[:1])
+    with pytest.raises(RuntimeError, match="floating-point"):
+        op.cell_forward(A.long(), c)
+    wq, bq, wk, bk, wv, bv = _proj(8, torch.float32, g)
+    with pytest.raises(RuntimeError, match="all given or all None"):
+        op.attention_forward(A, c, wq, bq, None, None, None, None, 0.1, "linear")
+    with pytest.raises(RuntimeError, match=r"wk must be \(C, C\) = \(8, 8\)"):
+        op.attention_forward(A, c, wq, bq, wk[:4], bk, wv, bv, 0.1, "linear")
+    with pytest.raises(RuntimeError, match=r"bv must be \(C,\)"):
+        op.attention_forward(A, c, wq, bq, wk, bk, wv, bv[:3], 0.1, "linear")
+    with pytest.raises(RuntimeError, match="combination must be one of"):
+        op.attention_forward(A, c, None, None, None, None, None, None, 0.1, "quadratic")
+    with pytest.raises(RuntimeError, match="needs the learned projections"):
+        op.attention_forward(A, c, None, None, None, None, None, None, 0.1, "none")
+    P = torch.softmax(torch.randn(2, 8, 8), -1)
+    with pytest.raises(RuntimeError, match=r"P must be \(B, C, C\)"):
+        op.attention_backward(A, c, None, None, None, None, None, None, P[:, :4], c, c, c, 0.1, "linear")
+    with pytest.raises(RuntimeError, match="dout must be"):
+        op.attention_backward(A, c, None, None, None, None, None, None, P, c[:, :, :2], c, c, 0.1, "linear")
+
+
+def test_auto_picks_cpp_for_cpu_tensors(monkeypatch):
+    from salstm_kernels.backends import ENV_VAR, resolve_backend
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert "cpp" in sk.available_backends("cpu")
+    assert resolve_backend("auto", torch.device("cpu")) == "cpp"
+
+
+def test_package_works_without_the_extension():
+    code = textwrap.dedent(
+        """
+        import warnings, torch
+        import salstm_kernels as sk
+        assert "cpp" not in sk.available_backends("cpu"), sk.available_backends("cpu")
+        m = sk.SALSTM2d(3, 4, kernel_size=3)
+        x = torch.randn(1, 2, 3, 5, 5)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            m(x); m(x)
+        msgs = [str(i.message) for i in w if "unavailable" in str(i.message)]
+        assert len(msgs) == 1, msgs
+        try:
+            sk.SALSTM2d(3, 4, kernel_size=3, backend="cpp")(x)
+        except sk.BackendUnavailableError as e:
+            assert "SALSTM_KERNELS_NO_CPP" in str(e), e
+        else:
+            raise AssertionError("backend='cpp' did not raise")
+        print("OK")
+        """
+    )
+    env = dict(os.environ, SALSTM_KERNELS_NO_CPP="1")
+    env.pop("SALSTM_KERNELS_BACKEND", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
