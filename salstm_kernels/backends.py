@@ -137,28 +137,40 @@ def requested_backend(module_backend: str = "auto") -> str:
 
 
 def resolve_backend(module_backend: str, device: torch.device) -> str:
-    """The backend that will run for a tensor on ``device``."""
-    name = requested_backend(module_backend)
+    """The backend that will run for a tensor on ``device``.
+
+    Compile-friendly: under ``torch.compile`` the requested name (module argument, innermost
+    :func:`use_backend`, environment) is read while tracing -- dynamo guards on the context stack,
+    so entering a different :func:`use_backend` recompiles -- and the registry lookup runs once as a
+    trace-time constant (no graph break).  The environment variable is read when a module is first
+    traced; set it before compiling.
+    """
+    return _resolve_name(requested_backend(module_backend), torch.device(device).type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_name(name: str, device_type: str) -> str:
+    """``resolve_backend`` after the precedence rules: a pure function of its two strings."""
     _validate_name(name)
     if name != "auto":
-        ok, reason = _REGISTRY[name].check(device.type)
+        ok, reason = _REGISTRY[name].check(device_type)
         if not ok:
             raise BackendUnavailableError(
-                f"backend {name!r} is not available for {device.type} tensors: {reason}"
+                f"backend {name!r} is not available for {device_type} tensors: {reason}"
             )
         return name
     for b in _REGISTRY.values():
-        if device.type in b.auto_devices:
-            ok, reason = b.check(device.type)
+        if device_type in b.auto_devices:
+            ok, reason = b.check(device_type)
             if ok:
                 return b.name
-            key = (b.name, device.type)
+            key = (b.name, device_type)
             if key not in _warned_auto:
                 _warned_auto.add(key)
                 warnings.warn(
-                    f"salstm_kernels: backend {b.name!r} unavailable for {device.type} tensors "
+                    f"salstm_kernels: backend {b.name!r} unavailable for {device_type} tensors "
                     f"({reason}); 'auto' uses 'reference'",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
     return "reference"

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from .backends import resolve_backend
-from .recurrence import split_conv_recurrence
-from .validation import check_input, check_kernel_size, check_state
+from .recurrence import _widen, split_conv_recurrence
+from .validation import check_input, check_kernel_size, check_matches_parameters, check_state
 
 State = Tuple[Tensor, Tensor]
 
@@ -65,8 +65,12 @@ class ConvLSTM2d(nn.Module):
 
     ``forward(x, state=None, return_state=False)``: ``x (B, T, Cin, H, W)`` or ``(B, Cin, H, W)``
     (taken as ``T = 1``); ``state`` an optional list of initial ``(h, c)`` per layer, each
-    ``(B, C_l, H, W)``.  Returns ``(B, C, H, W)``, plus the final ``(h, c)`` of every layer when
-    ``return_state``.
+    ``(B, C_l, H, W)`` with ``x``'s dtype.  Returns ``(B, C, H, W)``, plus the final ``(h, c)`` of every
+    layer when ``return_state``.  Any memory layout works.  ``B = 0`` gives an empty output.
+
+    Under ``torch.autocast`` the convs and attention matmuls run in the autocast dtype while the
+    recurrent states keep ``x``'s dtype (PyTorch's type promotion of the reference math; every
+    backend follows it), so the attention output has the autocast dtype and ``h, c`` e.g. float32.
     """
 
     combination: Optional[str] = None
@@ -103,11 +107,15 @@ class ConvLSTM2d(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, state: Optional[Sequence[State]] = None, return_state: bool = False):
-        x = check_input(x, self.in_channels, type(self).__name__)
+        who = type(self).__name__
+        x = check_input(x, self.in_channels, who)
+        check_matches_parameters(x, self.cell0.conv.weight, who)
         if state is not None:
             state = check_state(state, x, self.hidden_list)
         backend = resolve_backend(self.backend, x.device)
-        if backend == "reference":
+        if x.shape[0] == 0:
+            out, states = self._forward_empty(x, state)
+        elif backend == "reference":
             out, states = self._forward_reference(x, state)
         else:
             out, states = self._forward_fused(x, state, backend)
@@ -121,7 +129,18 @@ class ConvLSTM2d(nn.Module):
         _, states = reference.convlstm_ref(x, *self._weights(), state)
         return states[-1][0], states
 
+    def _forward_empty(self, x, state):
+        """``B = 0``: one zero sample appended to the empty batch runs through the reference math and
+        is sliced off again -- empty outputs with the same dtypes and autograd links as any other
+        batch, identical on every backend, and no kernel ever sees an empty tensor."""
+        pad = lambda t: torch.cat([t, t.new_zeros((1,) + tuple(t.shape[1:]))])  # noqa: E731
+        state1 = None if state is None else [(pad(h), pad(c)) for h, c in state]
+        out, states = self._forward_reference(pad(x), state1)
+        return out[:0], [(h[:0], c[:0]) for h, c in states]
+
     def _forward_fused(self, x, state, backend):
+        if x.shape[0] == 0:  # B = 0: no empty kernel launches
+            return self._forward_empty(x, state)
         states, _ = split_conv_recurrence(x, self.convs(), state, backend, stop_before_last=False)
         return states[-1][0], states
 
@@ -152,11 +171,15 @@ class _AttentionMixin:
         return out, states
 
     def _forward_fused(self, x, state, backend):
+        if x.shape[0] == 0:  # B = 0: no empty kernel launches
+            return self._forward_empty(x, state)
         states, (A, c) = split_conv_recurrence(x, self.convs(), state, backend, stop_before_last=True)
+        out_dtype = A.dtype  # the attention matmuls' dtype (the autocast dtype under autocast)
+        A, c = _widen(A, c)  # the cell runs in the state dtype
         proj = self._projection_tensors(A.dtype) or (None,) * 6
         out, h, c_new, _ = ops.lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend)
         states[-1] = (h, c_new)
-        return out, states
+        return out.to(out_dtype), states
 
 
 class SALSTM2d(_AttentionMixin, ConvLSTM2d):
@@ -212,8 +235,11 @@ class SAOnly2d(_AttentionMixin, nn.Module):
         self.attention = ChannelProjections(in_channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SAOnly2d: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"SAOnly2d: x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"SAOnly2d: x must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        check_matches_parameters(x, self.attention.q_matrix.weight, "SAOnly2d")
         return reference.sa_only_ref(x, self.attention.tensors(), self.scale_for(x))
 
 
@@ -233,6 +259,14 @@ class SliceFusion2d(nn.Module):
         self.conv = nn.Conv2d(2 * self.forward_net.out_channels, num_classes, kernel_size=1)
 
     def forward(self, x1: Tensor, x2: Tensor, x3: Tensor) -> Tensor:
+        for name, t in (("x1", x1), ("x2", x2), ("x3", x3)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{type(self).__name__}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.shape != x2.shape or t.dtype != x2.dtype or t.device != x2.device:
+                raise ValueError(
+                    f"{type(self).__name__}: x1, x2, x3 must share shape, dtype and device; {name} is "
+                    f"{tuple(t.shape)} {t.dtype} on {t.device}, x2 is {tuple(x2.shape)} {x2.dtype} on {x2.device}"
+                )
         y_fwd = self.forward_net(torch.stack([x1, x2], dim=1))
         y_rev = self.reverse_net(torch.stack([x3, x2], dim=1))
         return self.conv(torch.cat([y_fwd, y_rev], dim=1))

@@ -1,7 +1,19 @@
-"""Checks at the public boundary: clear errors that name the argument, expected and actual values."""
+"""Checks at the public boundary: clear errors that name the argument, expected and actual values.
+
+Policies decided here (and tested in ``tests/test_robustness.py``):
+
+* **Empty batch.** ``B = 0`` is valid for the modules on every backend: the output is an empty
+  ``(0, C, H, W)`` tensor (the modules run the reference math for it, so no kernel ever sees an
+  empty launch).  Zero time steps or an empty ``H x W`` are errors.  The fused *ops* reject empty
+  tensors with a clear error (:func:`check_lstm_cell_args`, :func:`check_lstm_attention_args`).
+* **Dtypes.** Outside autocast, ``x``, the states and the parameters share one floating dtype.
+  Under ``torch.autocast`` ``x`` may differ from the parameters (autocast casts the convs); the
+  states must still have ``x``'s dtype.
+* **Devices.** ``x``, the states and the parameters are on one device.
+"""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -9,8 +21,12 @@ from torch import Tensor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
 def check_kernel_size(kernel_size) -> None:
-    if not (isinstance(kernel_size, int) and kernel_size > 0 and kernel_size % 2 == 1):
+    if isinstance(kernel_size, bool) or not (isinstance(kernel_size, int) and kernel_size > 0 and kernel_size % 2 == 1):
         raise ValueError(
             f"kernel_size must be a positive odd int (the 'same' padding (k-1)//2 needs odd), got {kernel_size!r}"
         )
@@ -23,32 +39,136 @@ def check_input(x, in_channels: int, who: str) -> Tensor:
     if x.dim() == 4:
         x = x.unsqueeze(1)
     if x.dim() != 5:
-        raise ValueError(f"{who}: x must be (B, T, {in_channels}, H, W) or (B, {in_channels}, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{who}: x must be (B, T, {in_channels}, H, W) or (B, {in_channels}, H, W), "
+            f"got {x.dim()}-D shape {tuple(x.shape)}"
+        )
     if x.shape[2] != in_channels:
         raise ValueError(f"{who}: x has {x.shape[2]} channels, expected in_channels={in_channels} (x shape {tuple(x.shape)})")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{who}: x must be a floating tensor, got dtype {x.dtype}")
+        raise TypeError(f"{who}: x must be a floating tensor (one of {[str(d) for d in _FLOAT_DTYPES]}), got dtype {x.dtype}")
     if x.shape[1] == 0:
         raise ValueError(f"{who}: x has T=0 time steps (shape {tuple(x.shape)}); need at least one")
+    if x.shape[3] == 0 or x.shape[4] == 0:
+        raise ValueError(f"{who}: x has an empty H x W = {x.shape[3]} x {x.shape[4]} (shape {tuple(x.shape)}); need H, W >= 1")
     return x
 
 
+def check_matches_parameters(x: Tensor, param: Optional[Tensor], who: str) -> None:
+    """``x`` on the parameters' device; same dtype too, unless autocast is on for that device."""
+    if param is None:
+        return
+    if x.device != param.device:
+        raise ValueError(
+            f"{who}: x is on {x.device} but the module's parameters are on {param.device}; "
+            f"move one of them (e.g. module.to({str(x.device)!r}))"
+        )
+    if x.dtype == param.dtype:
+        return
+    if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, param.dtype):
+        return  # autocast casts both for the convs and matmuls
+    raise TypeError(
+        f"{who}: x has dtype {x.dtype} but the module's parameters are {param.dtype}; cast one "
+        f"(e.g. module.to({x.dtype}) or x.to({param.dtype})) or run under torch.autocast"
+    )
+
+
 def check_state(state, x: Tensor, hidden: Sequence[int]) -> List[Tuple[Tensor, Tensor]]:
-    """``state``: one ``(h, c)`` per layer, each ``(B, C_l, H, W)`` on ``x``'s device."""
+    """``state``: one ``(h, c)`` per layer, each ``(B, C_l, H, W)`` with ``x``'s device and dtype."""
+    if isinstance(state, Tensor) or not isinstance(state, (list, tuple)):
+        raise TypeError(f"state must be a list of (h, c) pairs, one per layer, got {type(state).__name__}")
     state = list(state)
     if len(state) != len(hidden):
         raise ValueError(f"state must hold one (h, c) per layer: expected {len(hidden)}, got {len(state)}")
     B, _, _, H, W = x.shape
     for layer, (pair, C) in enumerate(zip(state, hidden)):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ValueError(f"state[{layer}] must be a (h, c) pair")
+            raise ValueError(f"state[{layer}] must be a (h, c) pair, got {type(pair).__name__}")
         for name, t in zip(("h", "c"), pair):
             expected = (B, C, H, W)
             if not isinstance(t, Tensor) or tuple(t.shape) != expected:
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"state[{layer}] {name} must have shape {expected}, got {got}")
+                raise ValueError(
+                    f"state[{layer}] {name} must have shape (B, C, H, W) = {expected} to match x {tuple(x.shape)} "
+                    f"and hidden_channels[{layer}]={C}, got {_shape(t)}"
+                )
             if t.device != x.device:
-                raise ValueError(f"state[{layer}] {name} is on {t.device}, x on {x.device}")
-            if t.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"state[{layer}] {name} must be floating, got {t.dtype}")
+                raise ValueError(f"state[{layer}] {name} is on {t.device}, expected x's device {x.device}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"state[{layer}] {name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
     return [(h, c) for h, c in state]
+
+
+# --------------------------------------------------------------------------------------------
+# Fused ops (``salstm_kernels::lstm_cell`` / ``lstm_attention``)
+# --------------------------------------------------------------------------------------------
+def _check_tensor(op: str, name: str, t, expected: Tuple[int, ...], ref: Optional[Tensor], ref_name: str):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be floating, got dtype {t.dtype}")
+    if ref is not None:
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {ref_name}'s device {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {ref_name}'s dtype {ref.dtype}")
+
+
+def check_lstm_cell_args(A, c, op: str = "lstm_cell") -> None:
+    """``A (B, 4C, H, W)`` and ``c (B, C, H, W)``: 4-D, same dtype and device, non-empty."""
+    if not isinstance(c, Tensor):
+        raise TypeError(f"{op}: c must be a torch.Tensor, got {type(c).__name__}")
+    if not isinstance(A, Tensor):
+        raise TypeError(f"{op}: A must be a torch.Tensor, got {type(A).__name__}")
+    if c.dim() != 4:
+        raise ValueError(f"{op}: c must be 4-D (B, C, H, W), got {c.dim()}-D shape {tuple(c.shape)}")
+    if A.dim() != 4:
+        raise ValueError(f"{op}: A must be 4-D (B, 4C, H, W), got {A.dim()}-D shape {tuple(A.shape)}")
+    if c.numel() == 0:
+        raise ValueError(
+            f"{op}: empty tensors are not supported by the fused ops (c shape {tuple(c.shape)}); "
+            "the modules handle B=0 themselves"
+        )
+    B, C, H, W = c.shape
+    _check_tensor(op, "A", A, (B, 4 * C, H, W), None, "")
+    _check_tensor(op, "c", c, (B, C, H, W), A, "A")
+
+
+def check_lstm_attention_args(A, c, wq=None, bq=None, wk=None, bk=None, wv=None, bv=None,
+                              scale: float = 1.0, combination: str = "linear") -> None:
+    """Boundary checks of ``lstm_attention(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend)``.
+
+    ``A (B, 4C, H, W)``, ``c (B, C, H, W)`` (same dtype and device, non-empty); the projections all
+    given (``w (C, C)``, ``b (C,)``, with ``A``'s device and dtype) or all ``None``;
+    ``combination`` "linear" / "nonlinear" / "none" (the last needs projections); ``scale`` finite.
+    """
+    op = "lstm_attention"
+    check_lstm_cell_args(A, c, op)
+    from .reference import COMBINATIONS
+
+    if combination not in COMBINATIONS:
+        raise ValueError(f"{op}: combination must be one of {COMBINATIONS}, got {combination!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
+    names = ("wq", "bq", "wk", "bk", "wv", "bv")
+    proj = (wq, bq, wk, bk, wv, bv)
+    given = [p is not None for p in proj]
+    if not any(given):
+        if combination == "none":
+            raise ValueError(f"{op}: combination='none' needs the projections wq, bq, wk, bk, wv, bv")
+        return
+    if not all(given):
+        missing = [n for n, g in zip(names, given) if not g]
+        raise ValueError(f"{op}: projections must be all given or all None; missing {missing}")
+    C = c.shape[1]
+    for name, p in zip(names, proj):
+        expected = (C, C) if name.startswith("w") else (C,)
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(p).__name__}")
+        if tuple(p.shape) != expected:
+            raise ValueError(f"{op}: {name} must have shape {expected} (C={C} from c), got {tuple(p.shape)}")
+        if p.device != A.device:
+            raise ValueError(f"{op}: {name} is on {p.device}, expected A's device {A.device}")
+        if p.dtype != A.dtype:
+            raise TypeError(f"{op}: {name} has dtype {p.dtype}, expected A's dtype {A.dtype}")
