@@ -51,6 +51,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         dtypes = [DTYPES[d] for d in _csv(args.dtypes)]
     backends = _csv(args.backends) if args.backends else None
     designs = _csv(args.designs) if args.designs else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return verify.main(args.device, quick=args.quick, backends=backends, dtypes=dtypes, designs=designs)
 
 
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quick", action="store_true", help="two small shapes instead of five")
     v.add_argument("--backends", help="comma-separated backends to check (default: reference-ops + every available one)")
     v.add_argument("--dtypes", help="comma-separated dtypes (default: per device and backend)")
+    v.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
     v.add_argument("--designs", help="comma-separated designs, e.g. 'SALSTM2d(linear),ConvLSTM2d'")
     v.set_defaults(func=_cmd_verify)
 

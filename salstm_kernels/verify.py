@@ -323,8 +323,9 @@ def summary(rows: Sequence[VerifyRow]) -> str:
     return "; ".join(parts) if parts else "nothing to verify"
 
 
-def main(device: Optional[str] = None, quick: bool = False, backends=None, dtypes=None, designs=None, out=sys.stdout) -> int:
+def main(device: Optional[str] = None, quick: bool = False, backends=None, dtypes=None, designs=None, out=None) -> int:
     """Print the parity table; return 1 if any comparison failed, else 0."""
+    out = out if out is not None else sys.stdout
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     targets = verify_targets(torch.device(device).type, backends)
     print(f"verify on {device}: {', '.join(targets)} against the float64 reference "
