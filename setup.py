@@ -16,7 +16,8 @@ SKIP_ENV = "SALSTM_KERNELS_NO_CPP"
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The default-capability row kernels come before the AVX2 ones so that inline functions shared by
 # both objects resolve to the portable copies.
-SOURCES = ["csrc/python_module.cpp", "csrc/salstm_ops.cpp", "csrc/row_kernels_default.cpp", "csrc/row_kernels_avx2.cpp"]
+SOURCES = ["csrc/python_module.cpp", "csrc/salstm_ops.cpp", "csrc/row_kernels_default.cpp", "csrc/row_kernels_avx2.cpp",
+           "csrc/row_kernels_avx512.cpp"]
 
 
 def _skip_reason():

@@ -34,6 +34,14 @@ template <typename T>
 RowKernels<T> row_kernels();
 bool compiled();
 }
+namespace AVX512 {
+template <typename T>
+RowKernels<T> row_kernels();
+bool compiled();
+}
+
+// "avx512", "avx2" or "default": which build row_kernels() returns.
+const char* row_kernels_capability();
 
 // The fastest kernels this CPU supports.
 template <typename T>

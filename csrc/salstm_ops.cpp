@@ -587,10 +587,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> atten
   return {dA.to(A_in.scalar_type()), dc.to(c_in.scalar_type()), g[0], g[1], g[2], g[3], g[4], g[5]};
 }
 
+std::string cpu_capability() { return row_kernels_capability(); }
+
 }  // namespace
 }  // namespace salstm_cpu
 
 TORCH_LIBRARY(salstm_kernels_cpp, m) {
+  m.def("cpu_capability() -> str");
   m.def("cell_forward(Tensor A, Tensor c) -> (Tensor, Tensor)");
   m.def("cell_backward(Tensor A, Tensor c, Tensor dh, Tensor dc_new) -> (Tensor, Tensor)");
   m.def(
@@ -600,6 +603,10 @@ TORCH_LIBRARY(salstm_kernels_cpp, m) {
       "attention_backward(Tensor A, Tensor c, Tensor? wq, Tensor? bq, Tensor? wk, Tensor? bk, Tensor? wv, "
       "Tensor? bv, Tensor P, Tensor dout, Tensor dh, Tensor dc_new, float scale, str combination) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_FRAGMENT(salstm_kernels_cpp, m) {
+  m.impl("cpu_capability", &salstm_cpu::cpu_capability);  // no tensor arguments: CompositeExplicit
 }
 
 TORCH_LIBRARY_IMPL(salstm_kernels_cpp, CPU, m) {
