@@ -157,6 +157,13 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
 def environment(device: str) -> Dict[str, object]:
     from . import __version__
 
@@ -169,6 +176,8 @@ def environment(device: str) -> Dict[str, object]:
         "triton": _version("triton"),
         "salstm_kernels": __version__,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": _load_average(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "command": shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -511,7 +520,15 @@ def format_header(result: Dict[str, object]) -> str:
         f"latency: {m['timing']}",
         f"peak memory: {m['memory']}",
         f"FLOPs: {m['flops']}; speed-up = eager median / row median",
-    ])
+    ] + _load_warning(m))
+
+
+def _load_warning(m: Dict[str, object]) -> List[str]:
+    load, cpus = m.get("load_average"), m.get("cpu_count")
+    if m["device"] != "cpu" or load is None or not cpus or load <= cpus:
+        return []
+    return [f"WARNING: 1-minute load average {load} on {cpus} CPUs: other processes compete for the cores, so "
+            f"CPU timings are noisy{'' if m['threads'] == 1 else ' (multi-threaded ops suffer most: try --threads 1)'}"]
 
 
 CSV_META = ("device", "device_name", "torch", "triton", "cuda", "python", "git_commit", "command")
