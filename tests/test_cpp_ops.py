@@ -329,3 +329,39 @@ def test_package_works_without_the_extension():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_portable_row_kernel_builds_match_reference(capability):
+    """The row kernels are compiled per CPU capability; check the non-default builds too."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from salstm_kernels import cpp_kernels as ck
+        from salstm_kernels.ops import reference_kernels as rk
+        from salstm_kernels.testing import assert_close, random_projections
+        cap = torch.ops.salstm_kernels_cpp.cpu_capability()
+        g = torch.Generator().manual_seed(0)
+        for dt in (torch.float32, torch.float64):
+            A = torch.randn(2, 32, 7, 9, generator=g, dtype=torch.float64).to(dt) * 2
+            c = torch.randn(2, 8, 7, 9, generator=g, dtype=torch.float64).to(dt)
+            d = [torch.randn(2, 8, 7, 9, generator=g, dtype=torch.float64).to(dt) for _ in range(3)]
+            proj = tuple(p.detach() for p in random_projections(8, dt, generator=g))
+            for comb in ("linear", "nonlinear"):
+                f, r = ck.attention_forward(A, c, proj, 0.3, comb), rk.attention_forward(A, c, proj, 0.3, comb)
+                for a, b in zip(f, r):
+                    assert_close(a, b, dt)
+                gb = ck.attention_backward(A, c, proj, r[3], *d, 0.3, comb)
+                rb = rk.attention_backward(A, c, proj, r[3], *d, 0.3, comb)
+                for a, b in zip(gb[:2] + gb[2], rb[:2] + rb[2]):
+                    assert_close(a, b, dt, backward=True)
+        print("CAP", cap)
+        """
+    )
+    env = dict(os.environ, SALSTM_KERNELS_CPU_CAPABILITY=capability)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cap = r.stdout.split("CAP")[-1].strip()
+    assert cap == "default" if capability == "default" else cap in ("avx2", "default"), cap
