@@ -340,6 +340,8 @@ def test_portable_row_kernel_builds_match_reference(capability):
         from salstm_kernels import cpp_kernels as ck
         from salstm_kernels.ops import reference_kernels as rk
         from salstm_kernels.testing import assert_close, random_projections
+        from salstm_kernels import cpp_extension
+        assert cpp_extension.is_available()
         cap = torch.ops.salstm_kernels_cpp.cpu_capability()
         g = torch.Generator().manual_seed(0)
         for dt in (torch.float32, torch.float64):
