@@ -194,8 +194,9 @@ def run_parity(device, smoke: bool) -> ParityLog:
         op_cases = [
             ((2, 24, 13, 11), (torch.float32, torch.bfloat16), COMBOS),
             ((2, 24, 13, 11), (torch.float16,), linear_only),
-            ((2, 64, 33, 31), (torch.float32, torch.bfloat16, torch.float16), linear_only),
-            ((1, 130, 9, 7), (torch.float32,), (("linear", True),)),
+            ((2, 64, 33, 31), (torch.float32,), linear_only),  # odd N at the benchmark's C
+            ((2, 64, 32, 32), (torch.bfloat16, torch.float16), linear_only),
+            ((1, 130, 9, 7), (torch.float32, torch.bfloat16), (("linear", True),)),  # C > 64: PyTorch-formula path
         ]
         mod_cases = []
         for dt in (torch.float32, torch.bfloat16):
@@ -423,7 +424,8 @@ def run_bench(device, smoke: bool, budget_s: float, no_compile: bool) -> Table:
         for case, *_ in jobs:
             table.add(case=case, impl="compile", note="skipped (--no-compile)")
     else:
-        run_compile_jobs(table, device, jobs, budget_s, compile_backend)
+        # largest shapes first: if the time budget runs out, the small ones are what is lost
+        run_compile_jobs(table, device, jobs[::-1], budget_s, compile_backend)
     table.copy_gbs = copy_gbs
     return table
 

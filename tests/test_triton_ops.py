@@ -141,8 +141,16 @@ def test_attention_low_precision(dtype, combination, gated, nan_alloc):
 
 @pytest.mark.parametrize("combination,gated", [("linear", False), ("linear", True)], ids=["salstm", "lstmsa"])
 def test_attention_wide_channels(combination, gated, nan_alloc):
-    """C = 130 pads to 256 channels: masks on both sides of every tl.dot."""
+    """C = 130 > 64: the provider's PyTorch-formula path (the fused tiles would not fit on chip)."""
+    assert tk_attention._padded(130) > tk_attention.FUSED_MAX_CP
     _check_attention((1, 130, 3, 5), torch.float32, combination, gated)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="(256, 256) tiles exceed GPU shared memory; interpreter only")
+def test_fused_kernels_mask_wide_padding(monkeypatch, nan_alloc):
+    """The fused kernels themselves at C = 130 (padded to 256): masks on both sides of every tl.dot."""
+    monkeypatch.setattr(tk_attention, "FUSED_MAX_CP", 256)
+    _check_attention((1, 130, 3, 5), torch.float32, "linear", True)
 
 
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])

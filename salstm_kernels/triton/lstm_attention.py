@@ -31,6 +31,11 @@ is memory-bound anyway).  float64 is not supported (raises ``TypeError``): use t
 cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
 
+Channel range: the fused kernels run for ``C <= 64`` (:data:`FUSED_MAX_CP`); wider ``C`` (up to any
+size) computes the same contract with the float32 PyTorch formulas of
+:mod:`salstm_kernels.ops.reference_kernels`, because the on-chip ``(C, C)`` tiles would need more
+shared memory than a GPU block has.
+
 Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``attention_backward``.
 """
 from __future__ import annotations
@@ -45,6 +50,13 @@ from .lstm_cell import check_cell_shapes, check_dtypes, lstm_state, lstm_state_g
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
 
+#: Widest padded channel count the fused kernels take.  They keep ``(CP, CP)`` matrices (``S``
+#: accumulators, ``P``, ``dS``, the projections) on chip; at ``CP = 128`` several variants need more
+#: than the 227 KiB of shared memory an H100 block can have (measured by compiling for sm_90), so
+#: wider ``C`` runs the same contract through the float32 PyTorch formulas of
+#: :mod:`salstm_kernels.ops.reference_kernels` (the cell kernel stays Triton).  Channel-blocked
+#: kernels for ``C > 64`` are future work.
+FUSED_MAX_CP = 64
 #: Force the number of N splits of the reduction kernels (tests use it to cover 1 and many splits).
 SPLITS_OVERRIDE = None
 #: Force the N tile width (a power of two >= 16).
@@ -111,7 +123,7 @@ def _qk_factors(f, g, c_new, h, COMB: tl.constexpr):
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS"])
 def _cell_qk_scores_kernel(
     a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
@@ -175,7 +187,7 @@ def _attention_out_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS"])
 def _scores_grad_kernel(
     a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
@@ -208,7 +220,7 @@ def _scores_grad_kernel(
     _store_square(dp_ptr + (b * SPLITS + split) * C * C, acc, C, CP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS"])
 def _attention_bwd_kernel(
     a_ptr, c_ptr, do_ptr, dh_ptr, dcn_ptr, p_ptr, ds_ptr,
     wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
@@ -345,7 +357,7 @@ class _Plan:
     """Tile width, split count and warps for one call."""
 
     def __init__(self, A: torch.Tensor, B: int, C: int, N: int, backward: bool):
-        self.CP = max(16, triton.next_power_of_2(C))
+        self.CP = _padded(C)
         if BLOCK_N_OVERRIDE is not None:
             bn = BLOCK_N_OVERRIDE
         elif _interpreted() or A.device.type != "cuda":
@@ -366,6 +378,16 @@ class _Plan:
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
         self.num_warps = 4 if self.CP <= 32 else 8
+
+
+def _padded(C: int) -> int:
+    return max(16, triton.next_power_of_2(C))
+
+
+def _reference_kernels():
+    from ..ops import reference_kernels
+
+    return reference_kernels
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -406,6 +428,8 @@ def attention_forward(A, c, projections, scale, combination):
     proj = _prepare_projections(projections, C, A.device)
     gated = proj is not None
     comb = _combination(combination, gated)
+    if _padded(C) > FUSED_MAX_CP:
+        return _reference_kernels().attention_forward(A, c, proj, scale, combination)
     out = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
@@ -434,6 +458,8 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     proj = _prepare_projections(projections, C, A.device)
     gated = proj is not None
     comb = _combination(combination, gated)
+    if _padded(C) > FUSED_MAX_CP:
+        return _reference_kernels().attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
     if B == 0 or C == 0 or N == 0:
