@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 if importlib.util.find_spec("triton") is not None:
     if not HAS_CUDA and "salstm_kernels.triton" in sys.modules:
         # imported earlier without the interpreter: re-decorate the kernels under it
-        for name in ("salstm_kernels.triton.lstm_cell", "salstm_kernels.triton.lstm_attention", "salstm_kernels.triton"):
+        for name in ("salstm_kernels.triton.lstm_cell", "salstm_kernels.triton.attention_blocked",
+                     "salstm_kernels.triton.lstm_attention", "salstm_kernels.triton"):
             importlib.reload(sys.modules[name])
     tk = importlib.import_module("salstm_kernels.triton")
     from salstm_kernels.triton import lstm_attention as tk_attention
@@ -139,18 +140,54 @@ def test_attention_low_precision(dtype, combination, gated, nan_alloc):
     _check_attention((2, 24, 7, 9), dtype, combination, gated)
 
 
-@pytest.mark.parametrize("combination,gated", [("linear", False), ("linear", True)], ids=["salstm", "lstmsa"])
-def test_attention_wide_channels(combination, gated, nan_alloc):
-    """C = 130 > 64: the provider's PyTorch-formula path (the fused tiles would not fit on chip)."""
-    assert tk_attention._padded(130) > tk_attention.FUSED_MAX_CP
-    _check_attention((1, 130, 3, 5), torch.float32, combination, gated)
+WIDE_SHAPES = [(1, 72, 3, 7), (2, 130, 3, 5)]  # C > 64, not powers of two; N = 21, 15: partial tiles
+
+
+@pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("shape", WIDE_SHAPES, ids=str)
+def test_attention_wide_channels_fp32(shape, combination, gated, nan_alloc):
+    """C > 64: the channel-blocked kernels (attention_blocked.py), forward and every gradient."""
+    assert tk_attention._padded(shape[1]) > tk_attention.FUSED_MAX_CP
+    _check_attention(shape, torch.float32, combination, gated)
+
+
+@pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
+def test_attention_wide_channels_fp16(combination, gated, nan_alloc):
+    _check_attention((1, 72, 3, 7), torch.float16, combination, gated)
+
+
+def test_attention_wide_channels_bf16(nan_alloc):
+    _check_attention((2, 130, 3, 5), torch.bfloat16, "nonlinear", True)
+
+
+@pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])
+def test_blocked_split_and_tile_choices_agree(splits, block_n, monkeypatch, nan_alloc):
+    """Blocked path: one split, a split per tile and wider tiles all give the reference; bitwise repeatable."""
+    monkeypatch.setattr(tk_attention, "SPLITS_OVERRIDE", splits)
+    monkeypatch.setattr(tk_attention, "BLOCK_N_OVERRIDE", block_n)
+    _check_attention((1, 72, 5, 7), torch.float32, "linear", True)
+    A, c, (dout, dh, dc_new), g = _inputs(1, 72, 5, 7, torch.float32, seed=5)
+    proj = tuple(p.detach() for p in random_projections(72, torch.float32, DEVICE, generator=g))
+    P = rk.attention_forward(A, c, proj, 0.1, "linear")[3]
+    run = lambda: (*tk.attention_forward(A, c, proj, 0.1, "linear"),  # noqa: E731
+                   *tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.1, "linear")[:2])
+    for x, y in zip(run(), run()):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="(256, 256) tiles exceed GPU shared memory; interpreter only")
 def test_fused_kernels_mask_wide_padding(monkeypatch, nan_alloc):
-    """The fused kernels themselves at C = 130 (padded to 256): masks on both sides of every tl.dot."""
+    """The single-pass kernels at C = 130 (padded to 256): masks on both sides of every tl.dot."""
     monkeypatch.setattr(tk_attention, "FUSED_MAX_CP", 256)
     _check_attention((1, 130, 3, 5), torch.float32, "linear", True)
+
+
+def test_blocked_kernels_at_narrow_channels(monkeypatch, nan_alloc):
+    """The blocked kernels are correct for C <= 64 too (they are only dispatched above it)."""
+    monkeypatch.setattr(tk_attention, "FUSED_MAX_CP", 8)
+    monkeypatch.setattr(tk_attention, "BLOCK_C", 16)  # several channel blocks at C = 24
+    _check_attention((2, 24, 7, 9), torch.float32, "linear", True)
+    _check_attention((2, 24, 7, 9), torch.float32, "nonlinear", False)
 
 
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])

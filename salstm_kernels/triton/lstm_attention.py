@@ -31,10 +31,12 @@ is memory-bound anyway).  float64 is not supported (raises ``TypeError``): use t
 cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
 
-Channel range: the fused kernels run for ``C <= 64`` (:data:`FUSED_MAX_CP`); wider ``C`` (up to any
-size) computes the same contract with the float32 PyTorch formulas of
-:mod:`salstm_kernels.ops.reference_kernels`, because the on-chip ``(C, C)`` tiles would need more
-shared memory than a GPU block has.
+Channel range: these single-pass kernels run for ``C <= 64`` (:data:`FUSED_MAX_CP`); wider ``C``
+(any size; the issue's range is 8..256) runs the channel-blocked kernels of
+:mod:`.attention_blocked`, whose on-chip footprint does not depend on ``C`` (``(C, C)`` products are
+loops over 64-channel blocks) at the cost of float32 ``Q, K, V`` / gradient temporaries and more
+passes.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries.
+sm_90 compile stats of the blocked variants: ``python -m salstm_kernels.triton.sm90_stats``.
 
 Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``attention_backward``.
 """
@@ -46,16 +48,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .lstm_cell import check_cell_shapes, check_dtypes, lstm_state, lstm_state_grads, load_lstm_inputs
+from . import attention_blocked as blocked
+from .lstm_cell import (
+    cell_forward_into, check_cell_shapes, check_dtypes, lstm_state, lstm_state_grads, load_lstm_inputs,
+)
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
 
-#: Widest padded channel count the fused kernels take.  They keep ``(CP, CP)`` matrices (``S``
+#: Widest padded channel count of the single-pass kernels.  They keep ``(CP, CP)`` matrices (``S``
 #: accumulators, ``P``, ``dS``, the projections) on chip; at ``CP = 128`` several variants need more
 #: than the 227 KiB of shared memory an H100 block can have (measured by compiling for sm_90), so
-#: wider ``C`` runs the same contract through the float32 PyTorch formulas of
-#: :mod:`salstm_kernels.ops.reference_kernels` (the cell kernel stays Triton).  Channel-blocked
-#: kernels for ``C > 64`` are future work.
+#: wider ``C`` runs the channel-blocked kernels (:mod:`.attention_blocked`).
 FUSED_MAX_CP = 64
 #: Force the number of N splits of the reduction kernels (tests use it to cover 1 and many splits).
 SPLITS_OVERRIDE = None
@@ -386,12 +389,6 @@ def _padded(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
 
-def _reference_kernels():
-    from ..ops import reference_kernels
-
-    return reference_kernels
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -431,7 +428,7 @@ def attention_forward(A, c, projections, scale, combination):
     gated = proj is not None
     comb = _combination(combination, gated)
     if _padded(C) > FUSED_MAX_CP:
-        return _reference_kernels().attention_forward(A, c, proj, scale, combination)
+        return _forward_blocked(A, c, proj, scale, comb)
     out = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
@@ -461,7 +458,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     gated = proj is not None
     comb = _combination(combination, gated)
     if _padded(C) > FUSED_MAX_CP:
-        return _reference_kernels().attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
+        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
     if B == 0 or C == 0 or N == 0:
@@ -493,4 +490,139 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         dproj = tuple(
             part[:, k].sum(dim=0).to(proj[2 * k + j].dtype) for k in range(3) for j, part in enumerate((dw, db))
         )
+    return dA, dc, dproj
+
+
+# --------------------------------------------------------------------------------------------
+# Channel-blocked path (C > 64), kernels in attention_blocked.py
+# --------------------------------------------------------------------------------------------
+#: Channel block of the blocked kernels (rows of every tile, and the reduction chunk of every
+#: ``(C, C)`` product).
+BLOCK_C = 64
+
+
+class _BlockedPlan:
+    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, gated: bool):
+        self.BC = BLOCK_C
+        self.NB = triton.cdiv(C, self.BC)
+        gpu = A.device.type == "cuda" and not _interpreted()
+        if BLOCK_N_OVERRIDE is not None:
+            self.BN = self.BN_red = BLOCK_N_OVERRIDE
+        else:
+            # rows kernels: (BC, BN) tiles; reductions: (BC, BC) accumulator + two (BC, BN) loads
+            # (from sm_90 ptxas counts, 8 warps: no spills; float32 "ieee" projections need BN 16)
+            self.BN, self.BN_red = (16 if gated and A.dtype == torch.float32 else 32, 64) if gpu else (16, 16)
+        self.n_tiles = triton.cdiv(N, self.BN)
+        n_red = triton.cdiv(N, self.BN_red)
+        self.n_tiles_red = n_red
+        if SPLITS_OVERRIDE is not None:
+            splits = SPLITS_OVERRIDE
+        elif A.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(A.device).multi_processor_count
+            splits = triton.cdiv(2 * sms, max(B * self.NB * self.NB, 1))
+        else:
+            splits = 3
+        splits = max(1, min(splits, n_red))
+        self.tiles_per_split = triton.cdiv(n_red, splits)
+        self.splits = triton.cdiv(n_red, self.tiles_per_split)
+        self.rows_grid = (self.n_tiles, self.NB, B)
+        self.red_grid = (self.NB * self.NB, self.splits, B)
+        self.num_warps = 8
+
+
+def _abt(plan, X, Y, C, N, prec, rowsum=False):
+    """``sum_n X Y^T`` per image as (B, C, C) float32 (and ``sum_n X`` (B, C)), fixed-order split sums."""
+    B = X.shape[0]
+    out = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=X.device)
+    rs = torch.empty(B, plan.splits, C, dtype=torch.float32, device=X.device) if rowsum else out
+    blocked.abt_partials_kernel[plan.red_grid](
+        X, Y, out, rs, C, N, plan.tiles_per_split, plan.n_tiles_red, plan.splits, plan.NB,
+        BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, num_warps=plan.num_warps,
+    )
+    return (out.sum(dim=1), rs.sum(dim=1)) if rowsum else out.sum(dim=1)
+
+
+def _mm(plan, M, X, out, C, N, prec, trans=False):
+    blocked.mm_rows_kernel[plan.rows_grid](M, X, out, C, N, TRANS=trans, BC=plan.BC, BN=plan.BN, PREC=prec,
+                                           num_warps=plan.num_warps)
+    return out
+
+
+def _fp32_like(c):
+    return torch.empty(c.shape, dtype=torch.float32, device=c.device)
+
+
+def _forward_blocked(A, c, proj, scale, comb):
+    B, C = c.shape[:2]
+    N = c[0, 0].numel() if B and C else 0
+    gated = proj is not None
+    out = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
+    if B == 0 or C == 0 or N == 0:
+        P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
+        return out, h, c_new, P
+    plan = _BlockedPlan(A, B, C, N, gated)
+    prec = _precision(A.dtype)
+    wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
+    Q, K = _fp32_like(c), _fp32_like(c)
+    V = _fp32_like(c) if gated else h
+    if gated:  # the projections read h' of every channel block: write it first
+        cell_forward_into(A, c, h, c_new)
+    blocked.qkv_rows_kernel[plan.rows_grid](
+        A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, h, c_new, C, N,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, num_warps=plan.num_warps,
+    )
+    S = _abt(plan, Q, K, C, N, prec)
+    del Q, K
+    P = torch.softmax(S * scale, dim=-1).contiguous()
+    _mm(plan, P, V, out, C, N, prec)
+    return out, h, c_new, P
+
+
+def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb):
+    B, C = c.shape[:2]
+    N = c[0, 0].numel() if B and C else 0
+    gated = proj is not None
+    dA = torch.empty_like(A)
+    dc = torch.empty_like(c)
+    if B == 0 or C == 0 or N == 0:
+        dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
+        return dA, dc, dproj
+    P = P.to(device=A.device, dtype=torch.float32).contiguous()
+    plan = _BlockedPlan(A, B, C, N, gated)
+    prec = _precision(A.dtype)
+    wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
+    # recompute h' (float32) and Q, K, V once, as float32 temporaries
+    h32, c32 = _fp32_like(c), _fp32_like(c)
+    Q, K = _fp32_like(c), _fp32_like(c)
+    V = _fp32_like(c) if gated else h32
+    if gated:
+        cell_forward_into(A, c, h32, c32)
+    blocked.qkv_rows_kernel[plan.rows_grid](
+        A, c, h32, wq, bq, wk, bk, wv, bv, Q, K, V, h32, c32, C, N,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, num_warps=plan.num_warps,
+    )
+    del c32
+    dP = _abt(plan, dout, V, C, N, prec)
+    dS = (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
+    dQ = _mm(plan, dS, K, _fp32_like(c), C, N, prec)
+    dK = _mm(plan, dS, Q, _fp32_like(c), C, N, prec, trans=True)
+    dV = _mm(plan, P, dout, _fp32_like(c), C, N, prec, trans=True)
+    del Q, K, V
+    dproj = None
+    if gated:
+        dq, dk, dv = _fp32_like(c), _fp32_like(c), _fp32_like(c)
+        blocked.proj_grad_rows_kernel[plan.rows_grid](
+            A, c, h32, wq, bq, wk, bk, wv, bv, dQ, dK, dV, dq, dk, dv, C, N,
+            BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, num_warps=plan.num_warps,
+        )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
+        grads = [_abt(plan, d, h32, C, N, prec, rowsum=True) for d in (dq, dk, dv)]
+        dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
+    else:
+        dq = dk = dv = dQ  # dummies: never read when not GATED
+    blocked.attention_bwd_rows_kernel[plan.rows_grid](
+        A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, C, N,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, num_warps=plan.num_warps,
+    )
     return dA, dc, dproj

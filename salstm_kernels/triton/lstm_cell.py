@@ -129,18 +129,23 @@ def _block(total: int) -> int:
     return min(_BLOCK, max(16, triton.next_power_of_2(total)))
 
 
+def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor) -> None:
+    """``h', c'`` into given contiguous tensors (any supported dtype, e.g. float32 temporaries)."""
+    total = c.numel()
+    if total == 0:
+        return
+    CN = total // c.shape[0]
+    block = _block(total)
+    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, CN, total, BLOCK=block)
+
+
 def cell_forward(A: torch.Tensor, c: torch.Tensor):
     check_cell_shapes(A, c)
     check_dtypes(A, c)
     A, c = A.contiguous(), c.contiguous()
     h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
-    total = c.numel()
-    if total == 0:
-        return h, c_new
-    CN = total // c.shape[0]
-    block = _block(total)
-    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, CN, total, BLOCK=block)
+    cell_forward_into(A, c, h, c_new)
     return h, c_new
 
 

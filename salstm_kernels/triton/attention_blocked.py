@@ -1,0 +1,268 @@
+"""Channel-blocked Triton kernels for the attention op at wide ``C`` (> 64; any ``C``).
+
+The single-pass kernels of :mod:`.lstm_attention` keep ``(C, C)`` matrices on chip, which stops
+fitting an H100 block beyond ``C = 64``.  These kernels never hold more than a ``(BC, BC)`` or
+``(BC, BN)`` tile per operand (``BC`` = channel block, ``BN`` = pixel tile): every ``(C, C)``
+product is a loop over channel chunks of ``tl.dot``s, so their on-chip footprint does not depend
+on ``C`` (``C`` is a runtime argument: one compiled variant serves every ``C``).  The price is
+materialising ``Q``, ``K``, ``V`` and the attention gradients as float32 ``(B, C, N)`` temporaries
+(re-read from L2/HBM instead of recomputed per channel block).
+
+Kernels (grids: ``T`` = N tiles, ``R`` = channel row blocks, ``S`` = N splits):
+
+* :func:`qkv_rows_kernel` ``(T, R, B)`` -- gates, ``c'``, ``h'`` for a row block (optionally
+  written), ``Q``, ``K`` and (LSTM-SA) ``V``; the projections ``W h' + b`` are blocked dots over
+  input-channel chunks of ``h'`` (read from memory: another row block's ``h'``).
+* :func:`abt_partials_kernel` ``(R*R, S, B)`` -- per-split partials of ``X Y^T`` per ``(BC, BC)``
+  block (scores ``Q K^T``, ``dP = dO V^T``, ``dW = dq h'^T``), optional row sums (``db``); summed
+  over splits in a fixed order by the caller (deterministic, no atomics).
+* :func:`mm_rows_kernel` ``(T, R, B)`` -- ``M X`` or ``M^T X`` for a ``(C, C)`` float32 ``M``
+  (``O = P V``, ``dQ = dS K``, ``dK = dS^T Q``, ``dV = P^T dO``).
+* :func:`proj_grad_rows_kernel` ``(T, R, B)`` -- LSTM-SA: ``dq = dQ * fq`` (written) and
+  ``dfq = dQ * (Wq h' + bq)`` (written over ``dQ``), same for k, v.
+* :func:`attention_bwd_rows_kernel` ``(T, R, B)`` -- ``dh' += Wq^T dq + Wk^T dk + Wv^T dv``
+  (LSTM-SA), the QKV-formation chain rule and the cell backward into ``dA``, ``dc``.
+
+All math and accumulation float32; ``input_precision`` "ieee" for float32 inputs, "tf32" else;
+64-bit offsets; masks for any ``C`` and ``N``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .lstm_cell import lstm_state, lstm_state_grads, load_lstm_inputs
+
+
+@triton.jit
+def _rows_tile(b, blk, t, C, N, BC: tl.constexpr, BN: tl.constexpr):
+    rows = blk * BC + tl.arange(0, BC)
+    cols = t * BN + tl.arange(0, BN)
+    mask = (rows < C)[:, None] & (cols < N)[None, :]
+    plane = rows[:, None].to(tl.int64) * N + cols[None, :]
+    return rows, cols, mask, b * 4 * C * N + plane, b * C * N + plane
+
+
+@triton.jit
+def _chunk(ptr, b, kr, cols, C, N):
+    """Rows ``kr`` x columns ``cols`` of a ``(B, C, N)`` tensor, float32, zero outside."""
+    m = (kr < C)[:, None] & (cols < N)[None, :]
+    offs = b * C * N + kr[:, None].to(tl.int64) * N + cols[None, :]
+    return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _square_block(ptr, ri, rj, C, TRANS: tl.constexpr):
+    """Block ``M[ri, rj]`` (or ``M[rj, ri]^T`` with ``TRANS``) of a row-major ``(C, C)``, float32."""
+    m = (ri < C)[:, None] & (rj < C)[None, :]
+    if TRANS:
+        offs = rj[None, :].to(tl.int64) * C + ri[:, None]
+    else:
+        offs = ri[:, None].to(tl.int64) * C + rj[None, :]
+    return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+                 BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """``W[rows, :] @ h' + b[rows]`` for q, k, v on one tile, blocked over input channels."""
+    pq = tl.zeros((BC, BN), dtype=tl.float32)
+    pk = tl.zeros((BC, BN), dtype=tl.float32)
+    pv = tl.zeros((BC, BN), dtype=tl.float32)
+    for kk in range(0, C, BC):
+        kr = kk + tl.arange(0, BC)
+        hk = _chunk(h_ptr, b, kr, cols, C, N)
+        pq = tl.dot(_square_block(wq_ptr, rows, kr, C, False), hk, pq, input_precision=PREC)
+        pk = tl.dot(_square_block(wk_ptr, rows, kr, C, False), hk, pk, input_precision=PREC)
+        pv = tl.dot(_square_block(wv_ptr, rows, kr, C, False), hk, pv, input_precision=PREC)
+    rm = rows < C
+    pq += tl.load(bq_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+    pk += tl.load(bk_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+    pv += tl.load(bv_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+    return pq, pk, pv
+
+
+@triton.jit
+def _factors(f, g, c_new, h, COMB: tl.constexpr):
+    if COMB == 0:
+        fq = (f + c_new) * 0.5
+        fk = (g + h) * 0.5
+    else:
+        fq = tl.maximum(f * c_new, 0.0)
+        fk = tl.maximum(g * h, 0.0)
+    return fq, fk
+
+
+@triton.jit
+def qkv_rows_kernel(
+    a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, C, N,
+    BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr,
+    WRITE_STATE: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows, cols, mask, a_offs, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
+    if GATED:  # projections first: the gate math is not live across their loop (registers)
+        pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+                                  BC, BN, PREC)
+    if (not GATED) or COMB != 2:
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, C * N, mask)
+        i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
+    if WRITE_STATE:
+        tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(cn_ptr + c_offs, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
+    if GATED:
+        if COMB != 2:
+            fq, fk = _factors(f, g, c_new, h, COMB)
+            q = fq * pq
+            k = fk * pk
+            v = h * pv
+        else:
+            q = pq
+            k = pk
+            v = pv
+        tl.store(v_ptr + c_offs, v, mask=mask)
+    else:
+        q, k = _factors(f, g, c_new, h, COMB)
+    tl.store(q_ptr + c_offs, q, mask=mask)
+    tl.store(k_ptr + c_offs, k, mask=mask)
+
+
+@triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS", "NB"])
+def abt_partials_kernel(
+    x_ptr, y_ptr, out_ptr, rs_ptr, C, N, tiles_per_split, n_tiles, SPLITS, NB,
+    BC: tl.constexpr, BN: tl.constexpr, ROWSUM: tl.constexpr, PREC: tl.constexpr,
+):
+    """``out[b, split, ri, rj] = sum_{n in split} X[b, ri, n] Y[b, rj, n]`` (+ ``rs = sum_n X``)."""
+    blk = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    ri = (blk // NB) * BC + tl.arange(0, BC)
+    rj = (blk % NB) * BC + tl.arange(0, BC)
+    acc = tl.zeros((BC, BC), dtype=tl.float32)
+    rs = tl.zeros((BC,), dtype=tl.float32)
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for t in range(t0, t1):
+        cols = t * BN + tl.arange(0, BN)
+        x = _chunk(x_ptr, b, ri, cols, C, N)
+        y = _chunk(y_ptr, b, rj, cols, C, N)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PREC)
+        if ROWSUM:
+            rs += tl.sum(x, axis=1)
+    base = b * SPLITS + split
+    m = (ri < C)[:, None] & (rj < C)[None, :]
+    tl.store(out_ptr + base * C * C + ri[:, None].to(tl.int64) * C + rj[None, :], acc, mask=m)
+    if ROWSUM:
+        if blk % NB == 0:
+            tl.store(rs_ptr + base * C + ri, rs, mask=ri < C)
+
+
+@triton.jit
+def mm_rows_kernel(m_ptr, x_ptr, o_ptr, C, N, TRANS: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
+                   PREC: tl.constexpr):
+    """``O[b, rows] = M[b, rows, :] @ X[b]`` (``M[b, :, rows]^T`` with ``TRANS``), ``M (B, C, C)``."""
+    t = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows, cols, mask, _, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
+    acc = tl.zeros((BC, BN), dtype=tl.float32)
+    m_base = m_ptr + b * C * C
+    for kk in range(0, C, BC):
+        kr = kk + tl.arange(0, BC)
+        acc = tl.dot(_square_block(m_base, rows, kr, C, TRANS), _chunk(x_ptr, b, kr, cols, C, N), acc,
+                     input_precision=PREC)
+    tl.store(o_ptr + c_offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def proj_grad_rows_kernel(
+    a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    dqa_ptr, dka_ptr, dva_ptr, dq_ptr, dk_ptr, dv_ptr, C, N,
+    BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr,
+):
+    """LSTM-SA: ``dq = dQ * fq`` etc. (written); with a combination, ``dQ <- dQ * pq`` in place."""
+    t = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows, cols, mask, a_offs, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
+    if COMB != 2:
+        # projections first (nothing else live across their loop), then one operand at a time
+        pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+                                  BC, BN, PREC)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, C * N, mask)
+        i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
+        fq, fk = _factors(f, g, c_new, h, COMB)
+        dQ = tl.load(dqa_ptr + c_offs, mask=mask, other=0.0)
+        tl.store(dqa_ptr + c_offs, dQ * pq, mask=mask)
+        tl.store(dq_ptr + c_offs, dQ * fq, mask=mask)
+        dK = tl.load(dka_ptr + c_offs, mask=mask, other=0.0)
+        tl.store(dka_ptr + c_offs, dK * pk, mask=mask)
+        tl.store(dk_ptr + c_offs, dK * fk, mask=mask)
+        dV = tl.load(dva_ptr + c_offs, mask=mask, other=0.0)
+        tl.store(dva_ptr + c_offs, dV * pv, mask=mask)
+        tl.store(dv_ptr + c_offs, dV * h, mask=mask)
+    else:
+        tl.store(dq_ptr + c_offs, tl.load(dqa_ptr + c_offs, mask=mask, other=0.0), mask=mask)
+        tl.store(dk_ptr + c_offs, tl.load(dka_ptr + c_offs, mask=mask, other=0.0), mask=mask)
+        tl.store(dv_ptr + c_offs, tl.load(dva_ptr + c_offs, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def attention_bwd_rows_kernel(
+    a_ptr, c_ptr, dh_ptr, dcn_ptr, dfq_ptr, dfk_ptr, dfv_ptr, dq_ptr, dk_ptr, dv_ptr,
+    wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, C, N,
+    BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+):
+    """Total ``dh'``, ``dc'``, ``df``, ``dg`` of a row block, then the cell backward into ``dA``, ``dc``.
+
+    ``dfq, dfk, dfv`` are the gradients on the LSTM-state factors of ``Q, K, V`` (SA-LSTM: ``dQ, dK,
+    dV``); LSTM-SA adds ``W^T dq`` etc. (``dq`` over all rows, hence a separate pass).
+    """
+    t = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows, cols, mask, a_offs, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
+    CN = C * N
+    dh_t = tl.load(dh_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:  # cross-row term first: the gate math is not live across its loop (registers)
+        x = tl.zeros((BC, BN), dtype=tl.float32)
+        for kk in range(0, C, BC):
+            kr = kk + tl.arange(0, BC)
+            x = tl.dot(_square_block(wq_ptr, rows, kr, C, True), _chunk(dq_ptr, b, kr, cols, C, N), x,
+                       input_precision=PREC)
+            x = tl.dot(_square_block(wk_ptr, rows, kr, C, True), _chunk(dk_ptr, b, kr, cols, C, N), x,
+                       input_precision=PREC)
+            x = tl.dot(_square_block(wv_ptr, rows, kr, C, True), _chunk(dv_ptr, b, kr, cols, C, N), x,
+                       input_precision=PREC)
+        dh_t += x
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, CN, mask)
+    i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
+    dc_t = tl.load(dcn_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+    df = 0.0
+    dg = 0.0
+    if COMB != 2:
+        dfq = tl.load(dfq_ptr + c_offs, mask=mask, other=0.0)
+        dfk = tl.load(dfk_ptr + c_offs, mask=mask, other=0.0)
+        dfv = tl.load(dfv_ptr + c_offs, mask=mask, other=0.0)
+        if COMB == 0:
+            df = dfq * 0.5
+            dc_t += dfq * 0.5
+            dg = dfk * 0.5
+            dh_t += dfk * 0.5 + dfv
+        else:
+            mq = f * c_new > 0
+            mk = g * h > 0
+            df = tl.where(mq, dfq * c_new, 0.0)
+            dc_t += tl.where(mq, dfq * f, 0.0)
+            dg = tl.where(mk, dfk * h, 0.0)
+            dh_t += tl.where(mk, dfk * g, 0.0) + dfv
+    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
+    ty = da_ptr.dtype.element_ty
+    tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
+    tl.store(da_ptr + CN + a_offs, daf.to(ty), mask=mask)
+    tl.store(da_ptr + 2 * CN + a_offs, dao.to(ty), mask=mask)
+    tl.store(da_ptr + 3 * CN + a_offs, dag.to(ty), mask=mask)
+    tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,101 @@
+"""Compile the channel-blocked attention kernels for sm_90 without a GPU; print shared memory,
+registers and spills per variant (ptxas from Triton's NVIDIA backend).
+
+    PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats
+
+``C`` is a runtime argument of every blocked kernel, so one binary per (kernel, dtype, combination,
+gated) serves every ``C``; the on-chip footprint depends only on ``BLOCK_C`` and the N tiles.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import attention_blocked as bk
+from .lstm_attention import BLOCK_C
+
+SMEM_LIMIT = 227 * 1024
+DTYPES = tuple(os.environ.get("SM90_DTYPES", "fp32,bf16,fp16").split(","))
+_TY = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+_PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+
+
+def _compile(fn, ptr_types, consts, num_warps):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptr_types.get(name, "fp32")
+        else:
+            sig[name] = "i32"
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    try:
+        log = subprocess.run([_PTXAS, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return k.metadata.shared, regs, int(spill.group(1)), int(spill.group(2))
+
+
+def variants():
+    BC, BNR, W = BLOCK_C, 64, 8
+    for dt in DTYPES:
+        prec = "ieee" if dt == "fp32" else "tf32"
+        BN = 32  # _BlockedPlan: 16 for gated float32 calls (every rows kernel of the call)
+        a = {"a_ptr": dt, "c_ptr": dt}
+        w = {p: dt for p in ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr")}
+        for comb, gated in ((0, False), (1, False), (0, True), (1, True), (2, True)):
+            tag = f"{dt} comb={comb} gated={int(gated)}"
+            BN = 16 if gated and dt == "fp32" else 32
+            for write, hs in ((True, dt), (False, "fp32")) if not gated else ((False, dt), (False, "fp32")):
+                yield (f"qkv_rows {tag} hsrc={hs}", bk.qkv_rows_kernel,
+                       {**a, **w, "hsrc_ptr": hs, "h_ptr": hs, "cn_ptr": hs},
+                       dict(BC=BC, BN=BN, COMB=comb, GATED=gated, WRITE_STATE=write, PREC=prec), W)
+            if gated:
+                yield (f"proj_grad_rows {tag}", bk.proj_grad_rows_kernel, {**a, **w},
+                       dict(BC=BC, BN=BN, COMB=comb, PREC=prec), W)
+            yield (f"attention_bwd_rows {tag}", bk.attention_bwd_rows_kernel,
+                   {**a, **w, "dh_ptr": dt, "dcn_ptr": dt, "da_ptr": dt, "dc_ptr": dt},
+                   dict(BC=BC, BN=BN, COMB=comb, GATED=gated, PREC=prec), W)
+        for xt, yt, rs in ((  "fp32", "fp32", False), (dt, "fp32", False), ("fp32", "fp32", True)):
+            yield (f"abt_partials {dt} x={xt} rowsum={int(rs)}", bk.abt_partials_kernel,
+                   {"x_ptr": xt, "y_ptr": yt}, dict(BC=BC, BN=BNR, ROWSUM=rs, PREC=prec), W)
+        BN = 32
+        for xt, ot, tr in (("fp32", dt, False), (dt, dt, False), ("fp32", "fp32", False), (dt, "fp32", True),
+                           ("fp32", "fp32", True)):
+            for bn in (BN, 16) if dt == "fp32" else (BN,):
+                yield (f"mm_rows {dt} x={xt} out={ot} trans={int(tr)} BN={bn}", bk.mm_rows_kernel,
+                       {"x_ptr": xt, "o_ptr": ot}, dict(TRANS=tr, BC=BC, BN=bn, PREC=prec), W)
+
+
+def main() -> int:
+    bad = 0
+    seen = set()
+    print(f"{'variant':<58} {'smem B':>8} {'regs':>5} {'spill st/ld B':>14}")
+    for name, fn, ptrs, consts, warps in variants():
+        if name in seen:
+            continue
+        seen.add(name)
+        smem, regs, st, ld = _compile(fn, ptrs, consts, warps)
+        flag = "" if smem <= SMEM_LIMIT and st == 0 else "  <-- over"
+        bad += bool(flag)
+        print(f"{name:<58} {smem:>8} {regs:>5} {st:>6}/{ld:<7}{flag}", flush=True)
+    print(f"{len(seen)} variants, {bad} over the shared-memory limit or spilling")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
