@@ -16,7 +16,9 @@
    ``max_memory_allocated`` above the pre-call allocation) against eager; and the fused non-conv
    part alone (``lstm_attention`` forward+backward of the last step, and ``lstm_cell``
    forward+backward) with achieved GB/s for the bytes it must move against a measured device copy
-   bandwidth.  The summary table is printed last.
+   bandwidth; the non-conv rows also run at ``C = 128, 256`` (channel-blocked kernels; the note
+   column says which attention kernels ran).  Parity includes ``C = 96, 128, 130`` shapes (blocked).
+   The summary table is printed last.
 """
 from __future__ import annotations
 
@@ -186,7 +188,7 @@ def run_parity(device, smoke: bool) -> ParityLog:
     log = ParityLog()
     print("== parity vs float64 reference (scaled error / tolerance) ==", flush=True)
     if smoke:
-        op_cases = [((1, 8, 5, 3), DTYPES, COMBOS)]
+        op_cases = [((1, 8, 5, 3), DTYPES, COMBOS), ((1, 72, 5, 3), (torch.float32,), (("linear", True),))]
         mod_cases = [(d, 3, (8,), 2, 5, 3, dt, True) for d in DESIGNS for dt in (torch.float32,)]
         mod_cases += [("LSTMSA2d(linear)", 3, (8,), 1, 5, 3, torch.bfloat16, False)]
     else:
@@ -196,7 +198,10 @@ def run_parity(device, smoke: bool) -> ParityLog:
             ((2, 24, 13, 11), (torch.float16,), linear_only),
             ((2, 64, 33, 31), (torch.float32,), linear_only),  # odd N at the benchmark's C
             ((2, 64, 32, 32), (torch.bfloat16, torch.float16), linear_only),
-            ((1, 130, 9, 7), (torch.float32, torch.bfloat16), (("linear", True),)),  # C > 64: PyTorch-formula path
+            # C > 64: the channel-blocked kernels (attention_blocked.py)
+            ((2, 128, 17, 15), (torch.float32, torch.bfloat16), COMBOS),
+            ((1, 96, 13, 11), (torch.float16,), linear_only),
+            ((1, 130, 9, 7), (torch.float32,), (("nonlinear", True),)),
         ]
         mod_cases = []
         for dt in (torch.float32, torch.bfloat16):
@@ -348,6 +353,13 @@ def run_compile_jobs(table: Table, device, jobs, budget_s, compile_backend):
     torch._dynamo.reset()
 
 
+def fused_path(C) -> str:
+    """Which Triton attention kernels run at this C (single-pass C<=64, channel-blocked above)."""
+    from salstm_kernels.triton import lstm_attention as la
+
+    return f"C={C} fused single-pass" if la._padded(C) <= la.FUSED_MAX_CP else f"C={C} fused channel-blocked"
+
+
 def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
     """The non-conv part alone: lstm_attention fwd+bwd and lstm_cell fwd+bwd, GB/s vs copy BW."""
     N = H * W
@@ -357,7 +369,7 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
     c, dout, dh, dcn = (torch.randn(B, C, H, W, device=device, dtype=dtype, generator=g) for _ in range(4))
     scale = 1.0 / math.sqrt(N)
     for label, gated in (("SA-LSTM", False), ("LSTM-SA", True)):
-        case = f"non-conv {label} {H}x{W} {dname(dtype)}"
+        case = f"non-conv {label} C{C} {H}x{W} {dname(dtype)}"
         proj = tuple(p.detach() for p in random_projections(C, dtype, device)) if gated else None
 
         def fused():
@@ -371,7 +383,8 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
             ms = bench_ms(fused, device)
             gbs = nbytes / (ms * 1e-3) / 1e9
             table.add(case=case, impl="triton ops", **{"fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
-                      "% copy BW": f"{100 * gbs / copy_gbs:.0f}%", "note": f"{nbytes / 2**20:.0f} MiB moved"})
+                      "% copy BW": f"{100 * gbs / copy_gbs:.0f}%",
+                      "note": f"{nbytes / 2**20:.0f} MiB moved; {fused_path(C)}"})
         except Exception as e:  # noqa: BLE001
             table.add(case=case, impl="triton ops", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
         # the same math in eager PyTorch (autograd of the reference), for scale
@@ -390,7 +403,7 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
                       "% copy BW": f"{100 * gbs / copy_gbs:.0f}%", "note": "same bytes model"})
         except Exception as e:  # noqa: BLE001
             table.add(case=case, impl="eager ref", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
-    case = f"non-conv cell {H}x{W} {dname(dtype)}"
+    case = f"non-conv cell C{C} {H}x{W} {dname(dtype)}"
     nbytes = (7 + 12) * B * C * N * es  # fwd: read 5CN write 2CN; bwd: read 7CN write 5CN
     try:
         ms = bench_ms(lambda: (tk.cell_forward(A, c), tk.cell_backward(A, c, dh, dcn)), device)
@@ -409,15 +422,19 @@ def run_bench(device, smoke: bool, budget_s: float, no_compile: bool) -> Table:
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
     if smoke:
         B, C, T, k, sizes, dtypes = 1, 8, 2, 3, ((6, 5),), (torch.float32, torch.bfloat16)
+        wide_cs = (72,)
         compile_backend = "eager"  # exercise the logic only
     else:
         B, C, T, k, sizes, dtypes = 2, 64, 2, 5, ((112, 112), (224, 224)), (torch.float32, torch.bfloat16)
+        wide_cs = (128, 256)
         compile_backend = "inductor"
     jobs = []
     for H, W in sizes:
         for dt in dtypes:
             bench_modules(table, device, dt, B, C, T, k, H, W, budget_s, compile_backend, jobs)
             bench_fused_part(table, tk, device, dt, B, C, H, W, copy_gbs)
+            for wide in wide_cs:  # the channel-blocked kernels, non-conv part only
+                bench_fused_part(table, tk, device, dt, B, wide, H, W, copy_gbs)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if no_compile:
@@ -468,7 +485,8 @@ def main() -> int:
     print("=" * 100)
     if table is not None:
         print(f"SUMMARY  B=2 Cin=C=64 T=2 k=5 fwd+bwd (do_bench median); copy BW {table.copy_gbs:.0f} GB/s; "
-              f"non-conv bytes model: attention 21*B*C*N, cell 19*B*C*N elements")
+              f"non-conv bytes model: attention 21*B*C*N, cell 19*B*C*N elements; "
+              f"note column says which attention kernels ran (C<=64 single-pass, wider channel-blocked)")
         print(table.render())
     for line in log.failures:
         print(line)
