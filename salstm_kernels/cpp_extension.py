@@ -20,7 +20,7 @@ def status() -> Tuple[bool, str]:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.salstm_kernels_cpp.*)
     except ImportError as e:
-        return False, f"C++ extension not built ({e}); build it with `pip install -e .`"
+        return False, f"C++ extension not built ({e}); build it with `pip install --no-build-isolation -e .`"
     return True, ""
 
 

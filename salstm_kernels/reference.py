@@ -127,8 +127,7 @@ def channel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     ``S = (Q K^T) * scale`` over flattened pixels, ``P = softmax(S, -1)``, ``O = P V``.
     Returns ``O`` with ``v``'s shape.
     """
-    B, C = q.shape[:2]
-    Q, K, V = q.reshape(B, C, -1), k.reshape(B, C, -1), v.reshape(B, C, -1)
+    Q, K, V = q.flatten(2), k.flatten(2), v.flatten(2)
     S = torch.bmm(Q, K.transpose(1, 2)) * scale
     P = torch.softmax(S, dim=-1)
     return torch.bmm(P, V).view(v.shape)

@@ -33,7 +33,8 @@ def scaled_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     if (torch.isnan(x64) != torch.isnan(r64)).any():
         return float("inf")
     finite = torch.isfinite(r64)
-    if (x64[~finite] != r64[~finite]).any():
+    inf = torch.isinf(r64)
+    if (x64[inf] != r64[inf]).any():
         return float("inf")
     diff = (x64[finite] - r64[finite]).abs().max().item() if finite.any() else 0.0
     scale = max(r64[finite].abs().max().item() if finite.any() else 0.0, 1.0)

@@ -13,15 +13,14 @@ which checks the op plumbing the fused backends share even when none of them is 
 
 Which dtypes: CPU float32 and float64 (bfloat16 only if the backend's kernel provider claims it),
 CUDA float32, float16 and bfloat16.  A provider claims dtypes with an optional module function
-``supported_dtypes(device_type: str) -> Sequence[torch.dtype]``; without one, the dtypes a built-in
-provider documents (:data:`DOCUMENTED_DTYPES`), else the defaults above, hold.
+``supported_dtypes(device_type: str) -> Sequence[torch.dtype]`` (see
+:func:`salstm_kernels.ops.providers.supported_dtypes`).
 
 :func:`parity` is also the correctness gate of ``salstm-kernels bench``.
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,12 +36,6 @@ from .validation import check_input
 
 #: The implementation label for the fused-op path run by the pure-PyTorch kernel provider.
 REFERENCE_OPS = "reference-ops"
-
-#: Dtypes the built-in providers document in their docstrings, used when a provider has no
-#: ``supported_dtypes`` function (Triton: float32/float16/bfloat16 storage, no float64).
-DOCUMENTED_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-}
 
 #: ``name -> factory(in_channels, hidden_channels, kernel_size, backend)``.
 DESIGNS: Dict[str, Callable[..., nn.Module]] = {
@@ -214,18 +207,11 @@ def device_dtypes(backend: str, device_type: str) -> List[torch.dtype]:
         candidates = [torch.float32, torch.float64, torch.bfloat16]
         default = [torch.float32, torch.float64]
     provider = "reference" if backend == REFERENCE_OPS else backend
-    path = providers._PROVIDERS.get(provider)
-    claim = None
-    if path is not None:
-        try:
-            claim = getattr(importlib.import_module(path), "supported_dtypes", None)
-        except Exception:  # noqa: BLE001 -- an unimportable provider fails in parity, not here
-            claim = None
-    if claim is not None:
-        claimed = set(claim(device_type))
-    elif provider in DOCUMENTED_DTYPES:
-        claimed = set(DOCUMENTED_DTYPES[provider])
-    else:
+    if provider not in providers._PROVIDERS:
+        return default
+    try:
+        claimed = set(providers.supported_dtypes(provider, device_type))
+    except Exception:  # noqa: BLE001 -- an unimportable provider fails in parity, not here
         return default
     return [d for d in candidates if d in claimed]
 

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..validation import check_lstm_attention_args
 from .providers import kernels
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
@@ -45,11 +46,14 @@ def lstm_attention(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
+    check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination)
     return kernels(backend).attention_forward(A, c, proj, scale, combination)
 
 
 @lstm_attention.register_fake
 def _(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend):
+    _projections(wq, bq, wk, bk, wv, bv)
+    check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination)
     B, C = c.shape[:2]
     return (A.new_empty(c.shape), A.new_empty(c.shape), A.new_empty(c.shape),
             A.new_empty((B, C, C), dtype=torch.float64 if A.dtype == torch.float64 else torch.float32))

@@ -10,17 +10,20 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..validation import check_lstm_cell_args
 from .providers import kernels
 
 
 @torch.library.custom_op("salstm_kernels::lstm_cell", mutates_args=())
 def lstm_cell(A: Tensor, c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)`` -> ``(h', c')``, both ``(B, C, H, W)``."""
+    check_lstm_cell_args(A, c)
     return kernels(backend).cell_forward(A, c)
 
 
 @lstm_cell.register_fake
 def _(A, c, backend):
+    check_lstm_cell_args(A, c)
     return A.new_empty(c.shape), A.new_empty(c.shape)
 
 

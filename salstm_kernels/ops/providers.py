@@ -11,6 +11,8 @@ A provider is a module with four functions (the *kernel contract*; tensors conti
     ``(wq, bq, wk, bk, wv, bv)`` with ``w (C, C)``, ``b (C,)`` (LSTM-SA, separated baseline).
     ``combination`` is "linear", "nonlinear" or "none" (projections only).  ``P (B, C, C)``
     is the softmax of the scaled scores, saved for backward.
+``supported_dtypes(device_type) -> tuple of torch.dtype`` (optional; default: all four float types)
+    the input dtypes the provider computes; others raise a clear ``TypeError``.
 ``attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination)``
     ``-> (dA, dc, dprojections or None)``; ``dh, dc_new`` are the gradients arriving on the returned
     states, honoured in addition to ``dout``.
@@ -22,6 +24,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Tuple
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _PROVIDERS = {
     "reference": "salstm_kernels.ops.reference_kernels",
@@ -36,3 +43,9 @@ def kernels(backend: str) -> ModuleType:
     except KeyError:
         raise ValueError(f"no fused kernels for backend {backend!r}; expected one of {list(_PROVIDERS)}") from None
     return importlib.import_module(path)
+
+
+def supported_dtypes(backend: str, device_type: str) -> Tuple[torch.dtype, ...]:
+    """Input dtypes the ``backend``'s kernels compute on ``device_type``."""
+    claim = getattr(kernels(backend), "supported_dtypes", None)
+    return tuple(claim(device_type)) if claim is not None else FLOAT_DTYPES

@@ -10,7 +10,13 @@ Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_I
 before Triton is first imported).  Supports float32 / float16 / bfloat16 (float32 math); float64
 raises ``TypeError`` (use the ``reference`` backend for gradcheck).  Triton is imported only here.
 """
+import torch
+
 from .lstm_attention import attention_backward, attention_forward
 from .lstm_cell import cell_backward, cell_forward
 
-__all__ = ["cell_forward", "cell_backward", "attention_forward", "attention_backward"]
+__all__ = ["cell_forward", "cell_backward", "attention_forward", "attention_backward", "supported_dtypes"]
+
+
+def supported_dtypes(device_type: str):
+    return (torch.float32, torch.float16, torch.bfloat16)
