@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lstm_cell import lstm_state, lstm_state_grads, load_lstm_inputs
+from .lstm_cell import load_lstm_inputs, lstm_state, lstm_state_grads, qkv_factor_grads, store_lstm_grads
 
 
 @triton.jit
@@ -247,22 +247,6 @@ def attention_bwd_rows_kernel(
         dfq = tl.load(dfq_ptr + c_offs, mask=mask, other=0.0)
         dfk = tl.load(dfk_ptr + c_offs, mask=mask, other=0.0)
         dfv = tl.load(dfv_ptr + c_offs, mask=mask, other=0.0)
-        if COMB == 0:
-            df = dfq * 0.5
-            dc_t += dfq * 0.5
-            dg = dfk * 0.5
-            dh_t += dfk * 0.5 + dfv
-        else:
-            mq = f * c_new > 0
-            mk = g * h > 0
-            df = tl.where(mq, dfq * c_new, 0.0)
-            dc_t += tl.where(mq, dfq * f, 0.0)
-            dg = tl.where(mk, dfk * h, 0.0)
-            dh_t += tl.where(mk, dfk * g, 0.0) + dfv
+        df, dg, dh_t, dc_t = qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh_t, dc_t, COMB)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
-    ty = da_ptr.dtype.element_ty
-    tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
-    tl.store(da_ptr + CN + a_offs, daf.to(ty), mask=mask)
-    tl.store(da_ptr + 2 * CN + a_offs, dao.to(ty), mask=mask)
-    tl.store(da_ptr + 3 * CN + a_offs, dag.to(ty), mask=mask)
-    tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, CN, mask, dai, daf, dao, dag, dc)

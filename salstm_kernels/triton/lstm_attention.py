@@ -50,7 +50,8 @@ import triton.language as tl
 
 from . import attention_blocked as blocked
 from .lstm_cell import (
-    cell_forward_into, check_cell_shapes, check_dtypes, lstm_state, lstm_state_grads, load_lstm_inputs,
+    cell_forward_into, check_cell_shapes, check_dtypes, load_lstm_inputs, lstm_state, lstm_state_grads,
+    qkv_factor_grads, store_lstm_grads,
 )
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
@@ -316,26 +317,11 @@ def _attention_bwd_kernel(
             dfv = dv
         df = 0.0
         dg = 0.0
-        if COMB == 0:
-            df = dfq * 0.5
-            dc_t += dfq * 0.5
-            dg = dfk * 0.5
-            dh_t += dfk * 0.5 + dfv
-        if COMB == 1:
-            mq = f * c_new > 0
-            mk = g * h > 0
-            df = tl.where(mq, dfq * c_new, 0.0)
-            dc_t += tl.where(mq, dfq * f, 0.0)
-            dg = tl.where(mk, dfk * h, 0.0)
-            dh_t += tl.where(mk, dfk * g, 0.0) + dfv
+        if COMB != 2:
+            df, dg, dh_t, dc_t = qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh_t, dc_t, COMB)
         # ---- cell backward into dA, dc
         dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
-        ty = da_ptr.dtype.element_ty
-        tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
-        tl.store(da_ptr + CN + a_offs, daf.to(ty), mask=mask)
-        tl.store(da_ptr + 2 * CN + a_offs, dao.to(ty), mask=mask)
-        tl.store(da_ptr + 3 * CN + a_offs, dag.to(ty), mask=mask)
-        tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+        store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, CN, mask, dai, daf, dao, dag, dc)
     if GATED:
         base = b * SPLITS + split
         _store_square(dw_ptr + (base * 3 + 0) * C * C, dwq, C, CP)

@@ -64,6 +64,38 @@ def lstm_state_grads(i, f, o, g, c, tc, dh, dc_new, df, dg):
     return dai, daf, dao, dag, dct * f
 
 
+@triton.jit
+def qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh, dc_new, COMB: tl.constexpr):
+    """Chain rule through the QKV factors of paper eq. 4 (``COMB`` 0 linear, 1 nonlinear).
+
+    ``dfq, dfk, dfv`` are the grads on the factors; returns ``df, dg`` and the totals on ``h', c'``.
+    """
+    if COMB == 0:  # ((f + c')/2, (g + h')/2, h')
+        df = dfq * 0.5
+        dc_new += dfq * 0.5
+        dg = dfk * 0.5
+        dh += dfk * 0.5 + dfv
+    else:  # (relu(f c'), relu(g h'), h')
+        mq = f * c_new > 0
+        mk = g * h > 0
+        df = tl.where(mq, dfq * c_new, 0.0)
+        dc_new += tl.where(mq, dfq * f, 0.0)
+        dg = tl.where(mk, dfk * h, 0.0)
+        dh += tl.where(mk, dfk * g, 0.0) + dfv
+    return df, dg, dh, dc_new
+
+
+@triton.jit
+def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf, dao, dag, dc):
+    """Write ``dA`` (gate rows i, f, o, g ``gate_stride`` apart) and ``dc`` in the outputs' dtypes."""
+    ty = da_ptr.dtype.element_ty
+    tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + gate_stride, daf.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + 2 * gate_stride, dao.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + 3 * gate_stride, dag.to(ty), mask=mask)
+    tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels: one program per BLOCK elements of the flattened (B, C, N) state
 # --------------------------------------------------------------------------------------------
@@ -92,12 +124,7 @@ def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, CN, total, B
     dh = tl.load(dh_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     dcn = tl.load(dcn_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
-    ty = da_ptr.dtype.element_ty
-    tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
-    tl.store(da_ptr + a_offs + CN, daf.to(ty), mask=mask)
-    tl.store(da_ptr + a_offs + 2 * CN, dao.to(ty), mask=mask)
-    tl.store(da_ptr + a_offs + 3 * CN, dag.to(ty), mask=mask)
-    tl.store(dc_ptr + idx, dc.to(dc_ptr.dtype.element_ty), mask=mask)
+    store_lstm_grads(da_ptr, dc_ptr, a_offs, idx, CN, mask, dai, daf, dao, dag, dc)
 
 
 # --------------------------------------------------------------------------------------------
