@@ -156,6 +156,37 @@ def module_parity(log: ParityLog, device, design, cin, hidden, T, H, W, dtype, w
         log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
 
 
+def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
+    """float32 module under ``torch.autocast``: triton vs reference under the same autocast.
+
+    Parameter gradients must stay float32; the output within ``amp_dtype``'s tolerance."""
+    label = f"autocast module {design} B2 T2 Cin8 C24 13x11"
+    try:
+        torch.manual_seed(seed)
+        ref_m = DESIGNS[design](8, [24], 3, "reference").to(device)
+        tri_m = DESIGNS[design](8, [24], 3, "triton").to(device)
+        tri_m.load_state_dict(ref_m.state_dict())
+        x = torch.randn(2, 2, 8, 13, 11, device=device)
+        errs = []
+        outs, grads = [], []
+        for m in (tri_m, ref_m):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast(device.type, dtype=amp_dtype):
+                y = m(xi)
+            outs.append(y)
+            gy = torch.ones_like(y) / y.numel() ** 0.5
+            grads.append(torch.autograd.grad(y, [xi, *m.parameters()], gy))
+        errs.append(("out", scaled_error(outs[0].float(), outs[1].float()), False))
+        names = ["x"] + [n for n, _ in tri_m.named_parameters()]
+        for n, a, b in zip(names, grads[0], grads[1]):
+            if a.dtype != b.dtype:
+                raise TypeError(f"grad of {n} is {a.dtype}, reference gives {b.dtype}")
+            errs.append((n, scaled_error(a, b), True))
+        log.row(label, amp_dtype, errs)
+    except Exception as e:  # noqa: BLE001
+        log.row(label, amp_dtype, [], error=f"{type(e).__name__}: {e}"[:200])
+
+
 def offsets_64bit(log: ParityLog, tk, device):
     """B * 4C * N > 2^31 elements: the second image of A lies past 2^31 (cell + attention forward)."""
     B, C, H, W = 2, 64, 2049, 2049
@@ -214,6 +245,9 @@ def run_parity(device, smoke: bool) -> ParityLog:
     for design, cin, hidden, T, H, W, dt, st in mod_cases:
         module_parity(log, device, design, cin, hidden, T, H, W, dt, st)
     if device.type == "cuda":
+        for amp_dtype in (torch.bfloat16, torch.float16):
+            for design in ("SALSTM2d(linear)", "LSTMSA2d(linear)"):
+                autocast_parity(log, device, design, amp_dtype)
         offsets_64bit(log, tk, device)
     print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
     return log
