@@ -23,6 +23,8 @@ struct RowKernels {
   //   (null when absent).
   void (*backward)(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
                    const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L);
+  // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N (channels_last <-> NCHW tiles).
+  void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N);
 };
 
 namespace DEFAULT {

@@ -2,6 +2,9 @@
 // salstm_kernels/ops/providers.py and ops/reference_kernels.py for the formulas).
 //
 // Layout: A (B, 4C, N) with gate rows i, f, o, g; c, h', c', out (B, C, N); N = H * W.
+// A may also be channels_last per image (what a channels_last conv writes: the 4C gate values of a
+// pixel contiguous, any batch stride); it is then read tile by tile through an in-cache transpose
+// instead of being copied to NCHW first, and dA is written in the same channels_last layout.
 // Work is split into fixed pixel tiles (kTile) per image, so every reduction (S = Q K^T,
 // dP = dO V^T, projection gradients) is a sum of per-tile partials added in tile order:
 // the bits do not depend on the thread count.  The small C x C products go through ATen's BLAS
@@ -63,6 +66,35 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 
 // Contiguous, in the accumulation dtype (no copy when it already is).
 Tensor acc(const Tensor& t, at::ScalarType a) { return t.to(a).contiguous(); }
+
+// Where the gate rows of A live: NCHW-contiguous, or channels_last per image (NHWC).
+struct ALayout {
+  bool nhwc = false;
+  int64_t sB = 0;  // batch stride in elements
+};
+
+bool nhwc_images(const Tensor& A) {
+  const int64_t C4 = A.size(1), H = A.size(2), W = A.size(3);
+  return A.stride(1) == 1 && (W == 1 || A.stride(3) == C4) && (H == 1 || A.stride(2) == W * C4);
+}
+
+// A in the accumulation dtype, NCHW-contiguous or NHWC per image, copied only when neither.
+Tensor acc_A(const Tensor& A_in, at::ScalarType a, ALayout& lay) {
+  Tensor A = A_in.to(a);
+  if (!A.is_contiguous() && nhwc_images(A)) {
+    lay = {true, A.size(0) > 1 ? A.stride(0) : 0};
+    return A;
+  }
+  A = A.contiguous();
+  lay = {false, A.size(1) * A.size(2) * A.size(3)};
+  return A;
+}
+
+// dA (B, 4C, H, W) in the layout the kernels write for A's layout.
+Tensor empty_dA(const Tensor& A, const ALayout& lay) {
+  return at::empty(A.sizes(), A.options().memory_format(lay.nhwc ? at::MemoryFormat::ChannelsLast
+                                                                   : at::MemoryFormat::Contiguous));
+}
 
 int parse_combination(const std::string& s, bool has_proj, const char* op) {
   int comb;
@@ -188,6 +220,33 @@ struct Tiles {
   Tiles(const Dims& d) : per_image((d.N + kTile - 1) / kTile), count(d.B * ((d.N + kTile - 1) / kTile)) {}
 };
 
+// The 4C gate rows of A for pixels [n0, n0 + L) of image b: row r at base + r * ld.  NCHW: a view
+// into A (ld N); NHWC: transposed into `scratch` (4C x kTile, ld kTile).
+template <typename T>
+const T* a_tile(const RowKernels<T>& rk, const T* pA, const ALayout& lay, const Dims& d, int64_t b, int64_t n0,
+                int64_t L, T* scratch, int64_t& ld) {
+  if (!lay.nhwc) {
+    ld = d.N;
+    return pA + b * lay.sB + n0;
+  }
+  rk.transpose(pA + b * lay.sB + n0 * 4 * d.C, 4 * d.C, scratch, kTile, L, 4 * d.C);
+  ld = kTile;
+  return scratch;
+}
+
+// Where the rows of dA for that tile are written (same ld as a_tile); flush_dA moves a scratch
+// tile to an NHWC dA (batch stride N * 4C).
+template <typename T>
+T* dA_tile(T* pdA, const ALayout& lay, const Dims& d, int64_t b, int64_t n0, T* scratch) {
+  return lay.nhwc ? scratch : pdA + b * 4 * d.C * d.N + n0;
+}
+
+template <typename T>
+void flush_dA(const RowKernels<T>& rk, const T* scratch, T* pdA, const ALayout& lay, const Dims& d, int64_t b,
+              int64_t n0, int64_t L) {
+  if (lay.nhwc) rk.transpose(scratch, kTile, pdA + (b * d.N + n0) * 4 * d.C, 4 * d.C, 4 * d.C, L);
+}
+
 // Sum `parts` (items, n) over consecutive groups of `group` items, in item order: out (items/group, n).
 template <typename T>
 void ordered_sum(const T* parts, int64_t groups, int64_t group, int64_t n, T* out) {
@@ -205,13 +264,29 @@ void ordered_sum(const T* parts, int64_t groups, int64_t group, int64_t n, T* ou
 // Cell ops
 // ------------------------------------------------------------------------------------------------
 template <typename T>
-void cell_forward_impl(const Tensor& A, const Tensor& c, Tensor& h, Tensor& cn, const Dims& d) {
+void cell_forward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, Tensor& h, Tensor& cn, const Dims& d) {
   const auto& rk = row_kernels<T>();
   const T* pA = A.const_data_ptr<T>();
   const T* pc = c.const_data_ptr<T>();
   T* ph = h.mutable_data_ptr<T>();
   T* pcn = cn.mutable_data_ptr<T>();
   const int64_t N = d.N, C = d.C, gs = C * N;
+  if (lay.nhwc) {  // per pixel tile: A tile transposed in cache, then the same row kernel
+    const Tiles tiles(d);
+    at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> scratch(4 * C * kTile);
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile, L = std::min(kTile, N - n0);
+        int64_t ld;
+        const T* a = a_tile(rk, pA, lay, d, b, n0, L, scratch.data(), ld);
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const int64_t r = (b * C + ch) * N + n0;
+          rk.cell_forward(a + ch * ld, C * ld, pc + r, ph + r, pcn + r, L);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, d.B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / C, ch = r % C;
@@ -224,20 +299,41 @@ std::tuple<Tensor, Tensor> cell_forward(const Tensor& A_in, const Tensor& c_in) 
   const char* op = "salstm_kernels_cpp::cell_forward";
   Dims d = check_A_c(A_in, c_in, op);
   const auto at_ = acc_type(A_in.scalar_type());
-  Tensor A = acc(A_in, at_), c = acc(c_in, at_);
-  Tensor h = at::empty(c_in.sizes(), A.options()), cn = at::empty(c_in.sizes(), A.options());
-  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_forward", [&] { cell_forward_impl<scalar_t>(A, c, h, cn, d); });
+  ALayout lay;
+  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_);
+  Tensor h = at::empty(c_in.sizes(), A.options().memory_format(at::MemoryFormat::Contiguous)),
+         cn = at::empty(c_in.sizes(), A.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_forward", [&] { cell_forward_impl<scalar_t>(A, lay, c, h, cn, d); });
   return {h.to(A_in.scalar_type()), cn.to(A_in.scalar_type())};
 }
 
 template <typename T>
-void cell_backward_impl(const Tensor& A, const Tensor& c, const Tensor& dh, const Tensor& dcn, Tensor& dA, Tensor& dc,
-                        const Dims& d) {
+void cell_backward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, const Tensor& dh, const Tensor& dcn,
+                        Tensor& dA, Tensor& dc, const Dims& d) {
   const auto& rk = row_kernels<T>();
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>();
   const T *pdh = dh.const_data_ptr<T>(), *pdcn = dcn.const_data_ptr<T>();
   T *pdA = dA.mutable_data_ptr<T>(), *pdc = dc.mutable_data_ptr<T>();
   const int64_t N = d.N, C = d.C, gs = C * N;
+  if (lay.nhwc) {
+    const Tiles tiles(d);
+    at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<T> scratch(8 * C * kTile);
+      T* da_s = scratch.data() + 4 * C * kTile;
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile, L = std::min(kTile, N - n0);
+        int64_t ld;
+        const T* a = a_tile(rk, pA, lay, d, b, n0, L, scratch.data(), ld);
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const int64_t r = (b * C + ch) * N + n0;
+          rk.backward(a + ch * ld, C * ld, pc + r, pdh + r, pdcn + r, nullptr, nullptr, nullptr, nullptr, kNone,
+                      da_s + ch * ld, pdc + r, L);
+        }
+        flush_dA(rk, da_s, pdA, lay, d, b, n0, L);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, d.B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / C, ch = r % C;
@@ -255,9 +351,11 @@ std::tuple<Tensor, Tensor> cell_backward(const Tensor& A_in, const Tensor& c_in,
   check_like_c(dh_in, d, op, "dh");
   check_like_c(dcn_in, d, op, "dc_new");
   const auto at_ = acc_type(A_in.scalar_type());
-  Tensor A = acc(A_in, at_), c = acc(c_in, at_), dh = acc(dh_in, at_), dcn = acc(dcn_in, at_);
-  Tensor dA = at::empty(A_in.sizes(), A.options()), dc = at::empty(c_in.sizes(), A.options());
-  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_backward", [&] { cell_backward_impl<scalar_t>(A, c, dh, dcn, dA, dc, d); });
+  ALayout lay;
+  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_), dh = acc(dh_in, at_), dcn = acc(dcn_in, at_);
+  Tensor dA = empty_dA(A, lay), dc = at::empty(c_in.sizes(), A.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_backward",
+                             [&] { cell_backward_impl<scalar_t>(A, lay, c, dh, dcn, dA, dc, d); });
   return {dA.to(A_in.scalar_type()), dc.to(c_in.scalar_type())};
 }
 
@@ -278,14 +376,13 @@ struct TileQKV {
 };
 
 template <typename T>
-TileQKV<T> tile_state(const RowKernels<T>& rk, const T* pA, const T* pc, T* ph, T* pcn, int64_t b, int64_t n0,
-                      int64_t L, const Dims& d, int comb, const Proj<T>* proj, T* fq, T* fk, T* q, T* k, T* v,
-                      T* v_out, int64_t ld_vout) {
-  const int64_t C = d.C, N = d.N, gs = C * N;
+TileQKV<T> tile_state(const RowKernels<T>& rk, const T* a, int64_t lda, const T* pc, T* ph, T* pcn, int64_t b,
+                      int64_t n0, int64_t L, const Dims& d, int comb, const Proj<T>* proj, T* fq, T* fk, T* q, T* k,
+                      T* v, T* v_out, int64_t ld_vout) {
+  const int64_t C = d.C, N = d.N;
   for (int64_t ch = 0; ch < C; ++ch) {
     const int64_t r = (b * C + ch) * N + n0;
-    rk.attention_state(pA + b * 4 * gs + ch * N + n0, gs, pc + r, ph + r, pcn + r, fq + ch * kTile, fk + ch * kTile,
-                       comb, L);
+    rk.attention_state(a + ch * lda, C * lda, pc + r, ph + r, pcn + r, fq + ch * kTile, fk + ch * kTile, comb, L);
   }
   const T* H = ph + b * C * N + n0;  // (C x L), ld N
   if (proj == nullptr) return {fq, fk, H, kTile, kTile, N};
@@ -320,8 +417,8 @@ void softmax_rows(const T* S, T* P, int64_t C, T scale) {
 }
 
 template <typename T>
-void attention_forward_impl(const Tensor& A, const Tensor& c, const Proj<T>* proj, T scale, int comb, Tensor& out,
-                            Tensor& h, Tensor& cn, Tensor& P, const Dims& d) {
+void attention_forward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, const Proj<T>* proj, T scale, int comb,
+                            Tensor& out, Tensor& h, Tensor& cn, Tensor& P, const Dims& d) {
   const auto& rk = row_kernels<T>();
   const int64_t C = d.C, N = d.N;
   const Tiles tiles(d);
@@ -336,15 +433,19 @@ void attention_forward_impl(const Tensor& A, const Tensor& c, const Proj<T>* pro
 
   // Pass 1: cell + QKV per tile, S partial = Q K^T.
   at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    Tensor buf = at::empty({(proj ? 4 : 2) * slot}, A.options());
+    Tensor buf = at::empty({((proj ? 4 : 2) + (lay.nhwc ? 4 : 0)) * slot}, A.options());
     T* fq = buf.mutable_data_ptr<T>();
     T* fk = fq + slot;
     T* q = proj ? fk + slot : nullptr;
     T* k = proj ? q + slot : nullptr;
+    T* a_s = fq + (proj ? 4 : 2) * slot;  // NHWC A tile (4C x kTile)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
-      TileQKV<T> t = tile_state(rk, pA, pc, ph, pcn, b, n0, L, d, comb, proj, fq, fk, q, k, static_cast<T*>(nullptr), pV ? pV + b * C * N + n0 : nullptr, N);
+      int64_t lda;
+      const T* a = a_tile(rk, pA, lay, d, b, n0, L, a_s, lda);
+      TileQKV<T> t = tile_state(rk, a, lda, pc, ph, pcn, b, n0, L, d, comb, proj, fq, fk, q, k, static_cast<T*>(nullptr),
+                                pV ? pV + b * C * N + n0 : nullptr, N);
       gemm_rm<T>(false, true, C, C, L, T(1), t.Q, t.ldq, t.K, t.ldk, T(0), pS + it * C * C, C);
     }
   });
@@ -392,25 +493,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_forward(const Tensor& A_in,
   const bool has_proj = check_projections(wq, bq, wk, bk, wv, bv, d.C, op);
   const int comb = parse_combination(std::string(combination), has_proj, op);
   const auto at_ = acc_type(A_in.scalar_type());
-  Tensor A = acc(A_in, at_), c = acc(c_in, at_);
+  ALayout lay;
+  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_);
   std::vector<Tensor> p = has_proj ? acc_projections(wq, bq, wk, bk, wv, bv, at_) : std::vector<Tensor>{};
   Tensor out = at::empty(c_in.sizes(), A.options()), h = at::empty(c_in.sizes(), A.options()),
          cn = at::empty(c_in.sizes(), A.options()), P = at::empty({d.B, d.C, d.C}, A.options());
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm attention_forward", [&] {
     Proj<scalar_t> pr;
     if (has_proj) pr = proj_ptrs<scalar_t>(p);
-    attention_forward_impl<scalar_t>(A, c, has_proj ? &pr : nullptr, static_cast<scalar_t>(scale), comb, out, h, cn, P, d);
+    attention_forward_impl<scalar_t>(A, lay, c, has_proj ? &pr : nullptr, static_cast<scalar_t>(scale), comb, out, h, cn,
+                                     P, d);
   });
   const auto dt = A_in.scalar_type();
   return {out.to(dt), h.to(dt), cn.to(dt), P};
 }
 
 template <typename T>
-void attention_backward_impl(const Tensor& A, const Tensor& c, const Proj<T>* proj, const Tensor& P, const Tensor& dout,
+void attention_backward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, const Proj<T>* proj, const Tensor& P,
+                             const Tensor& dout,
                              const Tensor& dh, const Tensor& dcn, T scale, int comb, Tensor& dA, Tensor& dc,
                              Tensor& dproj_flat, const Dims& d) {
   const auto& rk = row_kernels<T>();
-  const int64_t C = d.C, N = d.N, gs = C * N;
+  const int64_t C = d.C, N = d.N;
   const Tiles tiles(d);
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>(), *pP = P.const_data_ptr<T>();
   const T *pdO = dout.const_data_ptr<T>(), *pdh = dh.const_data_ptr<T>(), *pdcn = dcn.const_data_ptr<T>();
@@ -422,16 +526,19 @@ void attention_backward_impl(const Tensor& A, const Tensor& c, const Proj<T>* pr
   Tensor dPpart = at::empty({tiles.count, C, C}, A.options());
   T* pdPp = dPpart.mutable_data_ptr<T>();
   at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    Tensor buf = at::empty({(proj ? 3 : 2) * slot}, A.options());
+    Tensor buf = at::empty({((proj ? 3 : 2) + (lay.nhwc ? 4 : 0)) * slot}, A.options());
     T* hb = buf.mutable_data_ptr<T>();
     T* cnb = hb + slot;
     T* vb = proj ? cnb + slot : nullptr;
+    T* a_s = hb + (proj ? 3 : 2) * slot;
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
+      int64_t lda;
+      const T* a = a_tile(rk, pA, lay, d, b, n0, L, a_s, lda);
       for (int64_t ch = 0; ch < C; ++ch)
-        rk.attention_state(pA + b * 4 * gs + ch * N + n0, gs, pc + (b * C + ch) * N + n0, hb + ch * kTile,
-                           cnb + ch * kTile, nullptr, nullptr, kNone, L);
+        rk.attention_state(a + ch * lda, C * lda, pc + (b * C + ch) * N + n0, hb + ch * kTile, cnb + ch * kTile, nullptr,
+                           nullptr, kNone, L);
       const T* V = hb;
       if (proj) {
         project(proj->wv, proj->bv, hb, kTile, vb, kTile, C, L);
@@ -457,7 +564,7 @@ void attention_backward_impl(const Tensor& A, const Tensor& c, const Proj<T>* pr
   Tensor dpp = proj ? at::empty({tiles.count, pstride}, A.options()) : Tensor();
   T* pdpp = proj ? dpp.mutable_data_ptr<T>() : nullptr;
   at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    const int nslots = proj ? 14 : 7;
+    const int nslots = (proj ? 14 : 7) + (lay.nhwc ? 8 : 0);
     Tensor buf = at::empty({nslots * slot}, A.options());
     T* s0 = buf.mutable_data_ptr<T>();
     auto S = [&](int k) { return s0 + k * slot; };
@@ -466,14 +573,18 @@ void attention_backward_impl(const Tensor& A, const Tensor& c, const Proj<T>* pr
     if (proj) {
       q = S(7); k = S(8); v = S(9); dfq = S(10); dfk = S(11); dfv = S(12); dhx = S(13);
     }
+    T* a_s = S(proj ? 14 : 7);  // NHWC: A tile and dA tile (4C x kTile each)
+    T* da_s = a_s + 4 * slot;
     // Raw projections kept beside Q, K, V (q, k, v are overwritten by Q, K, V for "none").
     Tensor raw = proj && comb != kNone ? at::empty({3 * slot}, A.options()) : Tensor();
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
+      int64_t lda;
+      const T* a = a_tile(rk, pA, lay, d, b, n0, L, a_s, lda);
       for (int64_t ch = 0; ch < C; ++ch)
-        rk.attention_state(pA + b * 4 * gs + ch * N + n0, gs, pc + (b * C + ch) * N + n0, hb + ch * kTile,
-                           cnb + ch * kTile, fq + ch * kTile, fk + ch * kTile, comb, L);
+        rk.attention_state(a + ch * lda, C * lda, pc + (b * C + ch) * N + n0, hb + ch * kTile, cnb + ch * kTile,
+                           fq + ch * kTile, fk + ch * kTile, comb, L);
       const T *Q = fq, *K = fk;
       T *rq = nullptr, *rk_ = nullptr, *rv = nullptr;
       if (proj) {
@@ -536,12 +647,14 @@ void attention_backward_impl(const Tensor& A, const Tensor& c, const Proj<T>* pr
         dh_extra = dhx;
       }
       // Final pointwise pass, row by row (buffers have ld kTile, the tensors ld N).
+      T* da = dA_tile(pdA, lay, d, b, n0, da_s);
       for (int64_t ch = 0; ch < C; ++ch) {
         const int64_t r = (b * C + ch) * N + n0, o = ch * kTile;
-        const int64_t ao = b * 4 * gs + ch * N + n0;
-        rk.backward(pA + ao, gs, pc + r, pdh + r, pdcn + r, dh_extra ? dh_extra + o : nullptr, gq ? gq + o : nullptr,
-                    gk ? gk + o : nullptr, gv ? gv + o : nullptr, gq ? comb : kNone, pdA + ao, pdc + r, L);
+        rk.backward(a + ch * lda, C * lda, pc + r, pdh + r, pdcn + r, dh_extra ? dh_extra + o : nullptr,
+                    gq ? gq + o : nullptr, gk ? gk + o : nullptr, gv ? gv + o : nullptr, gq ? comb : kNone,
+                    da + ch * lda, pdc + r, L);
       }
+      flush_dA(rk, da_s, pdA, lay, d, b, n0, L);
     }
   });
   if (proj) ordered_sum(pdpp, 1, tiles.count, pstride, dproj_flat.mutable_data_ptr<T>());
@@ -562,15 +675,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> atten
   TORCH_CHECK(P_in.dim() == 3 && P_in.size(0) == d.B && P_in.size(1) == d.C && P_in.size(2) == d.C, op,
               ": P must be (B, C, C) = (", d.B, ", ", d.C, ", ", d.C, "), got ", P_in.sizes());
   const auto at_ = acc_type(A_in.scalar_type());
-  Tensor A = acc(A_in, at_), c = acc(c_in, at_), P = acc(P_in, at_), dout = acc(dout_in, at_), dh = acc(dh_in, at_),
-         dcn = acc(dcn_in, at_);
+  ALayout lay;
+  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_), P = acc(P_in, at_), dout = acc(dout_in, at_),
+         dh = acc(dh_in, at_), dcn = acc(dcn_in, at_);
   std::vector<Tensor> p = has_proj ? acc_projections(wq, bq, wk, bk, wv, bv, at_) : std::vector<Tensor>{};
-  Tensor dA = at::empty(A_in.sizes(), A.options()), dc = at::empty(c_in.sizes(), A.options());
+  Tensor dA = empty_dA(A, lay), dc = at::empty(c_in.sizes(), A.options());
   Tensor dproj = at::empty({has_proj ? 3 * (d.C * d.C + d.C) : 0}, A.options());
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm attention_backward", [&] {
     Proj<scalar_t> pr;
     if (has_proj) pr = proj_ptrs<scalar_t>(p);
-    attention_backward_impl<scalar_t>(A, c, has_proj ? &pr : nullptr, P, dout, dh, dcn, static_cast<scalar_t>(scale),
+    attention_backward_impl<scalar_t>(A, lay, c, has_proj ? &pr : nullptr, P, dout, dh, dcn, static_cast<scalar_t>(scale),
                                       comb, dA, dc, dproj, d);
   });
   Tensor g[6];

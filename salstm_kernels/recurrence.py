@@ -18,7 +18,11 @@ in ``x``'s dtype (or the given state's) and the cell runs in ``promote_types(sta
 autocast that is just the common dtype.  Under ``torch.autocast`` the convs run in the low
 precision, but ``A`` is widened to the state dtype before the cell, so ``h, c`` stay float32 for
 float32 inputs -- the cell state is a running sum over time steps and keeps its precision.
-Any memory layout (sliced, ``channels_last``, expanded) is accepted; the ops get contiguous NCHW.
+Any memory layout (sliced, ``channels_last``, expanded) is accepted.  **Conv layout:** with the
+``cpp`` backend on CPU the convs run channels_last (oneDNN's NHWC kernels are faster than its NCHW
+ones; 56x56, fwd, one thread: 85.8 -> 80.5 ms per module call) and the C++ ops read that ``A``
+directly (an in-cache transpose per pixel tile) and write ``dA`` channels_last, so no layout copy is
+made either way; the other providers get contiguous NCHW ``A``.
 """
 from __future__ import annotations
 
@@ -51,24 +55,36 @@ def split_conv_recurrence(
     states: List[State] = []
     last = None
     n_layers = len(convs)
+    cl = _channels_last_convs(x, backend)
+    fmt = torch.channels_last if cl else torch.contiguous_format
     for layer, conv in enumerate(convs):
         weight, bias = conv.weight, conv.bias
         C = weight.shape[0] // 4
         cin = weight.shape[1] - C
         pad = conv.padding
-        w_x, w_h = weight[:, :cin], weight[:, cin:]
-        A_in = F.conv2d(seq.reshape(B * T, cin, H, W), w_x, bias, padding=pad).reshape(B, T, 4 * C, H, W)
+        # Contiguous halves (oneDNN runs strided weight views ~10% slower); one split, so the
+        # backward is one cat into the single parameter's gradient.
+        w_x, w_h = (w.contiguous(memory_format=fmt) for w in torch.split(weight, [cin, C], dim=1))
+        # Time-major batch (T * B images): each step's slice of the input conv is then one
+        # contiguous block, and the backward joins the steps' dA with one cat in that layout.
+        if cl:
+            seq_in = seq.permute(1, 0, 3, 4, 2).reshape(T * B, H, W, cin).permute(0, 3, 1, 2)
+        else:
+            seq_in = seq.transpose(0, 1).reshape(T * B, cin, H, W)
+        A_in = F.conv2d(seq_in, w_x, bias, padding=pad).split(B, dim=0)
         if state is not None:
             h, c = state[layer]
         else:
             h, c = None, x.new_zeros(B, C, H, W)  # x's dtype, as reference.zero_state
         outputs = []
         for t in range(T):
-            A = A_in[:, t]
+            A = A_in[t]
             if h is not None:
-                A = A + F.conv2d(h.to(A.dtype), w_h, None, padding=pad)
+                A = A + F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad)
+            if not cl:
+                A = A.contiguous()
             if stop_before_last and layer == n_layers - 1 and t == T - 1:
-                last = (A.contiguous(), c.contiguous())  # the caller widens A (see module docstring)
+                last = (A, c.contiguous())  # the caller widens A (see module docstring)
                 break
             A, c = _widen(A, c)
             h, c = ops.lstm_cell(A, c, backend)
@@ -79,7 +95,28 @@ def split_conv_recurrence(
     return states, last
 
 
+def _channels_last_convs(x: Tensor, backend: str) -> bool:
+    """channels_last convs for the ``cpp`` backend on CPU.
+
+    oneDNN's NHWC convolutions are faster than its NCHW ones here, and the C++ kernels read
+    their channels_last output (``A``, any batch stride) directly, writing ``dA`` in the same
+    layout, so no layout copy is made in either direction.  The other providers get NCHW.
+    """
+    return backend == "cpp" and x.device.type == "cpu"
+
+
 def _widen(A: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
     """``A`` and ``c`` in their common (state) dtype, contiguous NCHW, as the fused ops want them."""
     dtype = torch.promote_types(A.dtype, c.dtype)
-    return A.to(dtype).contiguous(), c.to(dtype).contiguous()
+    A = A.to(dtype)
+    if not _nhwc_images(A):
+        A = A.contiguous()
+    return A, c.to(dtype).contiguous()
+
+
+def _nhwc_images(A: Tensor) -> bool:
+    """``A`` is channels_last per image (any batch stride): the C++ kernels read it as is.
+    Only the ``cpp`` path produces such an ``A`` (see :func:`_channels_last_convs`)."""
+    _, C4, H, W = A.shape
+    return (not A.is_contiguous() and A.stride(1) == 1 and (W == 1 or A.stride(3) == C4)
+            and (H == 1 or A.stride(2) == W * C4))

@@ -105,6 +105,38 @@ def test_provider_accepts_non_contiguous_inputs():
         assert_close(a, b, dtype, backward=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 8, 7, 9), (3, 24, 19, 17), (2, 8, 1, 9), (2, 8, 9, 1)])
+def test_channels_last_A_read_in_place_bitwise(shape, dtype):
+    """``A`` channels_last per image (a step's slice of a time-major channels_last conv output: any
+    batch stride) is read without a copy and gives bitwise the NCHW results; ``dA`` comes back
+    channels_last (as the fake kernels' ``empty_like(A)``)."""
+    B, C, H, W = shape
+    A, c, g = _inputs(B, C, H, W, dtype, seed=3)
+    A_steps = torch.cat([A, A.flip(0)]).contiguous(memory_format=torch.channels_last).split(B)
+    big = torch.cat([A.flip(0), A], 0).contiguous(memory_format=torch.channels_last)
+    strided = big.view(2, B, 4 * C, H, W).transpose(0, 1)[:, 1]  # batch stride 2 * 4C * N
+    for a_cl in (A_steps[0], strided):
+        assert torch.equal(a_cl, A) and not a_cl.is_contiguous()
+        dh, dcn, dout = (_randn(c.shape, dtype, g) for _ in range(3))
+        for x, y in zip(ck.cell_forward(a_cl, c), ck.cell_forward(A, c)):
+            assert torch.equal(x, y)
+        dA_cl, dc_cl = ck.cell_backward(a_cl, c, dh, dcn)
+        dA, dc = ck.cell_backward(A, c, dh, dcn)
+        assert torch.equal(dA_cl, dA) and torch.equal(dc_cl, dc)
+        assert dA_cl.stride() == torch.empty_like(a_cl).stride()
+        for proj in (None, _proj(C, dtype, g)):
+            for comb in ("linear", "nonlinear") + (("none",) if proj else ()):
+                f_cl, f = ck.attention_forward(a_cl, c, proj, 0.3, comb), ck.attention_forward(A, c, proj, 0.3, comb)
+                for x, y in zip(f_cl, f):
+                    assert torch.equal(x, y)
+                b_cl = ck.attention_backward(a_cl, c, proj, f[3], dout, dh, dcn, 0.3, comb)
+                b = ck.attention_backward(A, c, proj, f[3], dout, dh, dcn, 0.3, comb)
+                assert b_cl[0].stride() == torch.empty_like(a_cl).stride()
+                for x, y in zip(b_cl[:2] + (b_cl[2] or ()), b[:2] + (b[2] or ())):
+                    assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_computed_in_float32(dtype):
     A, c, g = _inputs(2, 8, 7, 9, dtype, seed=4)
@@ -357,6 +389,14 @@ def test_portable_row_kernel_builds_match_reference(capability):
                 rb = rk.attention_backward(A, c, proj, r[3], *d, 0.3, comb)
                 for a, b in zip(gb[:2] + gb[2], rb[:2] + rb[2]):
                     assert_close(a, b, dt, backward=True)
+                A_cl = A.contiguous(memory_format=torch.channels_last)
+                for a, b in zip(ck.attention_forward(A_cl, c, proj, 0.3, comb), f):
+                    assert torch.equal(a, b)
+                gb_cl = ck.attention_backward(A_cl, c, proj, r[3], *d, 0.3, comb)
+                for a, b in zip(gb_cl[:2] + gb_cl[2], gb[:2] + gb[2]):
+                    assert torch.equal(a, b)
+                for a, b in zip(ck.cell_backward(A_cl, c, d[0], d[1]), ck.cell_backward(A, c, d[0], d[1])):
+                    assert torch.equal(a, b)
         print("CAP", cap)
         """
     )
