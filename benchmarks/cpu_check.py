@@ -1,6 +1,6 @@
 """Issue-4 CPU check: backend "cpp" vs the eager reference, in one run.
 
-    python benchmarks/cpu_check.py [--sizes 56 112] [--min-run-time 1.0] [--no-memory]
+    python benchmarks/cpu_check.py [--sizes 56 112] [--min-run-time 1.0] [--no-memory] [--threads N]
 
 Module targets (B=2, Cin=C=64, T=2, k=5, fp32): SA-LSTM and LSTM-SA with backend="cpp" at least
 1.35x faster forward and 1.3x forward+backward than backend="reference"; the fused non-conv ops
@@ -32,8 +32,12 @@ B, CIN, C, T, K = 2, 64, 64, 2, 5
 MODULES = {"SA-LSTM": sk.SALSTM2d, "LSTM-SA": sk.LSTMSA2d}
 
 
+THREADS = [torch.get_num_threads()]  # set by --threads; torch.utils.benchmark.Timer defaults to 1
+
+
 def _time(stmt, glob, min_run_time):
-    return benchmark.Timer(stmt, globals=glob).blocked_autorange(min_run_time=min_run_time).median
+    timer = benchmark.Timer(stmt, globals=glob, num_threads=THREADS[0])
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def _module(name, backend, size):
@@ -162,7 +166,11 @@ def main():
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--skip-modules", action="store_true")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="threads the timed statements run with (default: torch.get_num_threads(); "
+                         "torch.utils.benchmark.Timer alone would use 1)")
     args = ap.parse_args()
+    THREADS[0] = args.threads
     from salstm_kernels import cpp_extension
 
     ok, why = cpp_extension.status()
@@ -170,7 +178,7 @@ def main():
         sys.exit(f"the C++ extension is not available: {why}")
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"device: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"timed with {THREADS[0]} thread(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"cpp row kernels: {torch.ops.salstm_kernels_cpp.cpu_capability()}; load average {os.getloadavg()[0]:.1f} "
           "(other processes share these cores: ratios are measured back to back in one run)")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}")
