@@ -145,13 +145,19 @@ print(json.dumps({{"peak_mb": (hwm - base) / 1024}}))
 """
 
 
+# glibc serves every allocation >= 64 KiB by mmap and returns it to the OS on free (no dynamic
+# threshold, no trim slack), so the RSS high-water mark follows the live tensors instead of what
+# malloc happened to keep cached (without this, repeated runs of one case differ by up to 30%).
+MEMORY_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+
+
 def memory_rows(size):
     rows = []
     for name in MODULES:
         peak = {}
         for backend in ("reference", "cpp"):
             code = MEMORY_CHILD.format(root=ROOT, name=name, backend=backend, size=size)
-            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=MEMORY_ENV)
             if r.returncode != 0:
                 raise RuntimeError(r.stderr[-2000:])
             peak[backend] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
