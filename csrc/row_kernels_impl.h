@@ -13,7 +13,7 @@ using at::vec::Vectorized;
 namespace {
 
 template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
+C10_ALWAYS_INLINE Vectorized<T> sigmoid(const Vectorized<T>& x) {
   const Vectorized<T> one(T(1));
   // exp_u20: ATen's inline polynomial exp (<= 2 ulp; no SLEEF call); double falls back to exp.
   return one / (one + x.neg().exp_u20());
@@ -30,7 +30,7 @@ inline Vectorized<T> tanh_(const Vectorized<T>& x) {
 }
 
 template <>
-inline Vectorized<float> tanh_(const Vectorized<float>& x) {
+C10_ALWAYS_INLINE Vectorized<float> tanh_(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   const V one(1.f);
   const V ax = at::vec::minimum(x.abs(), V(9.f));
@@ -54,7 +54,7 @@ struct State {
 };
 
 template <typename T>
-inline State<T> load_state(const T* A, int64_t gs, const T* c, int64_t j, int64_t n) {
+C10_ALWAYS_INLINE State<T> load_state(const T* A, int64_t gs, const T* c, int64_t j, int64_t n) {
   using V = Vectorized<T>;
   State<T> s;
   s.i = sigmoid(V::loadu(A + j, n));
