@@ -83,9 +83,12 @@ setup(
     packages=find_packages(include=["salstm_kernels", "salstm_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
+    entry_points={"console_scripts": ["salstm-kernels = salstm_kernels.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "numpy"],
         "triton": ["triton>=3.0"],
+        "bench": ["matplotlib", "tqdm"],
+        "examples": ["monai>=1.3", "matplotlib", "tqdm", "scipy"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
