@@ -31,7 +31,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lstm_cell import load_lstm_inputs, lstm_state, lstm_state_grads, qkv_factor_grads, store_lstm_grads
+from .lstm_cell import (
+    load_lstm_inputs, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads, store_lstm_grads,
+)
 
 
 @triton.jit
@@ -83,17 +85,6 @@ def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
 
 
 @triton.jit
-def _factors(f, g, c_new, h, COMB: tl.constexpr):
-    if COMB == 0:
-        fq = (f + c_new) * 0.5
-        fk = (g + h) * 0.5
-    else:
-        fq = tl.maximum(f * c_new, 0.0)
-        fk = tl.maximum(g * h, 0.0)
-    return fq, fk
-
-
-@triton.jit
 def qkv_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, C, N,
@@ -115,7 +106,7 @@ def qkv_rows_kernel(
         tl.store(cn_ptr + c_offs, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
     if GATED:
         if COMB != 2:
-            fq, fk = _factors(f, g, c_new, h, COMB)
+            fq, fk = qk_factors(f, g, c_new, h, COMB)
             q = fq * pq
             k = fk * pk
             v = h * pv
@@ -125,7 +116,7 @@ def qkv_rows_kernel(
             v = pv
         tl.store(v_ptr + c_offs, v, mask=mask)
     else:
-        q, k = _factors(f, g, c_new, h, COMB)
+        q, k = qk_factors(f, g, c_new, h, COMB)
     tl.store(q_ptr + c_offs, q, mask=mask)
     tl.store(k_ptr + c_offs, k, mask=mask)
 
@@ -194,7 +185,7 @@ def proj_grad_rows_kernel(
                                   BC, BN, PREC)
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, C * N, mask)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
-        fq, fk = _factors(f, g, c_new, h, COMB)
+        fq, fk = qk_factors(f, g, c_new, h, COMB)
         dQ = tl.load(dqa_ptr + c_offs, mask=mask, other=0.0)
         tl.store(dqa_ptr + c_offs, dQ * pq, mask=mask)
         tl.store(dq_ptr + c_offs, dQ * fq, mask=mask)

@@ -51,7 +51,7 @@ import triton.language as tl
 from . import attention_blocked as blocked
 from .lstm_cell import (
     cell_forward_into, check_cell_shapes, check_dtypes, load_lstm_inputs, lstm_state, lstm_state_grads,
-    qkv_factor_grads, store_lstm_grads,
+    qk_factors, qkv_factor_grads, store_lstm_grads,
 )
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
@@ -110,18 +110,6 @@ def _project(w, bias, h, PREC: tl.constexpr):
     return tl.dot(w, h, input_precision=PREC) + bias[:, None]
 
 
-@triton.jit
-def _qk_factors(f, g, c_new, h, COMB: tl.constexpr):
-    """LSTM-state factors of paper eq. 4 for Q and K (combination "none" never calls this)."""
-    if COMB == 0:
-        fq = (f + c_new) * 0.5
-        fk = (g + h) * 0.5
-    else:
-        fq = tl.maximum(f * c_new, 0.0)
-        fk = tl.maximum(g * h, 0.0)
-    return fq, fk
-
-
 # --------------------------------------------------------------------------------------------
 # Forward kernels
 # --------------------------------------------------------------------------------------------
@@ -152,7 +140,7 @@ def _cell_qk_scores_kernel(
         tl.store(cn_ptr + c_offs, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
         h = tl.where(mask, h, 0.0)
         if COMB != 2:
-            q, k = _qk_factors(f, g, c_new, h, COMB)
+            q, k = qk_factors(f, g, c_new, h, COMB)
             if GATED:
                 q = q * _project(wq, bq, h, PREC)
                 k = k * _project(wk, bk, h, PREC)
@@ -263,7 +251,7 @@ def _attention_bwd_kernel(
         h = tl.where(mask, h, 0.0)
         # ---- Q, K, V as in the forward
         if COMB != 2:
-            fq, fk = _qk_factors(f, g, c_new, h, COMB)
+            fq, fk = qk_factors(f, g, c_new, h, COMB)
         if GATED:
             pq = tl.where(mask, _project(wq, bq, h, PREC), 0.0)
             pk = tl.where(mask, _project(wk, bk, h, PREC), 0.0)

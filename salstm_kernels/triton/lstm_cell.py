@@ -65,6 +65,18 @@ def lstm_state_grads(i, f, o, g, c, tc, dh, dc_new, df, dg):
 
 
 @triton.jit
+def qk_factors(f, g, c_new, h, COMB: tl.constexpr):
+    """LSTM-state factors of paper eq. 4 for Q and K (``COMB`` 0 linear, 1 nonlinear)."""
+    if COMB == 0:
+        fq = (f + c_new) * 0.5
+        fk = (g + h) * 0.5
+    else:
+        fq = tl.maximum(f * c_new, 0.0)
+        fk = tl.maximum(g * h, 0.0)
+    return fq, fk
+
+
+@triton.jit
 def qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh, dc_new, COMB: tl.constexpr):
     """Chain rule through the QKV factors of paper eq. 4 (``COMB`` 0 linear, 1 nonlinear).
 
