@@ -12,17 +12,13 @@ using at::vec::Vectorized;
 
 namespace {
 
-template <typename T>
-C10_ALWAYS_INLINE Vectorized<T> sigmoid(const Vectorized<T>& x) {
-  const Vectorized<T> one(T(1));
-  // exp_u20: ATen's inline polynomial exp (<= 2 ulp; no SLEEF call); double falls back to exp.
-  return one / (one + x.neg().exp_u20());
-}
-
-// tanh.  float: no SLEEF call (Sleef_tanhf16_u10 was ~60% of the cell kernel's time, perf):
-//   |x| <  0.4: odd Taylor series to x^13 (truncation < 5e-9 relative);
-//   |x| >= 0.4: (1 - e) / (1 + e), e = exp_u20(-2|x|) (1 - e >= 0.55: no cancellation),
-//   |x| clamped at 9 (tanh(9) rounds to 1 in float), the sign restored last; NaN propagates.
+// tanh.  float: one clamped odd rational, no exp (the five exp_u20 + division activations per
+// element made the row kernels compute-bound):
+//   tanh(x) ~= x P(x^2) / Q(x^2),  P degree 6 (x^13), Q degree 3 (x^6), |x| clamped at 9
+//   (tanh(9) rounds to 1 in float); coefficients fitted here (linearized minimax of the relative
+//   error on [1e-4, 9], then rounded to float); Horner with FMAs and one division.
+//   Max abs error vs float64 over [-20, 20] (4M points, measured through cell_forward): 3.5e-7; odd by construction (the sign
+//   stays on x); NaN propagates through the clamp; |x| >= 9 (and +-inf) give exactly +-1.
 // double keeps ATen's tanh (float64 is the gradcheck / accuracy path).
 template <typename T>
 inline Vectorized<T> tanh_(const Vectorized<T>& x) {
@@ -32,20 +28,28 @@ inline Vectorized<T> tanh_(const Vectorized<T>& x) {
 template <>
 C10_ALWAYS_INLINE Vectorized<float> tanh_(const Vectorized<float>& x) {
   using V = Vectorized<float>;
-  const V one(1.f);
-  const V ax = at::vec::minimum(x.abs(), V(9.f));
-  const V e = (ax * V(-2.f)).exp_u20();
-  const V large = (one - e) / (one + e);
-  const V x2 = ax * ax;
-  V p(3.5921280e-3f);                            // 21844 / 6081075
-  p = at::vec::fmadd(p, x2, V(-8.8632355e-3f));  // -1382 / 155925
-  p = at::vec::fmadd(p, x2, V(2.1869488e-2f));   // 62 / 2835
-  p = at::vec::fmadd(p, x2, V(-5.3968254e-2f));  // -17 / 315
-  p = at::vec::fmadd(p, x2, V(1.3333333e-1f));   // 2 / 15
-  p = at::vec::fmadd(p, x2, V(-3.3333333e-1f));  // -1 / 3
-  p = at::vec::fmadd(p, x2, one);
-  const V r = V::blendv(large, ax * p, ax < V(0.4f));
-  return V::blendv(r, r.neg(), x < V(0.f));
+  const V xc = at::vec::clamp(x, V(-9.f), V(9.f));
+  const V s = xc * xc;
+  V p(-6.233286321e-14f);
+  p = at::vec::fmadd(p, s, V(4.281489746e-11f));
+  p = at::vec::fmadd(p, s, V(-1.788570891e-08f));
+  p = at::vec::fmadd(p, s, V(1.051409981e-05f));
+  p = at::vec::fmadd(p, s, V(3.038408468e-03f));
+  p = at::vec::fmadd(p, s, V(1.302379072e-01f));
+  p = at::vec::fmadd(p, s, V(9.999998212e-01f));
+  V q(2.453407797e-04f);
+  q = at::vec::fmadd(q, s, V(2.422946878e-02f));
+  q = at::vec::fmadd(q, s, V(4.635702968e-01f));
+  q = at::vec::fmadd(q, s, V(1.f));
+  // |x| >= 9: exactly +-1 (the rational gives 1 - 1.8e-7 there), so sigmoid saturates to 0 / 1.
+  return V::blendv((xc * p) / q, at::vec::clamp(x, V(-1.f), V(1.f)), x.abs() >= V(9.f));
+}
+
+// sigmoid(x) = 0.5 tanh(0.5 x) + 0.5 (float: the rational tanh above; abs error <= ~1.5e-7).
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> sigmoid(const Vectorized<T>& x) {
+  const Vectorized<T> half(T(0.5));
+  return at::vec::fmadd(tanh_(x * half), half, half);
 }
 
 template <typename T>
