@@ -326,6 +326,17 @@ def _module_step(m, x, gy):
     return step
 
 
+def _time_and_peak(step, device, grads):
+    """Median ms and peak MiB of a training ``step``; ``grads`` are reset to None around each."""
+    ms = bench_ms(step, device, grad_to_none=grads)
+    for p in grads:
+        p.grad = None
+    mem = peak_mib(step, device)
+    for p in grads:
+        p.grad = None
+    return ms, mem
+
+
 def bench_modules(table: Table, device, dtype, B, C, T, k, H, W, budget_s, compile_backend, compile_jobs):
     """eager / triton rows now; the torch.compile rows are queued (run last, within the budget)."""
     for label, factory in (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d)):
@@ -342,13 +353,7 @@ def bench_modules(table: Table, device, dtype, B, C, T, k, H, W, budget_s, compi
                 step = _module_step(m, x, gy)
                 step()
                 sync(device)
-                grads = [x, *m.parameters()]
-                ms = bench_ms(step, device, grad_to_none=grads)
-                for p in grads:
-                    p.grad = None
-                mem = peak_mib(step, device)
-                for p in grads:
-                    p.grad = None
+                ms, mem = _time_and_peak(step, device, [x, *m.parameters()])
                 if impl == "eager":
                     eager = {"ms": ms, "mem": mem}
                 table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}", "vs eager": f"{eager['ms'] / ms:.2f}x",
@@ -372,13 +377,7 @@ def run_compile_jobs(table: Table, device, jobs, budget_s, compile_backend):
             step()  # the second call can recompile (grad mode / guards); keep it out of the timing
             sync(device)
             compile_s = time.perf_counter() - t
-            grads = [x, *m_ref.parameters()]
-            ms = bench_ms(step, device, grad_to_none=grads)
-            for p in grads:
-                p.grad = None
-            mem = peak_mib(step, device)
-            for p in grads:
-                p.grad = None
+            ms, mem = _time_and_peak(step, device, [x, *m_ref.parameters()])
             table.add(case=case, impl="compile", **{"fwd+bwd ms": f"{ms:.3f}",
                       "vs eager": f"{eager['ms'] / ms:.2f}x" if eager.get("ms") else "-",
                       **_mem_cols(mem, eager), "compile s": f"{compile_s:.1f}"})

@@ -12,28 +12,16 @@ import copy
 import pytest
 import torch
 
-from salstm_kernels import ConvLSTM2d, LSTMSA2d, LSTMThenSA2d, SALSTM2d, available_backends
+from bench_common import BACKENDS, DEVICE, synced
+from salstm_kernels import ConvLSTM2d, LSTMSA2d, LSTMThenSA2d, SALSTM2d
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     B, T, CIN, C, H, W, K = 2, 2, 32, 32, 32, 32, 5
 else:
     B, T, CIN, C, H, W, K = 2, 2, 64, 64, 112, 112, 5
 SHAPE = f"B{B} T{T} Cin{CIN} C{C} {H}x{W} k{K}"
-BACKENDS = [b for b in available_backends(DEVICE) if not (DEVICE == "cpu" and b == "triton")]
 DESIGNS = {"LSTM-then-SA": LSTMThenSA2d, "SA-LSTM": SALSTM2d, "LSTM-SA": LSTMSA2d, "ConvLSTM": ConvLSTM2d}
 
-
-def _synced(fn):
-    if DEVICE != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def _setup(benchmark, design, backend, pass_name):
@@ -52,7 +40,7 @@ def _setup(benchmark, design, backend, pass_name):
 def test_module_forward(benchmark, design, backend):
     module, x = _setup(benchmark, design, backend, "forward (no_grad)")
     with torch.no_grad():
-        out = benchmark(_synced(lambda: module(x)))
+        out = benchmark(synced(lambda: module(x)))
     assert out.shape == (B, C, H, W)
 
 
@@ -70,5 +58,5 @@ def test_module_forward_backward(benchmark, design, backend):
         x.grad = None
         module(x).backward(gout)
 
-    benchmark(_synced(step))
+    benchmark(synced(step))
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -9,27 +9,15 @@ which is for correctness only.  Small shapes, so the suite runs in well under a 
 import pytest
 import torch
 
-from salstm_kernels import available_backends, ops
+from bench_common import BACKENDS, DEVICE, synced
+from salstm_kernels import ops
 from salstm_kernels.testing import random_projections
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, C, H, W = (2, 32, 32, 32) if DEVICE == "cpu" else (2, 64, 112, 112)
 SHAPE = f"B{B} C{C} {H}x{W}"
-BACKENDS = [b for b in available_backends(DEVICE) if not (DEVICE == "cpu" and b == "triton")]
 #: attention variants: SA-LSTM (no projections), LSTM-SA (gated projections), separated LSTM-then-SA
 VARIANTS = {"sa-lstm": ("linear", False), "lstm-sa": ("linear", True), "lstm-then-sa": ("none", True)}
 
-
-def _synced(fn):
-    if DEVICE != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return run
 
 
 def _inputs(requires_grad=False):
@@ -49,7 +37,7 @@ def test_lstm_cell_forward(benchmark, backend):
     _label(benchmark, "lstm_cell forward", backend)
     A, c = _inputs()
     with torch.no_grad():
-        h, _ = benchmark(_synced(lambda: ops.lstm_cell(A, c, backend)))
+        h, _ = benchmark(synced(lambda: ops.lstm_cell(A, c, backend)))
     assert h.shape == c.shape
 
 
@@ -64,7 +52,7 @@ def test_lstm_cell_forward_backward(benchmark, backend):
         h, c_new = ops.lstm_cell(A, c, backend)
         torch.autograd.backward([h, c_new], [dh, dc])
 
-    benchmark(_synced(step))
+    benchmark(synced(step))
     assert A.grad is not None and torch.isfinite(A.grad).all()
 
 
@@ -84,7 +72,7 @@ def test_lstm_attention_forward(benchmark, backend, variant):
     A, c, proj, combination = _attention_args(variant, requires_grad=False)
     scale = 1.0 / (H * W) ** 0.5
     with torch.no_grad():
-        out = benchmark(_synced(lambda: ops.lstm_attention(A, c, *proj, scale, combination, backend)))
+        out = benchmark(synced(lambda: ops.lstm_attention(A, c, *proj, scale, combination, backend)))
     assert torch.isfinite(out[0]).all()
 
 
@@ -103,5 +91,5 @@ def test_lstm_attention_forward_backward(benchmark, backend, variant):
         out, _, _, _ = ops.lstm_attention(A, c, *proj, scale, combination, backend)
         out.backward(dout)
 
-    benchmark(_synced(step))
+    benchmark(synced(step))
     assert A.grad is not None and torch.isfinite(A.grad).all()
