@@ -10,21 +10,27 @@ namespace salstm_cpu {
 // QKV formation of paper eq. 4; kNone: projections only (separated baseline).
 enum Combination : int { kLinear = 0, kNonlinear = 1, kNone = 2 };
 
-// All pointers address the first pixel of a run; gate rows of A (i, f, o, g) are `gs` elements
-// apart (gs = C * N for a (B, 4C, N) tensor), as are the rows of dA.
+// Each kernel walks `runs.count` runs of L contiguous elements.  Run r starts r * runs.a elements
+// after the first in A / dA, r * runs.t in c, dh, dc' and dc, r * runs.o in the outputs h', c', and
+// r * runs.buf in the tile buffers (fq, fk, dh_extra, dfq, dfk, dfv).
+// NCHW: a run is one channel's pixels; NHWC (channels_last): a run is one pixel's C channels.
+// Within a run the gate rows of A (i, f, o, g) are `gs` elements apart, as are those of dA.
+struct Runs {
+  int64_t count, a, t, o, buf;
+};
+
 template <typename T>
 struct RowKernels {
   // h' = o * tanh(c'),  c' = f * c + i * g.
-  void (*cell_forward)(const T* A, int64_t gs, const T* c, T* h, T* cn, int64_t L);
+  void (*cell_forward)(const T* A, int64_t gs, const T* c, T* h, T* cn, int64_t L, Runs runs);
   // As cell_forward, plus the LSTM-state QKV factors fq, fk (unused for kNone; may be null then).
-  void (*attention_state)(const T* A, int64_t gs, const T* c, T* h, T* cn, T* fq, T* fk, int comb, int64_t L);
+  void (*attention_state)(const T* A, int64_t gs, const T* c, T* h, T* cn, T* fq, T* fk, int comb, int64_t L,
+                          Runs runs);
   // dA, dc from the gradients on h' and c' (dh, dcn), plus optional extra ones:
   //   dh_extra (added to dh),  dfq / dfk / dfv: gradients on the QKV factors of `comb`
   //   (null when absent).
   void (*backward)(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
-                   const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L);
-  // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N (channels_last <-> NCHW tiles).
-  void (*transpose)(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N);
+                   const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L, Runs runs);
 };
 
 namespace DEFAULT {

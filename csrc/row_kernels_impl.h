@@ -73,39 +73,46 @@ C10_ALWAYS_INLINE State<T> load_state(const T* A, int64_t gs, const T* c, int64_
 }
 
 template <typename T>
-void cell_forward(const T* A, int64_t gs, const T* c, T* h, T* cn, int64_t L) {
+void cell_forward(const T* A, int64_t gs, const T* c, T* h, T* cn, int64_t L, Runs runs) {
   constexpr int64_t W = Vectorized<T>::size();
-  for (int64_t j = 0; j < L; j += W) {
-    const int64_t n = std::min<int64_t>(W, L - j);
-    State<T> s = load_state(A, gs, c, j, n);
-    s.h.store(h + j, n);
-    s.cn.store(cn + j, n);
-  }
-}
-
-template <typename T>
-void attention_state(const T* A, int64_t gs, const T* c, T* h, T* cn, T* fq, T* fk, int comb, int64_t L) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const V half(T(0.5)), zero(T(0));
-  for (int64_t j = 0; j < L; j += W) {
-    const int64_t n = std::min<int64_t>(W, L - j);
-    State<T> s = load_state(A, gs, c, j, n);
-    s.h.store(h + j, n);
-    s.cn.store(cn + j, n);
-    if (comb == kLinear) {
-      ((s.f + s.cn) * half).store(fq + j, n);
-      ((s.g + s.h) * half).store(fk + j, n);
-    } else if (comb == kNonlinear) {
-      at::vec::maximum(s.f * s.cn, zero).store(fq + j, n);
-      at::vec::maximum(s.g * s.h, zero).store(fk + j, n);
+  for (int64_t r = 0; r < runs.count; ++r, A += runs.a, c += runs.t, h += runs.o, cn += runs.o) {
+    for (int64_t j = 0; j < L; j += W) {
+      const int64_t n = std::min<int64_t>(W, L - j);
+      State<T> s = load_state(A, gs, c, j, n);
+      s.h.store(h + j, n);
+      s.cn.store(cn + j, n);
     }
   }
 }
 
 template <typename T>
-void backward(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
-              const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L) {
+void attention_state(const T* A, int64_t gs, const T* c, T* h, T* cn, T* fq, T* fk, int comb, int64_t L,
+                     Runs runs) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V half(T(0.5)), zero(T(0));
+  for (int64_t r = 0; r < runs.count; ++r, A += runs.a, c += runs.t, h += runs.o, cn += runs.o) {
+    T* q = comb == kNone ? nullptr : fq + r * runs.buf;
+    T* k = comb == kNone ? nullptr : fk + r * runs.buf;
+    for (int64_t j = 0; j < L; j += W) {
+      const int64_t n = std::min<int64_t>(W, L - j);
+      State<T> s = load_state(A, gs, c, j, n);
+      s.h.store(h + j, n);
+      s.cn.store(cn + j, n);
+      if (comb == kLinear) {
+        ((s.f + s.cn) * half).store(q + j, n);
+        ((s.g + s.h) * half).store(k + j, n);
+      } else if (comb == kNonlinear) {
+        at::vec::maximum(s.f * s.cn, zero).store(q + j, n);
+        at::vec::maximum(s.g * s.h, zero).store(k + j, n);
+      }
+    }
+  }
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void backward_run(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
+                                    const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V one(T(1)), half(T(0.5)), zero(T(0));
@@ -145,15 +152,12 @@ void backward(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, con
 }
 
 template <typename T>
-void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
-  // ATen's transpose_mxn: 16 x 16 register blocks for float on AVX-512, a plain loop otherwise;
-  // blocked here so the generic loop stays within cache lines of both buffers.
-  constexpr int64_t kB = 16;
-  for (int64_t i = 0; i < M; i += kB) {
-    for (int64_t j = 0; j < N; j += kB) {
-      at::vec::transpose_mxn<T>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst,
-                                static_cast<int>(std::min(kB, M - i)), static_cast<int>(std::min(kB, N - j)));
-    }
+void backward(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
+              const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L, Runs runs) {
+  for (int64_t r = 0; r < runs.count; ++r) {
+    const int64_t a = r * runs.a, t = r * runs.t, u = r * runs.buf;
+    backward_run(A + a, gs, c + t, dh + t, dcn + t, dh_extra ? dh_extra + u : nullptr, dfq ? dfq + u : nullptr,
+                 dfk ? dfk + u : nullptr, dfv ? dfv + u : nullptr, comb, dA + a, dc + t, L);
   }
 }
 
@@ -161,7 +165,7 @@ void transpose(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, 
 
 template <typename T>
 RowKernels<T> row_kernels() {
-  return RowKernels<T>{&cell_forward<T>, &attention_state<T>, &backward<T>, &transpose<T>};
+  return RowKernels<T>{&cell_forward<T>, &attention_state<T>, &backward<T>};
 }
 template RowKernels<float> row_kernels<float>();
 template RowKernels<double> row_kernels<double>();

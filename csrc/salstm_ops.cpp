@@ -3,8 +3,8 @@
 //
 // Layout: A (B, 4C, N) with gate rows i, f, o, g; c, h', c', out (B, C, N); N = H * W.
 // A may also be channels_last per image (what a channels_last conv writes: the 4C gate values of a
-// pixel contiguous, any batch stride); it is then read tile by tile through an in-cache transpose
-// instead of being copied to NCHW first, and dA is written in the same channels_last layout.
+// pixel contiguous, any batch stride); then every tensor of the call is channels_last and the
+// kernels walk pixel-major runs (see Geo), so nothing is copied or transposed.
 // Work is split into fixed pixel tiles (kTile) per image, so every reduction (S = Q K^T,
 // dP = dO V^T, projection gradients) is a sum of per-tile partials added in tile order:
 // the bits do not depend on the thread count.  The small C x C products go through ATen's BLAS
@@ -64,37 +64,58 @@ void check_like_c(const Tensor& t, const Dims& d, const char* op, const char* na
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+
 // Contiguous, in the accumulation dtype (no copy when it already is).
 Tensor acc(const Tensor& t, at::ScalarType a) { return t.to(a).contiguous(); }
 
-// Where the gate rows of A live: NCHW-contiguous, or channels_last per image (NHWC).
-struct ALayout {
-  bool nhwc = false;
-  int64_t sB = 0;  // batch stride in elements
+// The working layout of one op call, chosen by A:
+//   NCHW: A contiguous (B, 4C, N); every (B, C, H, W) tensor contiguous NCHW; a run of the row
+//         kernels is one channel's pixels.
+//   NHWC: A channels_last per image (the 4C gate values of a pixel contiguous, any batch stride:
+//         what a channels_last conv writes, or a step's slice of a time-major one); every
+//         (B, C, H, W) tensor channels_last (B, N, C); a run is one pixel's C channels.
+// The (B, C, H, W) outputs and dA are written in that layout, so a channels_last recurrence makes
+// no layout copy in either direction; inputs in the other layout are converted at the boundary.
+struct Geo {
+  bool nhwc;
+  int64_t C, N, sA;  // sA: A's batch stride in elements (dA's is always 4 C N)
+
+  at::MemoryFormat format() const { return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
+  int64_t gs() const { return nhwc ? C : C * N; }  // distance between the gate rows of A / dA
+  int64_t ld_t() const { return nhwc ? C : N; }    // run stride in (B, C, N) tensors
+  int64_t ld_buf() const { return nhwc ? C : kTile; }  // run stride in the tile buffers
+  int64_t ld_a() const { return nhwc ? 4 * C : N; }    // run stride in A and dA
+  // Runs of the tile of L pixels at n0: channels (NCHW) or pixels (NHWC), and their length.
+  Runs runs(int64_t L) const { return {nhwc ? L : C, ld_a(), ld_t(), ld_t(), ld_buf()}; }
+  int64_t run_len(int64_t L) const { return nhwc ? C : L; }
+  // First element of the tile (image b, pixels [n0, n0 + L)) in a (B, C, N) tensor, A, dA.
+  int64_t t0(int64_t b, int64_t n0) const { return nhwc ? (b * N + n0) * C : b * C * N + n0; }
+  int64_t a0(int64_t b, int64_t n0) const { return b * sA + (nhwc ? n0 * 4 * C : n0); }
+  int64_t dA0(int64_t b, int64_t n0) const { return b * 4 * C * N + (nhwc ? n0 * 4 * C : n0); }
 };
 
 bool nhwc_images(const Tensor& A) {
   const int64_t C4 = A.size(1), H = A.size(2), W = A.size(3);
-  return A.stride(1) == 1 && (W == 1 || A.stride(3) == C4) && (H == 1 || A.stride(2) == W * C4);
+  return !A.is_contiguous() && A.stride(1) == 1 && (W == 1 || A.stride(3) == C4) && (H == 1 || A.stride(2) == W * C4);
 }
 
-// A in the accumulation dtype, NCHW-contiguous or NHWC per image, copied only when neither.
-Tensor acc_A(const Tensor& A_in, at::ScalarType a, ALayout& lay) {
+// A in the accumulation dtype, NCHW-contiguous or NHWC per image (copied only when neither), and
+// the layout it sets.
+Tensor acc_A(const Tensor& A_in, at::ScalarType a, const Dims& d, Geo& geo) {
   Tensor A = A_in.to(a);
-  if (!A.is_contiguous() && nhwc_images(A)) {
-    lay = {true, A.size(0) > 1 ? A.stride(0) : 0};
+  if (nhwc_images(A)) {
+    geo = {true, d.C, d.N, A.size(0) > 1 ? A.stride(0) : 0};
     return A;
   }
   A = A.contiguous();
-  lay = {false, A.size(1) * A.size(2) * A.size(3)};
+  geo = {false, d.C, d.N, 4 * d.C * d.N};
   return A;
 }
 
-// dA (B, 4C, H, W) in the layout the kernels write for A's layout.
-Tensor empty_dA(const Tensor& A, const ALayout& lay) {
-  return at::empty(A.sizes(), A.options().memory_format(lay.nhwc ? at::MemoryFormat::ChannelsLast
-                                                                   : at::MemoryFormat::Contiguous));
-}
+// A (B, C, H, W) tensor in the accumulation dtype and the working layout.
+Tensor acc_t(const Tensor& t, at::ScalarType a, const Geo& geo) { return t.to(a).contiguous(geo.format()); }
+
+Tensor empty_t(const Tensor& like, const Geo& geo) { return at::empty(like.sizes(), like.options().memory_format(geo.format())); }
 
 int parse_combination(const std::string& s, bool has_proj, const char* op) {
   int comb;
@@ -194,58 +215,76 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t Nn, int64_t K, T alpha, const 
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Tile algebra in either layout.  A tile is a C x L matrix (channels x pixels) stored channel-major
+// (NCHW: row ch at p + ch * ld) or pixel-major (NHWC: pixel n at p + n * ld, i.e. its transpose).
+// ------------------------------------------------------------------------------------------------
 template <typename T>
-inline void mul_rows(T* x, const T* y, int64_t C, int64_t L, int64_t ldx, int64_t ldy) {  // x *= y
-  for (int64_t r = 0; r < C; ++r) {
+struct Mat {
+  const T* p;
+  int64_t ld;
+};
+
+// S (C x C) = beta * S + X Y^T, the sum over the tile's pixels.
+template <typename T>
+inline void tile_xyT(const Geo& g, int64_t L, Mat<T> X, Mat<T> Y, T beta, T* S) {
+  const int64_t C = g.C;
+  if (g.nhwc) gemm_rm<T>(true, false, C, C, L, T(1), X.p, X.ld, Y.p, Y.ld, beta, S, C);
+  else gemm_rm<T>(false, true, C, C, L, T(1), X.p, X.ld, Y.p, Y.ld, beta, S, C);
+}
+
+// Z = beta * Z + op(M) X, M (C x C) row-major, op = transpose when `tm`; X, Z tiles.
+template <typename T>
+inline void mat_tile(const Geo& g, int64_t L, const T* M, bool tm, Mat<T> X, T beta, T* Z, int64_t ldz) {
+  const int64_t C = g.C;
+  if (g.nhwc) gemm_rm<T>(false, !tm, L, C, C, T(1), X.p, X.ld, M, C, beta, Z, ldz);  // Z^T = X^T op(M)^T
+  else gemm_rm<T>(tm, false, C, L, C, T(1), M, C, X.p, X.ld, beta, Z, ldz);
+}
+
+// y = W x + b on a tile.
+template <typename T>
+inline void project(const Geo& g, int64_t L, const T* w, const T* b, Mat<T> x, T* y, int64_t ldy) {
+  const int64_t C = g.C;
+  if (g.nhwc) {
+    for (int64_t n = 0; n < L; ++n) std::copy(b, b + C, y + n * ldy);
+  } else {
+    for (int64_t ch = 0; ch < C; ++ch) std::fill(y + ch * ldy, y + ch * ldy + L, b[ch]);
+  }
+  mat_tile(g, L, w, false, x, T(1), y, ldy);
+}
+
+// x *= y elementwise on tiles (same layout).
+template <typename T>
+inline void mul_tile(const Geo& g, int64_t L, T* x, int64_t ldx, Mat<T> y) {
+  const int64_t runs = g.runs(L).count, len = g.run_len(L);
+  for (int64_t r = 0; r < runs; ++r) {
     T* xr = x + r * ldx;
-    const T* yr = y + r * ldy;
-    for (int64_t j = 0; j < L; ++j) xr[j] *= yr[j];
+    const T* yr = y.p + r * y.ld;
+    for (int64_t j = 0; j < len; ++j) xr[j] *= yr[j];
   }
 }
 
+// db[ch] = sum over the tile's pixels of dy (a tile buffer, ld g.ld_buf()).
 template <typename T>
-inline void fill_rows(T* x, const T* bias, int64_t C, int64_t L, int64_t ldx) {
-  for (int64_t r = 0; r < C; ++r) std::fill(x + r * ldx, x + r * ldx + L, bias[r]);
-}
-
-// y = W x + b on a tile: W (C x C), x (C x L, ld ldx), y (C x L, ld ldy).
-template <typename T>
-inline void project(const T* w, const T* b, const T* x, int64_t ldx, T* y, int64_t ldy, int64_t C, int64_t L) {
-  fill_rows(y, b, C, L, ldy);
-  gemm_rm<T>(false, false, C, L, C, T(1), w, C, x, ldx, T(1), y, ldy);
+inline void pixel_sum(const Geo& g, int64_t L, const T* dy, T* db) {
+  const int64_t C = g.C, ld = g.ld_buf();
+  if (g.nhwc) {
+    std::fill(db, db + C, T(0));
+    for (int64_t n = 0; n < L; ++n)
+      for (int64_t ch = 0; ch < C; ++ch) db[ch] += dy[n * ld + ch];
+  } else {
+    for (int64_t ch = 0; ch < C; ++ch) {
+      T s = T(0);
+      for (int64_t j = 0; j < L; ++j) s += dy[ch * ld + j];
+      db[ch] = s;
+    }
+  }
 }
 
 struct Tiles {
   int64_t per_image, count;
   Tiles(const Dims& d) : per_image((d.N + kTile - 1) / kTile), count(d.B * ((d.N + kTile - 1) / kTile)) {}
 };
-
-// The 4C gate rows of A for pixels [n0, n0 + L) of image b: row r at base + r * ld.  NCHW: a view
-// into A (ld N); NHWC: transposed into `scratch` (4C x kTile, ld kTile).
-template <typename T>
-const T* a_tile(const RowKernels<T>& rk, const T* pA, const ALayout& lay, const Dims& d, int64_t b, int64_t n0,
-                int64_t L, T* scratch, int64_t& ld) {
-  if (!lay.nhwc) {
-    ld = d.N;
-    return pA + b * lay.sB + n0;
-  }
-  rk.transpose(pA + b * lay.sB + n0 * 4 * d.C, 4 * d.C, scratch, kTile, L, 4 * d.C);
-  ld = kTile;
-  return scratch;
-}
-
-// Where the rows of dA for that tile are written (same ld as a_tile); flush_dA moves a scratch
-// tile to an NHWC dA (batch stride N * 4C).
-template <typename T>
-T* dA_tile(T* pdA, const ALayout& lay, const Dims& d, int64_t b, int64_t n0, T* scratch) {
-  return lay.nhwc ? scratch : pdA + b * 4 * d.C * d.N + n0;
-}
-
-template <typename T>
-void flush_dA(const RowKernels<T>& rk, const T* scratch, T* pdA, const ALayout& lay, const Dims& d, int64_t b,
-              int64_t n0, int64_t L) {
-  if (lay.nhwc) rk.transpose(scratch, kTile, pdA + (b * d.N + n0) * 4 * d.C, 4 * d.C, 4 * d.C, L);
-}
 
 // Sum `parts` (items, n) over consecutive groups of `group` items, in item order: out (items/group, n).
 template <typename T>
@@ -261,36 +300,23 @@ void ordered_sum(const T* parts, int64_t groups, int64_t group, int64_t n, T* ou
 }
 
 // ------------------------------------------------------------------------------------------------
-// Cell ops
+// Cell ops: pointwise, so plain chunks of whole runs (NCHW: channel rows, NHWC: pixels).
 // ------------------------------------------------------------------------------------------------
 template <typename T>
-void cell_forward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, Tensor& h, Tensor& cn, const Dims& d) {
+void cell_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, Tensor& h, Tensor& cn, const Dims& d) {
   const auto& rk = row_kernels<T>();
   const T* pA = A.const_data_ptr<T>();
   const T* pc = c.const_data_ptr<T>();
   T* ph = h.mutable_data_ptr<T>();
   T* pcn = cn.mutable_data_ptr<T>();
-  const int64_t N = d.N, C = d.C, gs = C * N;
-  if (lay.nhwc) {  // per pixel tile: A tile transposed in cache, then the same row kernel
-    const Tiles tiles(d);
-    at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> scratch(4 * C * kTile);
-      for (int64_t it = i0; it < i1; ++it) {
-        const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile, L = std::min(kTile, N - n0);
-        int64_t ld;
-        const T* a = a_tile(rk, pA, lay, d, b, n0, L, scratch.data(), ld);
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const int64_t r = (b * C + ch) * N + n0;
-          rk.cell_forward(a + ch * ld, C * ld, pc + r, ph + r, pcn + r, L);
-        }
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, d.B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / C, ch = r % C;
-      rk.cell_forward(pA + b * 4 * gs + ch * N, gs, pc + r * N, ph + r * N, pcn + r * N, N);
+  const int64_t per_image = g.nhwc ? d.N : d.C, len = g.nhwc ? d.C : d.N;
+  at::parallel_for(0, d.B * per_image, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1;) {  // runs [r, e) of one image
+      const int64_t b = r / per_image, k = r % per_image, e = std::min(r1, (b + 1) * per_image);
+      const int64_t a = g.nhwc ? g.a0(b, k) : g.a0(b, 0) + k * d.N;
+      const int64_t t = g.nhwc ? g.t0(b, k) : g.t0(b, 0) + k * d.N;
+      rk.cell_forward(pA + a, g.gs(), pc + t, ph + t, pcn + t, len, Runs{e - r, g.ld_a(), g.ld_t(), g.ld_t(), 0});
+      r = e;
     }
   });
 }
@@ -299,47 +325,31 @@ std::tuple<Tensor, Tensor> cell_forward(const Tensor& A_in, const Tensor& c_in) 
   const char* op = "salstm_kernels_cpp::cell_forward";
   Dims d = check_A_c(A_in, c_in, op);
   const auto at_ = acc_type(A_in.scalar_type());
-  ALayout lay;
-  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_);
-  Tensor h = at::empty(c_in.sizes(), A.options().memory_format(at::MemoryFormat::Contiguous)),
-         cn = at::empty(c_in.sizes(), A.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_forward", [&] { cell_forward_impl<scalar_t>(A, lay, c, h, cn, d); });
+  Geo g;
+  Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g);
+  Tensor h = empty_t(c, g), cn = empty_t(c, g);
+  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_forward", [&] { cell_forward_impl<scalar_t>(A, g, c, h, cn, d); });
   return {h.to(A_in.scalar_type()), cn.to(A_in.scalar_type())};
 }
 
 template <typename T>
-void cell_backward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, const Tensor& dh, const Tensor& dcn,
+void cell_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Tensor& dh, const Tensor& dcn,
                         Tensor& dA, Tensor& dc, const Dims& d) {
   const auto& rk = row_kernels<T>();
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>();
   const T *pdh = dh.const_data_ptr<T>(), *pdcn = dcn.const_data_ptr<T>();
   T *pdA = dA.mutable_data_ptr<T>(), *pdc = dc.mutable_data_ptr<T>();
-  const int64_t N = d.N, C = d.C, gs = C * N;
-  if (lay.nhwc) {
-    const Tiles tiles(d);
-    at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<T> scratch(8 * C * kTile);
-      T* da_s = scratch.data() + 4 * C * kTile;
-      for (int64_t it = i0; it < i1; ++it) {
-        const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile, L = std::min(kTile, N - n0);
-        int64_t ld;
-        const T* a = a_tile(rk, pA, lay, d, b, n0, L, scratch.data(), ld);
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const int64_t r = (b * C + ch) * N + n0;
-          rk.backward(a + ch * ld, C * ld, pc + r, pdh + r, pdcn + r, nullptr, nullptr, nullptr, nullptr, kNone,
-                      da_s + ch * ld, pdc + r, L);
-        }
-        flush_dA(rk, da_s, pdA, lay, d, b, n0, L);
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, d.B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / C, ch = r % C;
-      const int64_t ao = b * 4 * gs + ch * N;
-      rk.backward(pA + ao, gs, pc + r * N, pdh + r * N, pdcn + r * N, nullptr, nullptr, nullptr, nullptr, kNone,
-                  pdA + ao, pdc + r * N, N);
+  const int64_t per_image = g.nhwc ? d.N : d.C, len = g.nhwc ? d.C : d.N;
+  at::parallel_for(0, d.B * per_image, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1;) {
+      const int64_t b = r / per_image, k = r % per_image, e = std::min(r1, (b + 1) * per_image);
+      const int64_t a = g.nhwc ? g.a0(b, k) : g.a0(b, 0) + k * d.N;
+      const int64_t da = g.nhwc ? g.dA0(b, k) : g.dA0(b, 0) + k * d.N;
+      const int64_t t = g.nhwc ? g.t0(b, k) : g.t0(b, 0) + k * d.N;
+      // A and dA share run strides (4C per pixel / N per channel); only their batch strides differ.
+      rk.backward(pA + a, g.gs(), pc + t, pdh + t, pdcn + t, nullptr, nullptr, nullptr, nullptr, kNone, pdA + da,
+                  pdc + t, len, Runs{e - r, g.ld_a(), g.ld_t(), g.ld_t(), 0});
+      r = e;
     }
   });
 }
@@ -351,11 +361,11 @@ std::tuple<Tensor, Tensor> cell_backward(const Tensor& A_in, const Tensor& c_in,
   check_like_c(dh_in, d, op, "dh");
   check_like_c(dcn_in, d, op, "dc_new");
   const auto at_ = acc_type(A_in.scalar_type());
-  ALayout lay;
-  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_), dh = acc(dh_in, at_), dcn = acc(dcn_in, at_);
-  Tensor dA = empty_dA(A, lay), dc = at::empty(c_in.sizes(), A.options().memory_format(at::MemoryFormat::Contiguous));
+  Geo g;
+  Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g), dh = acc_t(dh_in, at_, g), dcn = acc_t(dcn_in, at_, g);
+  Tensor dA = at::empty(A.sizes(), A.options().memory_format(g.format())), dc = empty_t(c, g);
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_backward",
-                             [&] { cell_backward_impl<scalar_t>(A, lay, c, dh, dcn, dA, dc, d); });
+                             [&] { cell_backward_impl<scalar_t>(A, g, c, dh, dcn, dA, dc, d); });
   return {dA.to(A_in.scalar_type()), dc.to(c_in.scalar_type())};
 }
 
@@ -366,36 +376,6 @@ template <typename T>
 struct Proj {
   const T *wq = nullptr, *bq = nullptr, *wk = nullptr, *bk = nullptr, *wv = nullptr, *bv = nullptr;
 };
-
-// For one tile: h', c' (written to the outputs) and Q, K, V of the tile.  Returns pointers (with
-// leading dimensions) to Q, K, V; they live in `buf` (C x kTile slots) or, for V = h', in h'.
-template <typename T>
-struct TileQKV {
-  const T *Q, *K, *V;
-  int64_t ldq, ldk, ldv;
-};
-
-template <typename T>
-TileQKV<T> tile_state(const RowKernels<T>& rk, const T* a, int64_t lda, const T* pc, T* ph, T* pcn, int64_t b,
-                      int64_t n0, int64_t L, const Dims& d, int comb, const Proj<T>* proj, T* fq, T* fk, T* q, T* k,
-                      T* v, T* v_out, int64_t ld_vout) {
-  const int64_t C = d.C, N = d.N;
-  for (int64_t ch = 0; ch < C; ++ch) {
-    const int64_t r = (b * C + ch) * N + n0;
-    rk.attention_state(a + ch * lda, C * lda, pc + r, ph + r, pcn + r, fq + ch * kTile, fk + ch * kTile, comb, L);
-  }
-  const T* H = ph + b * C * N + n0;  // (C x L), ld N
-  if (proj == nullptr) return {fq, fk, H, kTile, kTile, N};
-  project(proj->wq, proj->bq, H, N, q, kTile, C, L);
-  project(proj->wk, proj->bk, H, N, k, kTile, C, L);
-  project(proj->wv, proj->bv, H, N, v_out, ld_vout, C, L);
-  if (comb != kNone) {
-    mul_rows(q, fq, C, L, kTile, kTile);
-    mul_rows(k, fk, C, L, kTile, kTile);
-    mul_rows(v_out, H, C, L, ld_vout, N);
-  }
-  return {q, k, v_out, kTile, kTile, ld_vout};
-}
 
 template <typename T>
 void softmax_rows(const T* S, T* P, int64_t C, T scale) {
@@ -416,37 +396,55 @@ void softmax_rows(const T* S, T* P, int64_t C, T scale) {
   }
 }
 
+// Tile (b, n0, L) of a tensor / of a tile buffer as a matrix.
 template <typename T>
-void attention_forward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, const Proj<T>* proj, T scale, int comb,
+Mat<T> tile_of(const T* base, const Geo& g, int64_t b, int64_t n0) { return {base + g.t0(b, n0), g.ld_t()}; }
+template <typename T>
+Mat<T> buf_of(const T* buf, const Geo& g) { return {buf, g.ld_buf()}; }
+
+template <typename T>
+void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Proj<T>* proj, T scale, int comb,
                             Tensor& out, Tensor& h, Tensor& cn, Tensor& P, const Dims& d) {
   const auto& rk = row_kernels<T>();
-  const int64_t C = d.C, N = d.N;
+  const int64_t C = d.C, N = d.N, bld = g.ld_buf();
   const Tiles tiles(d);
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>();
   T *ph = h.mutable_data_ptr<T>(), *pcn = cn.mutable_data_ptr<T>(), *pout = out.mutable_data_ptr<T>();
   T* pP = P.mutable_data_ptr<T>();
   Tensor Spart = at::empty({tiles.count, C, C}, A.options());
-  Tensor Vfull = proj ? at::empty({d.B, C, N}, A.options()) : Tensor();
+  Tensor Vfull = proj ? empty_t(c, g) : Tensor();  // LSTM-SA's V (B, C, N), in the working layout
   T* pS = Spart.mutable_data_ptr<T>();
   T* pV = proj ? Vfull.mutable_data_ptr<T>() : nullptr;
   const int64_t slot = C * kTile;
 
   // Pass 1: cell + QKV per tile, S partial = Q K^T.
   at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    Tensor buf = at::empty({((proj ? 4 : 2) + (lay.nhwc ? 4 : 0)) * slot}, A.options());
+    Tensor buf = at::empty({(proj ? 4 : 2) * slot}, A.options());
     T* fq = buf.mutable_data_ptr<T>();
     T* fk = fq + slot;
     T* q = proj ? fk + slot : nullptr;
     T* k = proj ? q + slot : nullptr;
-    T* a_s = fq + (proj ? 4 : 2) * slot;  // NHWC A tile (4C x kTile)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
-      int64_t lda;
-      const T* a = a_tile(rk, pA, lay, d, b, n0, L, a_s, lda);
-      TileQKV<T> t = tile_state(rk, a, lda, pc, ph, pcn, b, n0, L, d, comb, proj, fq, fk, q, k, static_cast<T*>(nullptr),
-                                pV ? pV + b * C * N + n0 : nullptr, N);
-      gemm_rm<T>(false, true, C, C, L, T(1), t.Q, t.ldq, t.K, t.ldk, T(0), pS + it * C * C, C);
+      const int64_t t = g.t0(b, n0);
+      rk.attention_state(pA + g.a0(b, n0), g.gs(), pc + t, ph + t, pcn + t, fq, fk, comb, g.run_len(L), g.runs(L));
+      const Mat<T> H = tile_of<T>(ph, g, b, n0);
+      Mat<T> Q = buf_of<T>(fq, g), K = buf_of<T>(fk, g);
+      if (proj) {
+        T* v = pV + t;
+        project(g, L, proj->wq, proj->bq, H, q, bld);
+        project(g, L, proj->wk, proj->bk, H, k, bld);
+        project(g, L, proj->wv, proj->bv, H, v, g.ld_t());
+        if (comb != kNone) {
+          mul_tile(g, L, q, bld, Q);
+          mul_tile(g, L, k, bld, K);
+          mul_tile(g, L, v, g.ld_t(), H);
+        }
+        Q = buf_of<T>(q, g);
+        K = buf_of<T>(k, g);
+      }
+      tile_xyT(g, L, Q, K, T(0), pS + it * C * C);
     }
   });
   // Reduce partials in tile order; softmax.
@@ -462,7 +460,7 @@ void attention_forward_impl(const Tensor& A, const ALayout& lay, const Tensor& c
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
-      gemm_rm<T>(false, false, C, L, C, T(1), pP + b * C * C, C, pVr + b * C * N + n0, N, T(0), pout + b * C * N + n0, N);
+      mat_tile(g, L, pP + b * C * C, false, tile_of<T>(pVr, g, b, n0), T(0), pout + g.t0(b, n0), g.ld_t());
     }
   });
 }
@@ -493,15 +491,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_forward(const Tensor& A_in,
   const bool has_proj = check_projections(wq, bq, wk, bk, wv, bv, d.C, op);
   const int comb = parse_combination(std::string(combination), has_proj, op);
   const auto at_ = acc_type(A_in.scalar_type());
-  ALayout lay;
-  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_);
+  Geo g;
+  Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g);
   std::vector<Tensor> p = has_proj ? acc_projections(wq, bq, wk, bk, wv, bv, at_) : std::vector<Tensor>{};
-  Tensor out = at::empty(c_in.sizes(), A.options()), h = at::empty(c_in.sizes(), A.options()),
-         cn = at::empty(c_in.sizes(), A.options()), P = at::empty({d.B, d.C, d.C}, A.options());
+  Tensor out = empty_t(c, g), h = empty_t(c, g), cn = empty_t(c, g), P = at::empty({d.B, d.C, d.C}, A.options());
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm attention_forward", [&] {
     Proj<scalar_t> pr;
     if (has_proj) pr = proj_ptrs<scalar_t>(p);
-    attention_forward_impl<scalar_t>(A, lay, c, has_proj ? &pr : nullptr, static_cast<scalar_t>(scale), comb, out, h, cn,
+    attention_forward_impl<scalar_t>(A, g, c, has_proj ? &pr : nullptr, static_cast<scalar_t>(scale), comb, out, h, cn,
                                      P, d);
   });
   const auto dt = A_in.scalar_type();
@@ -509,12 +506,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_forward(const Tensor& A_in,
 }
 
 template <typename T>
-void attention_backward_impl(const Tensor& A, const ALayout& lay, const Tensor& c, const Proj<T>* proj, const Tensor& P,
-                             const Tensor& dout,
-                             const Tensor& dh, const Tensor& dcn, T scale, int comb, Tensor& dA, Tensor& dc,
-                             Tensor& dproj_flat, const Dims& d) {
+void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Proj<T>* proj, const Tensor& P,
+                             const Tensor& dout, const Tensor& dh, const Tensor& dcn, T scale, int comb, Tensor& dA,
+                             Tensor& dc, Tensor& dproj_flat, const Dims& d) {
   const auto& rk = row_kernels<T>();
-  const int64_t C = d.C, N = d.N;
+  const int64_t C = d.C, N = d.N, bld = g.ld_buf();
   const Tiles tiles(d);
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>(), *pP = P.const_data_ptr<T>();
   const T *pdO = dout.const_data_ptr<T>(), *pdh = dh.const_data_ptr<T>(), *pdcn = dcn.const_data_ptr<T>();
@@ -526,26 +522,24 @@ void attention_backward_impl(const Tensor& A, const ALayout& lay, const Tensor& 
   Tensor dPpart = at::empty({tiles.count, C, C}, A.options());
   T* pdPp = dPpart.mutable_data_ptr<T>();
   at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    Tensor buf = at::empty({((proj ? 3 : 2) + (lay.nhwc ? 4 : 0)) * slot}, A.options());
+    Tensor buf = at::empty({(proj ? 3 : 2) * slot}, A.options());
     T* hb = buf.mutable_data_ptr<T>();
     T* cnb = hb + slot;
     T* vb = proj ? cnb + slot : nullptr;
-    T* a_s = hb + (proj ? 3 : 2) * slot;
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
-      int64_t lda;
-      const T* a = a_tile(rk, pA, lay, d, b, n0, L, a_s, lda);
-      for (int64_t ch = 0; ch < C; ++ch)
-        rk.attention_state(a + ch * lda, C * lda, pc + (b * C + ch) * N + n0, hb + ch * kTile, cnb + ch * kTile, nullptr,
-                           nullptr, kNone, L);
-      const T* V = hb;
+      Runs runs = g.runs(L);
+      runs.o = bld;  // h', c' go to the tile buffers
+      rk.attention_state(pA + g.a0(b, n0), g.gs(), pc + g.t0(b, n0), hb, cnb, nullptr, nullptr, kNone, g.run_len(L),
+                         runs);
+      Mat<T> V = buf_of<T>(hb, g);
       if (proj) {
-        project(proj->wv, proj->bv, hb, kTile, vb, kTile, C, L);
-        if (comb != kNone) mul_rows(vb, hb, C, L, kTile, kTile);
-        V = vb;
+        project(g, L, proj->wv, proj->bv, V, vb, bld);
+        if (comb != kNone) mul_tile(g, L, vb, bld, V);
+        V = buf_of<T>(vb, g);
       }
-      gemm_rm<T>(false, true, C, C, L, T(1), pdO + b * C * N + n0, N, V, kTile, T(0), pdPp + it * C * C, C);
+      tile_xyT(g, L, tile_of<T>(pdO, g, b, n0), V, T(0), pdPp + it * C * C);
     }
   });
   // dS = P * (dP - rowsum(dP * P)) * scale.
@@ -564,59 +558,55 @@ void attention_backward_impl(const Tensor& A, const ALayout& lay, const Tensor& 
   Tensor dpp = proj ? at::empty({tiles.count, pstride}, A.options()) : Tensor();
   T* pdpp = proj ? dpp.mutable_data_ptr<T>() : nullptr;
   at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    const int nslots = (proj ? 14 : 7) + (lay.nhwc ? 8 : 0);
+    const int nslots = proj ? (comb != kNone ? 17 : 14) : 7;
     Tensor buf = at::empty({nslots * slot}, A.options());
     T* s0 = buf.mutable_data_ptr<T>();
     auto S = [&](int k) { return s0 + k * slot; };
     T *hb = S(0), *cnb = S(1), *fq = S(2), *fk = S(3), *dQ = S(4), *dK = S(5), *dV = S(6);
     T *q = nullptr, *k = nullptr, *v = nullptr, *dfq = nullptr, *dfk = nullptr, *dfv = nullptr, *dhx = nullptr;
+    T *rq = nullptr, *rk_ = nullptr, *rv = nullptr;  // raw projections kept beside Q, K, V (gated)
     if (proj) {
       q = S(7); k = S(8); v = S(9); dfq = S(10); dfk = S(11); dfv = S(12); dhx = S(13);
+      if (comb != kNone) { rq = S(14); rk_ = S(15); rv = S(16); }
     }
-    T* a_s = S(proj ? 14 : 7);  // NHWC: A tile and dA tile (4C x kTile each)
-    T* da_s = a_s + 4 * slot;
-    // Raw projections kept beside Q, K, V (q, k, v are overwritten by Q, K, V for "none").
-    Tensor raw = proj && comb != kNone ? at::empty({3 * slot}, A.options()) : Tensor();
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
-      int64_t lda;
-      const T* a = a_tile(rk, pA, lay, d, b, n0, L, a_s, lda);
-      for (int64_t ch = 0; ch < C; ++ch)
-        rk.attention_state(a + ch * lda, C * lda, pc + (b * C + ch) * N + n0, hb + ch * kTile, cnb + ch * kTile,
-                           fq + ch * kTile, fk + ch * kTile, comb, L);
-      const T *Q = fq, *K = fk;
-      T *rq = nullptr, *rk_ = nullptr, *rv = nullptr;
+      const int64_t t = g.t0(b, n0);
+      Runs runs = g.runs(L);
+      runs.o = bld;
+      rk.attention_state(pA + g.a0(b, n0), g.gs(), pc + t, hb, cnb, fq, fk, comb, g.run_len(L), runs);
+      const Mat<T> H = buf_of<T>(hb, g);
+      Mat<T> Q = buf_of<T>(fq, g), K = buf_of<T>(fk, g);
       if (proj) {
-        project(proj->wq, proj->bq, hb, kTile, q, kTile, C, L);
-        project(proj->wk, proj->bk, hb, kTile, k, kTile, C, L);
-        project(proj->wv, proj->bv, hb, kTile, v, kTile, C, L);
+        project(g, L, proj->wq, proj->bq, H, q, bld);
+        project(g, L, proj->wk, proj->bk, H, k, bld);
+        project(g, L, proj->wv, proj->bv, H, v, bld);
         if (comb != kNone) {
-          rq = raw.mutable_data_ptr<T>();
-          rk_ = rq + slot;
-          rv = rk_ + slot;
-          std::copy(q, q + C * kTile, rq);
-          std::copy(k, k + C * kTile, rk_);
-          std::copy(v, v + C * kTile, rv);
-          mul_rows(q, fq, C, L, kTile, kTile);
-          mul_rows(k, fk, C, L, kTile, kTile);
-          mul_rows(v, hb, C, L, kTile, kTile);
+          std::copy(q, q + slot, rq);
+          std::copy(k, k + slot, rk_);
+          std::copy(v, v + slot, rv);
+          mul_tile(g, L, q, bld, Q);
+          mul_tile(g, L, k, bld, K);
+          mul_tile(g, L, v, bld, H);
         }
-        Q = q; K = k;
+        Q = buf_of<T>(q, g);
+        K = buf_of<T>(k, g);
       }
       const T* dS_b = pdS + b * C * C;
       const T* P_b = pP + b * C * C;
-      const T* dO = pdO + b * C * N + n0;
-      gemm_rm<T>(false, false, C, L, C, T(1), dS_b, C, K, kTile, T(0), dQ, kTile);
-      gemm_rm<T>(true, false, C, L, C, T(1), dS_b, C, Q, kTile, T(0), dK, kTile);
-      gemm_rm<T>(true, false, C, L, C, T(1), P_b, C, dO, N, T(0), dV, kTile);
+      const Mat<T> dO = tile_of<T>(pdO, g, b, n0);
+      mat_tile(g, L, dS_b, false, K, T(0), dQ, bld);
+      mat_tile(g, L, dS_b, true, Q, T(0), dK, bld);
+      mat_tile(g, L, P_b, true, dO, T(0), dV, bld);
       const T *gq = dQ, *gk = dK, *gv = dV, *dh_extra = nullptr;
       if (proj) {
         // dfq = dQ * q_raw, dq = dQ * fq (and k, v with fv = h'); for "none" dq = dQ.
         if (comb != kNone) {
-          for (int64_t ch = 0; ch < C; ++ch) {
-            const int64_t o = ch * kTile;
-            for (int64_t j = 0; j < L; ++j) {
+          const int64_t runs_n = runs.count, len = g.run_len(L);
+          for (int64_t r = 0; r < runs_n; ++r) {
+            const int64_t o = r * bld;
+            for (int64_t j = 0; j < len; ++j) {
               dfq[o + j] = dQ[o + j] * rq[o + j];
               dQ[o + j] *= fq[o + j];
               dfk[o + j] = dK[o + j] * rk_[o + j];
@@ -634,27 +624,15 @@ void attention_backward_impl(const Tensor& A, const ALayout& lay, const Tensor& 
         const T* ws[3] = {proj->wq, proj->wk, proj->wv};
         for (int m = 0; m < 3; ++m) {
           T* dW = part + m * (C * C + C);
-          T* db = dW + C * C;
-          gemm_rm<T>(false, true, C, C, L, T(1), dys[m], kTile, hb, kTile, T(0), dW, C);
-          for (int64_t ch = 0; ch < C; ++ch) {
-            T s = T(0);
-            const T* y = dys[m] + ch * kTile;
-            for (int64_t j = 0; j < L; ++j) s += y[j];
-            db[ch] = s;
-          }
-          gemm_rm<T>(true, false, C, L, C, T(1), ws[m], C, dys[m], kTile, m == 0 ? T(0) : T(1), dhx, kTile);
+          tile_xyT(g, L, buf_of<T>(dys[m], g), H, T(0), dW);
+          pixel_sum(g, L, dys[m], dW + C * C);
+          mat_tile(g, L, ws[m], true, buf_of<T>(dys[m], g), m == 0 ? T(0) : T(1), dhx, bld);
         }
         dh_extra = dhx;
       }
-      // Final pointwise pass, row by row (buffers have ld kTile, the tensors ld N).
-      T* da = dA_tile(pdA, lay, d, b, n0, da_s);
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const int64_t r = (b * C + ch) * N + n0, o = ch * kTile;
-        rk.backward(a + ch * lda, C * lda, pc + r, pdh + r, pdcn + r, dh_extra ? dh_extra + o : nullptr,
-                    gq ? gq + o : nullptr, gk ? gk + o : nullptr, gv ? gv + o : nullptr, gq ? comb : kNone,
-                    da + ch * lda, pdc + r, L);
-      }
-      flush_dA(rk, da_s, pdA, lay, d, b, n0, L);
+      // Final pointwise pass: dA, dc.
+      rk.backward(pA + g.a0(b, n0), g.gs(), pc + t, pdh + t, pdcn + t, dh_extra, gq, gk, gv, gq ? comb : kNone,
+                  pdA + g.dA0(b, n0), pdc + t, g.run_len(L), g.runs(L));
     }
   });
   if (proj) ordered_sum(pdpp, 1, tiles.count, pstride, dproj_flat.mutable_data_ptr<T>());
@@ -675,30 +653,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> atten
   TORCH_CHECK(P_in.dim() == 3 && P_in.size(0) == d.B && P_in.size(1) == d.C && P_in.size(2) == d.C, op,
               ": P must be (B, C, C) = (", d.B, ", ", d.C, ", ", d.C, "), got ", P_in.sizes());
   const auto at_ = acc_type(A_in.scalar_type());
-  ALayout lay;
-  Tensor A = acc_A(A_in, at_, lay), c = acc(c_in, at_), P = acc(P_in, at_), dout = acc(dout_in, at_),
-         dh = acc(dh_in, at_), dcn = acc(dcn_in, at_);
+  Geo g;
+  Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g), P = acc(P_in, at_), dout = acc_t(dout_in, at_, g),
+         dh = acc_t(dh_in, at_, g), dcn = acc_t(dcn_in, at_, g);
   std::vector<Tensor> p = has_proj ? acc_projections(wq, bq, wk, bk, wv, bv, at_) : std::vector<Tensor>{};
-  Tensor dA = empty_dA(A, lay), dc = at::empty(c_in.sizes(), A.options());
+  Tensor dA = at::empty(A.sizes(), A.options().memory_format(g.format())), dc = empty_t(c, g);
   Tensor dproj = at::empty({has_proj ? 3 * (d.C * d.C + d.C) : 0}, A.options());
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm attention_backward", [&] {
     Proj<scalar_t> pr;
     if (has_proj) pr = proj_ptrs<scalar_t>(p);
-    attention_backward_impl<scalar_t>(A, lay, c, has_proj ? &pr : nullptr, P, dout, dh, dcn, static_cast<scalar_t>(scale),
+    attention_backward_impl<scalar_t>(A, g, c, has_proj ? &pr : nullptr, P, dout, dh, dcn, static_cast<scalar_t>(scale),
                                       comb, dA, dc, dproj, d);
   });
-  Tensor g[6];
+  Tensor gr[6];
   if (has_proj) {
     const OptT* src[6] = {&wq, &bq, &wk, &bk, &wv, &bv};
     const int64_t C = d.C, blk = C * C + C;
     for (int m = 0; m < 3; ++m) {
-      g[2 * m] = dproj.narrow(0, m * blk, C * C).view({C, C}).to((*src[2 * m])->scalar_type()).clone();
-      g[2 * m + 1] = dproj.narrow(0, m * blk + C * C, C).to((*src[2 * m + 1])->scalar_type()).clone();
+      gr[2 * m] = dproj.narrow(0, m * blk, C * C).view({C, C}).to((*src[2 * m])->scalar_type()).clone();
+      gr[2 * m + 1] = dproj.narrow(0, m * blk + C * C, C).to((*src[2 * m + 1])->scalar_type()).clone();
     }
   } else {
-    for (auto& t : g) t = at::empty({0}, A_in.options());
+    for (auto& t : gr) t = at::empty({0}, A_in.options());
   }
-  return {dA.to(A_in.scalar_type()), dc.to(c_in.scalar_type()), g[0], g[1], g[2], g[3], g[4], g[5]};
+  return {dA.to(A_in.scalar_type()), dc.to(c_in.scalar_type()), gr[0], gr[1], gr[2], gr[3], gr[4], gr[5]};
 }
 
 std::string cpu_capability() { return row_kernels_capability(); }

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from .backends import resolve_backend
-from .recurrence import _widen, split_conv_recurrence
+from .recurrence import split_conv_recurrence, widen_to_state_dtype
 from .validation import check_input, check_kernel_size, check_matches_parameters, check_state
 
 State = Tuple[Tensor, Tensor]
@@ -175,7 +175,7 @@ class _AttentionMixin:
             return self._forward_empty(x, state)
         states, (A, c) = split_conv_recurrence(x, self.convs(), state, backend, stop_before_last=True)
         out_dtype = A.dtype  # the attention matmuls' dtype (the autocast dtype under autocast)
-        A, c = _widen(A, c)  # the cell runs in the state dtype
+        A, c = widen_to_state_dtype(A, c)  # the cell runs in the state dtype
         proj = self._projection_tensors(A.dtype) or (None,) * 6
         out, h, c_new, _ = ops.lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend)
         states[-1] = (h, c_new)

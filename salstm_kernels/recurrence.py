@@ -21,9 +21,11 @@ precision, but ``A`` is widened to the state dtype before the cell, so ``h, c`` 
 float32 inputs -- the cell state is a running sum over time steps and keeps its precision.
 Any memory layout (sliced, ``channels_last``, expanded) is accepted.  **Conv layout:** with the
 ``cpp`` backend on CPU the convs run channels_last (oneDNN's NHWC kernels are faster than its NCHW
-ones; 56x56, fwd, one thread: 85.8 -> 80.5 ms per module call) and the C++ ops read that ``A``
-directly (an in-cache transpose per pixel tile) and write ``dA`` channels_last, so no layout copy is
-made either way; the other providers get contiguous NCHW ``A``.
+ones; 56x56, fwd, one thread: 85.8 -> 80.5 ms per module call).  The fused ops then run
+channels_last end to end (:mod:`salstm_kernels.ops.layout`): they read that ``A`` in place and
+return ``h', c'`` and ``dA`` channels_last, which feed the next convs without a layout copy; the
+other providers get contiguous NCHW ``A``.  The recurrent conv's output takes the input conv's
+in place (``add_``): one ``(B, 4C, H, W)`` allocation fewer per step.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .ops.layout import layout_of, nhwc_images
 
 State = Tuple[Tensor, Tensor]
 
@@ -71,7 +74,7 @@ def split_conv_recurrence(
         if state is not None:
             h, c = state[layer]
         else:
-            h, c = None, x.new_zeros(B, C, H, W)  # x's dtype, as reference.zero_state
+            h, c = None, x.new_zeros(B, C, H, W).contiguous(memory_format=fmt)  # x's dtype, as reference.zero_state
         outputs = []
         if batched:  # no graph: one input conv over all T steps (time-major), slices are blocks
             A_in = F.conv2d(torch.cat(inputs).contiguous(memory_format=fmt), w_x, bias, padding=pad).split(B)
@@ -81,13 +84,15 @@ def split_conv_recurrence(
             else:
                 A = F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
             if h is not None:
-                A = A + F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad)
+                # In place into the recurrent conv's output (its backward saves only the conv's
+                # inputs): one (B, 4C, H, W) allocation fewer per step.
+                A = F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad).add_(A)
             if not cl:
                 A = A.contiguous()
             if stop_before_last and layer == n_layers - 1 and t == T - 1:
-                last = (A, c.contiguous())  # the caller widens A (see module docstring)
+                last = (A, c)  # the caller widens A (see module docstring)
                 break
-            A, c = _widen(A, c)
+            A, c = widen_to_state_dtype(A, c)
             h, c = ops.lstm_cell(A, c, backend)
             outputs.append(h)
         states.append((h if h is not None else torch.zeros_like(c), c))
@@ -105,18 +110,11 @@ def _channels_last_convs(x: Tensor, backend: str) -> bool:
     return backend == "cpp" and x.device.type == "cpu"
 
 
-def _widen(A: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
-    """``A`` and ``c`` in their common (state) dtype, contiguous NCHW, as the fused ops want them."""
+def widen_to_state_dtype(A: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
+    """``A`` and ``c`` in their common (state) dtype and in the layout the fused ops run in
+    (:mod:`salstm_kernels.ops.layout`: NCHW-contiguous, or channels_last per image on the cpp path)."""
     dtype = torch.promote_types(A.dtype, c.dtype)
     A = A.to(dtype)
-    if not _nhwc_images(A):
+    if not nhwc_images(A):
         A = A.contiguous()
-    return A, c.to(dtype).contiguous()
-
-
-def _nhwc_images(A: Tensor) -> bool:
-    """``A`` is channels_last per image (any batch stride): the C++ kernels read it as is.
-    Only the ``cpp`` path produces such an ``A`` (see :func:`_channels_last_convs`)."""
-    _, C4, H, W = A.shape
-    return (not A.is_contiguous() and A.stride(1) == 1 and (W == 1 or A.stride(3) == C4)
-            and (H == 1 or A.stride(2) == W * C4))
+    return A, c.to(dtype).contiguous(memory_format=layout_of(A))

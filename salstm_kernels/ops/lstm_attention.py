@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_attention_args
+from .layout import empty_in, layout_of
 from .providers import kernels
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
@@ -47,7 +48,9 @@ def lstm_attention(
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
     check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination)
-    return kernels(backend).attention_forward(A, c, proj, scale, combination)
+    fmt = layout_of(A)
+    out, h, c_new, P = kernels(backend).attention_forward(A, c.contiguous(memory_format=fmt), proj, scale, combination)
+    return (*(t.contiguous(memory_format=fmt) for t in (out, h, c_new)), P)
 
 
 @lstm_attention.register_fake
@@ -55,7 +58,8 @@ def _(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend):
     _projections(wq, bq, wk, bk, wv, bv)
     check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination)
     B, C = c.shape[:2]
-    return (A.new_empty(c.shape), A.new_empty(c.shape), A.new_empty(c.shape),
+    fmt = layout_of(A)
+    return (empty_in(c.shape, A, fmt), empty_in(c.shape, A, fmt), empty_in(c.shape, A, fmt),
             A.new_empty((B, C, C), dtype=torch.float64 if A.dtype == torch.float64 else torch.float32))
 
 
@@ -79,17 +83,20 @@ def lstm_attention_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. ``A, c`` and the six projection tensors (empty tensors when absent)."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
+    fmt = layout_of(A)
+    c, dout, dh, dc_new = (t.contiguous(memory_format=fmt) for t in (c, dout, dh, dc_new))
     dA, dc, dproj = kernels(backend).attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
     if dproj is None:
         dproj = tuple(A.new_empty(0) for _ in range(6))
-    return (dA, dc, *dproj)
+    return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj)
 
 
 @lstm_attention_backward.register_fake
 def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend):
     proj = (wq, bq, wk, bk, wv, bv)
     dproj = [A.new_empty(0) if p is None else torch.empty_like(p) for p in proj]
-    return (torch.empty_like(A), torch.empty_like(c), *dproj)
+    fmt = layout_of(A)
+    return (empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), *dproj)
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,7 +108,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dh, dc_new, dP):
     A, c, wq, bq, wk, bk, wv, bv, P = ctx.saved_tensors
-    z = lambda g: torch.zeros_like(c) if g is None else g.contiguous()  # noqa: E731
+    z = lambda g: torch.zeros_like(c) if g is None else g  # noqa: E731  (the op brings it to A's layout)
     grads = lstm_attention_backward(
         A, c, wq, bq, wk, bk, wv, bv, P, z(dout), z(dh), z(dc_new), ctx.scale, ctx.combination, ctx.backend
     )

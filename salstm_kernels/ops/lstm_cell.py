@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_args
+from .layout import empty_in, layout_of
 from .providers import kernels
 
 
@@ -18,24 +19,30 @@ from .providers import kernels
 def lstm_cell(A: Tensor, c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)`` -> ``(h', c')``, both ``(B, C, H, W)``."""
     check_lstm_cell_args(A, c)
-    return kernels(backend).cell_forward(A, c)
+    fmt = layout_of(A)
+    h, c_new = kernels(backend).cell_forward(A, c.contiguous(memory_format=fmt))
+    return h.contiguous(memory_format=fmt), c_new.contiguous(memory_format=fmt)
 
 
 @lstm_cell.register_fake
 def _(A, c, backend):
     check_lstm_cell_args(A, c)
-    return A.new_empty(c.shape), A.new_empty(c.shape)
+    fmt = layout_of(A)
+    return empty_in(c.shape, A, fmt), empty_in(c.shape, A, fmt)
 
 
 @torch.library.custom_op("salstm_kernels::lstm_cell_backward", mutates_args=())
 def lstm_cell_backward(A: Tensor, c: Tensor, dh: Tensor, dc_new: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """Gradients of :func:`lstm_cell` w.r.t. ``A`` and ``c``."""
-    return kernels(backend).cell_backward(A, c, dh, dc_new)
+    """Gradients of :func:`lstm_cell` w.r.t. ``A`` and ``c`` (in ``A``'s layout)."""
+    fmt = layout_of(A)
+    dA, dc = kernels(backend).cell_backward(A, *(t.contiguous(memory_format=fmt) for t in (c, dh, dc_new)))
+    return dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt)
 
 
 @lstm_cell_backward.register_fake
 def _(A, c, dh, dc_new, backend):
-    return torch.empty_like(A), torch.empty_like(c)
+    fmt = layout_of(A)
+    return empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt)
 
 
 def _setup_context(ctx, inputs, output):
@@ -46,8 +53,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh, dc_new):
     A, c = ctx.saved_tensors
-    dh = torch.zeros_like(c) if dh is None else dh.contiguous()
-    dc_new = torch.zeros_like(c) if dc_new is None else dc_new.contiguous()
+    dh = torch.zeros_like(c) if dh is None else dh
+    dc_new = torch.zeros_like(c) if dc_new is None else dc_new
     dA, dc = lstm_cell_backward(A, c, dh, dc_new, ctx.backend)
     return dA, dc, None
 
