@@ -281,6 +281,24 @@ inline void pixel_sum(const Geo& g, int64_t L, const T* dy, T* db) {
   }
 }
 
+// Per-thread scratch kept across calls: the tile buffers and per-tile partials.  A fresh at::empty
+// of these sizes (128 KB to ~1 MB) is served by mmap and page-faulted on every call; reusing them
+// removes that.  Slots: 0 tile buffers (worker threads), 1 and 2 partials (calling thread).
+// Sizes above kKeepBytes are allocated per call instead of being held.
+constexpr size_t kKeepBytes = size_t(8) << 20;
+
+template <typename T>
+T* scratch(int slot, int64_t n, Tensor& hold) {
+  static thread_local std::vector<T> keep[3];
+  if (static_cast<size_t>(n) * sizeof(T) > kKeepBytes) {
+    hold = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    return hold.mutable_data_ptr<T>();
+  }
+  std::vector<T>& v = keep[slot];
+  if (v.size() < static_cast<size_t>(n)) v.resize(n);
+  return v.data();
+}
+
 struct Tiles {
   int64_t per_image, count;
   Tiles(const Dims& d) : per_image((d.N + kTile - 1) / kTile), count(d.B * ((d.N + kTile - 1) / kTile)) {}
@@ -297,6 +315,40 @@ void ordered_sum(const T* parts, int64_t groups, int64_t group, int64_t n, T* ou
       out[e] = s;
     }
   });
+}
+
+// An attention op is per-tile pass 1 (partials), a per-image step on the partials (reduce in tile
+// order, softmax / dS), then per-tile pass 2.  When the images split evenly over the threads, each
+// thread runs whole images through all three (no barrier between the phases, and pass 2 finds the
+// image's h' / V still in its cache); otherwise phase by phase over all tiles.  The per-tile work
+// and the reduction order are the same either way, so the bits are too.
+template <typename F1, typename FI, typename F2>
+void tiles_then_image_then_tiles(const Tiles& tiles, int64_t B, const F1& pass1, const FI& per_image, const F2& pass2) {
+  const int64_t pi = tiles.per_image;
+  if (B % std::max(1, at::get_num_threads()) == 0) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        pass1(b * pi, (b + 1) * pi);
+        per_image(b);
+        pass2(b * pi, (b + 1) * pi);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, tiles.count, 1, pass1);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) per_image(b);
+  });
+  at::parallel_for(0, tiles.count, 1, pass2);
+}
+
+// Sum the tile partials of image b (C x C each, in tile order) into out.
+template <typename T>
+void image_sum(const T* parts, int64_t b, int64_t per_image, int64_t n, T* out) {
+  const T* p = parts + b * per_image * n;
+  std::copy(p, p + n, out);
+  for (int64_t t = 1; t < per_image; ++t)
+    for (int64_t k = 0; k < n; ++k) out[k] += p[t * n + k];
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -411,16 +463,16 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>();
   T *ph = h.mutable_data_ptr<T>(), *pcn = cn.mutable_data_ptr<T>(), *pout = out.mutable_data_ptr<T>();
   T* pP = P.mutable_data_ptr<T>();
-  Tensor Spart = at::empty({tiles.count, C, C}, A.options());
+  Tensor hold_S;
+  T* pS = scratch<T>(1, tiles.count * C * C, hold_S);
   Tensor Vfull = proj ? empty_t(c, g) : Tensor();  // LSTM-SA's V (B, C, N), in the working layout
-  T* pS = Spart.mutable_data_ptr<T>();
   T* pV = proj ? Vfull.mutable_data_ptr<T>() : nullptr;
   const int64_t slot = C * kTile;
 
   // Pass 1: cell + QKV per tile, S partial = Q K^T.
-  at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    Tensor buf = at::empty({(proj ? 4 : 2) * slot}, A.options());
-    T* fq = buf.mutable_data_ptr<T>();
+  auto pass1 = [&](int64_t i0, int64_t i1) {
+    Tensor hold;
+    T* fq = scratch<T>(0, (proj ? 4 : 2) * slot, hold);
     T* fk = fq + slot;
     T* q = proj ? fk + slot : nullptr;
     T* k = proj ? q + slot : nullptr;
@@ -446,23 +498,22 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
       }
       tile_xyT(g, L, Q, K, T(0), pS + it * C * C);
     }
-  });
-  // Reduce partials in tile order; softmax.
-  Tensor S = at::empty({d.B, C, C}, A.options());
-  ordered_sum(pS, d.B, tiles.per_image, C * C, S.mutable_data_ptr<T>());
-  const T* pSr = S.const_data_ptr<T>();
-  at::parallel_for(0, d.B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) softmax_rows(pSr + b * C * C, pP + b * C * C, C, scale);
-  });
+  };
+  // Per image: reduce the partials in tile order (into P's storage), softmax in place.
+  auto softmax = [&](int64_t b) {
+    image_sum(pS, b, tiles.per_image, C * C, pP + b * C * C);
+    softmax_rows(pP + b * C * C, pP + b * C * C, C, scale);
+  };
   // Pass 2: O = P V per tile.
   const T* pVr = proj ? pV : ph;
-  at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
+  auto pass2 = [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
       mat_tile(g, L, pP + b * C * C, false, tile_of<T>(pVr, g, b, n0), T(0), pout + g.t0(b, n0), g.ld_t());
     }
-  });
+  };
+  tiles_then_image_then_tiles(tiles, d.B, pass1, softmax, pass2);
 }
 
 template <typename T>
@@ -519,11 +570,11 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
   const int64_t pstride = 3 * (C * C + C);  // per-tile projection-gradient partials
 
   // Pass 1: dP partial = dO V^T per tile (V recomputed).
-  Tensor dPpart = at::empty({tiles.count, C, C}, A.options());
-  T* pdPp = dPpart.mutable_data_ptr<T>();
-  at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
-    Tensor buf = at::empty({(proj ? 3 : 2) * slot}, A.options());
-    T* hb = buf.mutable_data_ptr<T>();
+  Tensor hold_dP;
+  T* pdPp = scratch<T>(1, tiles.count * C * C, hold_dP);
+  auto pass1 = [&](int64_t i0, int64_t i1) {
+    Tensor hold;
+    T* hb = scratch<T>(0, (proj ? 3 : 2) * slot, hold);
     T* cnb = hb + slot;
     T* vb = proj ? cnb + slot : nullptr;
     for (int64_t it = i0; it < i1; ++it) {
@@ -541,26 +592,28 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
       }
       tile_xyT(g, L, tile_of<T>(pdO, g, b, n0), V, T(0), pdPp + it * C * C);
     }
-  });
-  // dS = P * (dP - rowsum(dP * P)) * scale.
+  };
+  // Per image: dP reduced in tile order, dS = P * (dP - rowsum(dP * P)) * scale.
   Tensor dS = at::empty({d.B, C, C}, A.options());
   T* pdS = dS.mutable_data_ptr<T>();
-  ordered_sum(pdPp, d.B, tiles.per_image, C * C, pdS);
-  for (int64_t r = 0; r < d.B * C; ++r) {
-    T* ds = pdS + r * C;
-    const T* p = pP + r * C;
-    T s = T(0);
-    for (int64_t j = 0; j < C; ++j) s += ds[j] * p[j];
-    for (int64_t j = 0; j < C; ++j) ds[j] = p[j] * (ds[j] - s) * scale;
-  }
+  auto scores_grad = [&](int64_t b) {
+    image_sum(pdPp, b, tiles.per_image, C * C, pdS + b * C * C);
+    for (int64_t r = b * C; r < (b + 1) * C; ++r) {
+      T* ds = pdS + r * C;
+      const T* p = pP + r * C;
+      T s = T(0);
+      for (int64_t j = 0; j < C; ++j) s += ds[j] * p[j];
+      for (int64_t j = 0; j < C; ++j) ds[j] = p[j] * (ds[j] - s) * scale;
+    }
+  };
 
   // Pass 2: per tile recompute state and Q, K, V; dQ = dS K, dK = dS^T Q, dV = P^T dO; then dA, dc.
-  Tensor dpp = proj ? at::empty({tiles.count, pstride}, A.options()) : Tensor();
-  T* pdpp = proj ? dpp.mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, tiles.count, 1, [&](int64_t i0, int64_t i1) {
+  Tensor hold_dpp;
+  T* pdpp = proj ? scratch<T>(2, tiles.count * pstride, hold_dpp) : nullptr;
+  auto pass2 = [&](int64_t i0, int64_t i1) {
     const int nslots = proj ? (comb != kNone ? 17 : 14) : 7;
-    Tensor buf = at::empty({nslots * slot}, A.options());
-    T* s0 = buf.mutable_data_ptr<T>();
+    Tensor hold;
+    T* s0 = scratch<T>(0, nslots * slot, hold);
     auto S = [&](int k) { return s0 + k * slot; };
     T *hb = S(0), *cnb = S(1), *fq = S(2), *fk = S(3), *dQ = S(4), *dK = S(5), *dV = S(6);
     T *q = nullptr, *k = nullptr, *v = nullptr, *dfq = nullptr, *dfk = nullptr, *dfv = nullptr, *dhx = nullptr;
@@ -634,7 +687,8 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
       rk.backward(pA + g.a0(b, n0), g.gs(), pc + t, pdh + t, pdcn + t, dh_extra, gq, gk, gv, gq ? comb : kNone,
                   pdA + g.dA0(b, n0), pdc + t, g.run_len(L), g.runs(L));
     }
-  });
+  };
+  tiles_then_image_then_tiles(tiles, d.B, pass1, scores_grad, pass2);
   if (proj) ordered_sum(pdpp, 1, tiles.count, pstride, dproj_flat.mutable_data_ptr<T>());
 }
 
