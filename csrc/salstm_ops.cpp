@@ -558,8 +558,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_forward(const Tensor& A_in,
 
 template <typename T>
 void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Proj<T>* proj, const Tensor& P,
-                             const Tensor& dout, const Tensor& dh, const Tensor& dcn, T scale, int comb, Tensor& dA,
-                             Tensor& dc, Tensor& dproj_flat, const Dims& d) {
+                             const Tensor& h_saved, const Tensor& dout, const Tensor& dh, const Tensor& dcn, T scale,
+                             int comb, Tensor& dA, Tensor& dc, Tensor& dproj_flat, const Dims& d) {
   const auto& rk = row_kernels<T>();
   const int64_t C = d.C, N = d.N, bld = g.ld_buf();
   const Tiles tiles(d);
@@ -569,7 +569,9 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
   const int64_t slot = C * kTile;
   const int64_t pstride = 3 * (C * C + C);  // per-tile projection-gradient partials
 
-  // Pass 1: dP partial = dO V^T per tile (V recomputed).
+  // Pass 1: dP partial = dO V^T per tile; V from the forward's h' when given (no pass over A),
+  // else h' recomputed from A and c.
+  const T* phs = h_saved.defined() ? h_saved.const_data_ptr<T>() : nullptr;
   Tensor hold_dP;
   T* pdPp = scratch<T>(1, tiles.count * C * C, hold_dP);
   auto pass1 = [&](int64_t i0, int64_t i1) {
@@ -580,11 +582,13 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
-      Runs runs = g.runs(L);
-      runs.o = bld;  // h', c' go to the tile buffers
-      rk.attention_state(pA + g.a0(b, n0), g.gs(), pc + g.t0(b, n0), hb, cnb, nullptr, nullptr, kNone, g.run_len(L),
-                         runs);
-      Mat<T> V = buf_of<T>(hb, g);
+      Mat<T> V = phs ? tile_of<T>(phs, g, b, n0) : buf_of<T>(hb, g);
+      if (!phs) {
+        Runs runs = g.runs(L);
+        runs.o = bld;  // h', c' go to the tile buffers
+        rk.attention_state(pA + g.a0(b, n0), g.gs(), pc + g.t0(b, n0), hb, cnb, nullptr, nullptr, kNone, g.run_len(L),
+                           runs);
+      }
       if (proj) {
         project(g, L, proj->wv, proj->bv, V, vb, bld);
         if (comb != kNone) mul_tile(g, L, vb, bld, V);
@@ -695,7 +699,7 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward(
     const Tensor& A_in, const Tensor& c_in, const OptT& wq, const OptT& bq, const OptT& wk, const OptT& bk,
     const OptT& wv, const OptT& bv, const Tensor& P_in, const Tensor& dout_in, const Tensor& dh_in,
-    const Tensor& dcn_in, double scale, c10::string_view combination) {
+    const Tensor& dcn_in, double scale, c10::string_view combination, const OptT& h_in) {
   const char* op = "salstm_kernels_cpp::attention_backward";
   Dims d = check_A_c(A_in, c_in, op);
   const bool has_proj = check_projections(wq, bq, wk, bk, wv, bv, d.C, op);
@@ -711,13 +715,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> atten
   Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g), P = acc(P_in, at_), dout = acc_t(dout_in, at_, g),
          dh = acc_t(dh_in, at_, g), dcn = acc_t(dcn_in, at_, g);
   std::vector<Tensor> p = has_proj ? acc_projections(wq, bq, wk, bk, wv, bv, at_) : std::vector<Tensor>{};
+  // The forward's h' is used only when it carries the accumulation precision (float32 / float64
+  // inputs); a rounded bfloat16 / float16 h' would change the float32 math, so it is recomputed.
+  Tensor h;
+  if (h_in.has_value()) {
+    check_like_c(*h_in, d, op, "h");
+    if (h_in->scalar_type() == at_) h = acc_t(*h_in, at_, g);
+  }
   Tensor dA = at::empty(A.sizes(), A.options().memory_format(g.format())), dc = empty_t(c, g);
   Tensor dproj = at::empty({has_proj ? 3 * (d.C * d.C + d.C) : 0}, A.options());
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm attention_backward", [&] {
     Proj<scalar_t> pr;
     if (has_proj) pr = proj_ptrs<scalar_t>(p);
-    attention_backward_impl<scalar_t>(A, g, c, has_proj ? &pr : nullptr, P, dout, dh, dcn, static_cast<scalar_t>(scale),
-                                      comb, dA, dc, dproj, d);
+    attention_backward_impl<scalar_t>(A, g, c, has_proj ? &pr : nullptr, P, h, dout, dh, dcn,
+                                      static_cast<scalar_t>(scale), comb, dA, dc, dproj, d);
   });
   Tensor gr[6];
   if (has_proj) {
@@ -747,7 +758,7 @@ TORCH_LIBRARY(salstm_kernels_cpp, m) {
       "Tensor? bv, float scale, str combination) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "attention_backward(Tensor A, Tensor c, Tensor? wq, Tensor? bq, Tensor? wk, Tensor? bk, Tensor? wv, "
-      "Tensor? bv, Tensor P, Tensor dout, Tensor dh, Tensor dc_new, float scale, str combination) -> "
+      "Tensor? bv, Tensor P, Tensor dout, Tensor dh, Tensor dc_new, float scale, str combination, Tensor? h=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -26,6 +26,11 @@ def _ops():
     return torch.ops.salstm_kernels_cpp
 
 
+# attention_backward reads the forward's h' for V instead of a pass over A (ops/lstm_attention.py
+# saves it for this provider only).
+USES_FORWARD_H = True
+
+
 def _proj_args(projections: Optional[Sequence[Tensor]]):
     return (None,) * 6 if projections is None else tuple(projections)
 
@@ -42,8 +47,8 @@ def attention_forward(A: Tensor, c: Tensor, projections, scale: float, combinati
     return _ops().attention_forward(A, c, *_proj_args(projections), float(scale), combination)
 
 
-def attention_backward(A, c, projections, P, dout, dh, dc_new, scale: float, combination: str):
+def attention_backward(A, c, projections, P, dout, dh, dc_new, scale: float, combination: str, h=None):
     dA, dc, *dproj = _ops().attention_backward(
-        A, c, *_proj_args(projections), P, dout, dh, dc_new, float(scale), combination
+        A, c, *_proj_args(projections), P, dout, dh, dc_new, float(scale), combination, h
     )
     return dA, dc, (None if projections is None else tuple(dproj))

@@ -44,8 +44,8 @@ def _broken_provider(fwd_bias=0.0, grad_scale=1.0):
         out, h, c_new, P = rk.attention_forward(A, c, projections, scale, combination)
         return out + fwd_bias, h, c_new, P
 
-    def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination):
-        dA, dc, dproj = rk.attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination)
+    def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None):
+        dA, dc, dproj = rk.attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h)
         return dA * grad_scale, dc, dproj
 
     mod.cell_backward, mod.attention_forward, mod.attention_backward = cell_backward, attention_forward, attention_backward

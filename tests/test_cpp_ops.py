@@ -150,6 +150,26 @@ def test_channels_last_A_runs_channels_last(shape, dtype):
                     assert_close(x, z, dtype, backward=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_backward_with_forward_h_is_bitwise_the_same(dtype, channels_last):
+    """Given the forward's ``h'`` the backward skips recomputing it for ``V``: the same values,
+    so the same bits (for bfloat16 the rounded ``h'`` is ignored and recomputed in float32)."""
+    A, c, g = _inputs(2, 24, 19, 17, dtype, seed=11)
+    if channels_last:
+        A, c = A.contiguous(memory_format=torch.channels_last), c.contiguous(memory_format=torch.channels_last)
+    dout, dh, dcn = (_randn(c.shape, dtype, g) for _ in range(3))
+    for proj in (None, _proj(24, dtype, g)):
+        for comb in ("linear", "nonlinear") + (("none",) if proj else ()):
+            out, h, cn, P = ck.attention_forward(A, c, proj, 0.3, comb)
+            with_h = ck.attention_backward(A, c, proj, P, dout, dh, dcn, 0.3, comb, h=h)
+            without = ck.attention_backward(A, c, proj, P, dout, dh, dcn, 0.3, comb)
+            for x, y in zip(with_h[:2] + (with_h[2] or ()), without[:2] + (without[2] or ())):
+                assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match=r"h must be \(B, C, H, W\)"):
+        ck.attention_backward(A, c, None, P, dout, dh, dcn, 0.3, "linear", h=h[:, :3])
+
+
 def test_nchw_A_with_channels_last_state_runs_nchw():
     """The layout follows ``A``: with NCHW ``A`` a channels_last ``c`` is converted and the outputs
     are contiguous NCHW."""

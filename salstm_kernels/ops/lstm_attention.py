@@ -80,19 +80,21 @@ def lstm_attention_backward(
     scale: float,
     combination: str,
     backend: str,
+    h: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. ``A, c`` and the six projection tensors (empty tensors when absent)."""
+    """Gradients w.r.t. ``A, c`` and the six projection tensors (empty tensors when absent).
+    ``h``: the forward's ``h'``, which a provider may use instead of recomputing it."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
     fmt = layout_of(A)
     c, dout, dh, dc_new = (t.contiguous(memory_format=fmt) for t in (c, dout, dh, dc_new))
-    dA, dc, dproj = kernels(backend).attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
+    dA, dc, dproj = kernels(backend).attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h)
     if dproj is None:
         dproj = tuple(A.new_empty(0) for _ in range(6))
     return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj)
 
 
 @lstm_attention_backward.register_fake
-def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend):
+def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h=None):
     proj = (wq, bq, wk, bk, wv, bv)
     dproj = [A.new_empty(0) if p is None else torch.empty_like(p) for p in proj]
     fmt = layout_of(A)
@@ -101,16 +103,18 @@ def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, bac
 
 def _setup_context(ctx, inputs, output):
     A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend = inputs
-    ctx.save_for_backward(A, c, wq, bq, wk, bk, wv, bv, output[3])
+    # P, and h' for providers that read it in backward (an output, but saving it keeps it alive).
+    h = output[1] if getattr(kernels(backend), "USES_FORWARD_H", False) else None
+    ctx.save_for_backward(A, c, wq, bq, wk, bk, wv, bv, output[3], h)
     ctx.scale, ctx.combination, ctx.backend = scale, combination, backend
     ctx.gated = wq is not None
 
 
 def _backward(ctx, dout, dh, dc_new, dP):
-    A, c, wq, bq, wk, bk, wv, bv, P = ctx.saved_tensors
+    A, c, wq, bq, wk, bk, wv, bv, P, h = ctx.saved_tensors
     z = lambda g: torch.zeros_like(c) if g is None else g  # noqa: E731  (the op brings it to A's layout)
     grads = lstm_attention_backward(
-        A, c, wq, bq, wk, bk, wv, bv, P, z(dout), z(dh), z(dc_new), ctx.scale, ctx.combination, ctx.backend
+        A, c, wq, bq, wk, bk, wv, bv, P, z(dout), z(dh), z(dc_new), ctx.scale, ctx.combination, ctx.backend, h
     )
     dA, dc = grads[0], grads[1]
     dproj = tuple(grads[2:]) if ctx.gated else (None,) * 6

@@ -16,9 +16,11 @@ computes NCHW still gives correct results, with copies; the ``cpp`` provider run
     is the softmax of the scaled scores, saved for backward.
 ``supported_dtypes(device_type) -> tuple of torch.dtype`` (optional; default: all four float types)
     the input dtypes the provider computes; others raise a clear ``TypeError``.
-``attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination)``
+``attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None)``
     ``-> (dA, dc, dprojections or None)``; ``dh, dc_new`` are the gradients arriving on the returned
-    states, honoured in addition to ``dout``.
+    states, honoured in addition to ``dout``.  ``h`` is the forward's ``h'`` (saved by autograd, as
+    it is an output anyway) when the provider sets ``USES_FORWARD_H = True``, else ``None``; the
+    ``cpp`` provider uses it for ``V`` and skips a pass over ``A``.
 
 Outputs have ``A``'s dtype; accumulation and the softmax are float32 (float64 for float64 inputs,
 so gradcheck can run; ``P`` then is float64 too).

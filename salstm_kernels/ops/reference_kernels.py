@@ -74,7 +74,8 @@ def attention_forward(A, c, projections, scale, combination):
     return out.to(A.dtype), h.to(A.dtype), c_new.to(A.dtype), P
 
 
-def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination):
+def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h_saved=None):
+    # h_saved (the forward's h') is accepted for the contract and not used: recomputed below.
     i, f, o, g, c_new, tc, h = _state(A, c)
     Q, K, V, qkv = _qkv(f, g, c_new, h, projections, combination)
     dO = _flat(dout.to(P.dtype))

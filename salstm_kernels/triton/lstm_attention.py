@@ -421,7 +421,8 @@ def attention_forward(A, c, projections, scale, combination):
     return out, h, c_new, P
 
 
-def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination):
+def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None):
+    # h (the forward's h') is not used: the backward kernels recompute it with the gates.
     check_cell_shapes(A, c)
     check_dtypes(A, c, dout, dh, dc_new)
     A, c = A.contiguous(), c.contiguous()
