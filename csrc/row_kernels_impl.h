@@ -25,25 +25,45 @@ inline Vectorized<T> tanh_(const Vectorized<T>& x) {
   return x.tanh();
 }
 
+// Coefficients of P (x^12 ... x^0 in s = x^2) and Q (s^3 ... s^0).
+constexpr float kTanhP[7] = {-6.233286321e-14f, 4.281489746e-11f, -1.788570891e-08f, 1.051409981e-05f,
+                             3.038408468e-03f,  1.302379072e-01f, 9.999998212e-01f};
+constexpr float kTanhQ[4] = {2.453407797e-04f, 2.422946878e-02f, 4.635702968e-01f, 1.f};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512: the same rational with the saturation as mask operations.  No clamp of x is needed:
+// every |x| >= 9 lane (where x^13 may overflow to inf / NaN) is replaced by sign(x) * 1 through the
+// compare mask, and NaN compares false, so it propagates.  17 instructions instead of 21 through
+// at::vec (whose compare / blendv go mask -> vector -> mask).
+template <>
+C10_ALWAYS_INLINE Vectorized<float> tanh_(const Vectorized<float>& xv) {
+  const __m512 x = xv;
+  const __m512 s = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(kTanhP[0]);
+  for (int k = 1; k < 7; ++k) p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kTanhP[k]));
+  __m512 q = _mm512_set1_ps(kTanhQ[0]);
+  for (int k = 1; k < 4; ++k) q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kTanhQ[k]));
+  const __m512 r = _mm512_div_ps(_mm512_mul_ps(x, p), q);
+  const __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(9.f), _CMP_GE_OQ);
+  // (x & sign) | 1.0f: +-1 with x's sign, in one ternary-logic instruction.
+  const __m512i one_signed = _mm512_ternarylogic_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN),
+                                                       _mm512_castps_si512(_mm512_set1_ps(1.f)), 0xEA);
+  return Vectorized<float>(_mm512_mask_blend_ps(big, r, _mm512_castsi512_ps(one_signed)));
+}
+#else
 template <>
 C10_ALWAYS_INLINE Vectorized<float> tanh_(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   const V xc = at::vec::clamp(x, V(-9.f), V(9.f));
   const V s = xc * xc;
-  V p(-6.233286321e-14f);
-  p = at::vec::fmadd(p, s, V(4.281489746e-11f));
-  p = at::vec::fmadd(p, s, V(-1.788570891e-08f));
-  p = at::vec::fmadd(p, s, V(1.051409981e-05f));
-  p = at::vec::fmadd(p, s, V(3.038408468e-03f));
-  p = at::vec::fmadd(p, s, V(1.302379072e-01f));
-  p = at::vec::fmadd(p, s, V(9.999998212e-01f));
-  V q(2.453407797e-04f);
-  q = at::vec::fmadd(q, s, V(2.422946878e-02f));
-  q = at::vec::fmadd(q, s, V(4.635702968e-01f));
-  q = at::vec::fmadd(q, s, V(1.f));
+  V p(kTanhP[0]);
+  for (int k = 1; k < 7; ++k) p = at::vec::fmadd(p, s, V(kTanhP[k]));
+  V q(kTanhQ[0]);
+  for (int k = 1; k < 4; ++k) q = at::vec::fmadd(q, s, V(kTanhQ[k]));
   // |x| >= 9: exactly +-1 (the rational gives 1 - 1.8e-7 there), so sigmoid saturates to 0 / 1.
   return V::blendv((xc * p) / q, at::vec::clamp(x, V(-1.f), V(1.f)), x.abs() >= V(9.f));
 }
+#endif
 
 // sigmoid(x) = 0.5 tanh(0.5 x) + 0.5 (float: the rational tanh above; abs error <= ~1.5e-7).
 template <typename T>
