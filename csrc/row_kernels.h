@@ -28,7 +28,7 @@ struct RowKernels {
                           Runs runs);
   // dA, dc from the gradients on h' and c' (dh, dcn), plus optional extra ones:
   //   dh_extra (added to dh),  dfq / dfk / dfv: gradients on the QKV factors of `comb`
-  //   (null when absent).
+  //   (null when absent).  dh and dcn may be null too (no gradient: zero).
   void (*backward)(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
                    const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L, Runs runs);
 };

@@ -140,8 +140,8 @@ C10_ALWAYS_INLINE void backward_run(const T* A, int64_t gs, const T* c, const T*
   for (int64_t j = 0; j < L; j += W) {
     const int64_t n = std::min<int64_t>(W, L - j);
     State<T> s = load_state(A, gs, c, j, n);
-    V dh_t = V::loadu(dh + j, n);
-    V dc_t = V::loadu(dcn + j, n);
+    V dh_t = dh != nullptr ? V::loadu(dh + j, n) : zero;  // absent gradients are zero
+    V dc_t = dcn != nullptr ? V::loadu(dcn + j, n) : zero;
     V df = zero, dg = zero;
     if (dh_extra != nullptr) dh_t = dh_t + V::loadu(dh_extra + j, n);
     if (factors) {
@@ -176,7 +176,8 @@ void backward(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, con
               const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L, Runs runs) {
   for (int64_t r = 0; r < runs.count; ++r) {
     const int64_t a = r * runs.a, t = r * runs.t, u = r * runs.buf;
-    backward_run(A + a, gs, c + t, dh + t, dcn + t, dh_extra ? dh_extra + u : nullptr, dfq ? dfq + u : nullptr,
+    backward_run(A + a, gs, c + t, dh ? dh + t : nullptr, dcn ? dcn + t : nullptr, dh_extra ? dh_extra + u : nullptr,
+                 dfq ? dfq + u : nullptr,
                  dfk ? dfk + u : nullptr, dfv ? dfv + u : nullptr, comb, dA + a, dc + t, L);
   }
 }

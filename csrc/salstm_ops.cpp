@@ -27,6 +27,7 @@ namespace salstm_cpu {
 namespace {
 
 using at::Tensor;
+using OptT = c10::optional<Tensor>;
 
 constexpr int64_t kTile = 256;  // pixels per work item (fixed: part of the reduction order)
 
@@ -115,6 +116,19 @@ Tensor acc_A(const Tensor& A_in, at::ScalarType a, const Dims& d, Geo& geo) {
 // A (B, C, H, W) tensor in the accumulation dtype and the working layout.
 Tensor acc_t(const Tensor& t, at::ScalarType a, const Geo& geo) { return t.to(a).contiguous(geo.format()); }
 
+// An optional (B, C, H, W) gradient in the accumulation dtype and working layout; undefined (read as
+// zero by the kernels, with no zero tensor allocated or read) when absent.
+Tensor acc_opt(const OptT& t, at::ScalarType a, const Geo& geo, const Dims& d, const char* op, const char* name) {
+  if (!t.has_value()) return Tensor();
+  check_like_c(*t, d, op, name);
+  return acc_t(*t, a, geo);
+}
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
 Tensor empty_t(const Tensor& like, const Geo& geo) { return at::empty(like.sizes(), like.options().memory_format(geo.format())); }
 
 int parse_combination(const std::string& s, bool has_proj, const char* op) {
@@ -127,7 +141,6 @@ int parse_combination(const std::string& s, bool has_proj, const char* op) {
   return comb;
 }
 
-using OptT = c10::optional<Tensor>;
 
 // Projections: all six given (returns true) or none (false); shapes (C, C) / (C,).
 bool check_projections(const OptT& wq, const OptT& bq, const OptT& wk, const OptT& bk, const OptT& wv,
@@ -389,7 +402,7 @@ void cell_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Te
                         Tensor& dA, Tensor& dc, const Dims& d) {
   const auto& rk = row_kernels<T>();
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>();
-  const T *pdh = dh.const_data_ptr<T>(), *pdcn = dcn.const_data_ptr<T>();
+  const T *pdh = ptr_or_null<T>(dh), *pdcn = ptr_or_null<T>(dcn);
   T *pdA = dA.mutable_data_ptr<T>(), *pdc = dc.mutable_data_ptr<T>();
   const int64_t per_image = g.nhwc ? d.N : d.C, len = g.nhwc ? d.C : d.N;
   at::parallel_for(0, d.B * per_image, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
@@ -399,22 +412,22 @@ void cell_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Te
       const int64_t da = g.nhwc ? g.dA0(b, k) : g.dA0(b, 0) + k * d.N;
       const int64_t t = g.nhwc ? g.t0(b, k) : g.t0(b, 0) + k * d.N;
       // A and dA share run strides (4C per pixel / N per channel); only their batch strides differ.
-      rk.backward(pA + a, g.gs(), pc + t, pdh + t, pdcn + t, nullptr, nullptr, nullptr, nullptr, kNone, pdA + da,
+      rk.backward(pA + a, g.gs(), pc + t, pdh ? pdh + t : nullptr, pdcn ? pdcn + t : nullptr, nullptr, nullptr,
+                  nullptr, nullptr, kNone, pdA + da,
                   pdc + t, len, Runs{e - r, g.ld_a(), g.ld_t(), g.ld_t(), 0});
       r = e;
     }
   });
 }
 
-std::tuple<Tensor, Tensor> cell_backward(const Tensor& A_in, const Tensor& c_in, const Tensor& dh_in,
-                                         const Tensor& dcn_in) {
+std::tuple<Tensor, Tensor> cell_backward(const Tensor& A_in, const Tensor& c_in, const OptT& dh_in,
+                                         const OptT& dcn_in) {
   const char* op = "salstm_kernels_cpp::cell_backward";
   Dims d = check_A_c(A_in, c_in, op);
-  check_like_c(dh_in, d, op, "dh");
-  check_like_c(dcn_in, d, op, "dc_new");
   const auto at_ = acc_type(A_in.scalar_type());
   Geo g;
-  Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g), dh = acc_t(dh_in, at_, g), dcn = acc_t(dcn_in, at_, g);
+  Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g);
+  Tensor dh = acc_opt(dh_in, at_, g, d, op, "dh"), dcn = acc_opt(dcn_in, at_, g, d, op, "dc_new");
   Tensor dA = at::empty(A.sizes(), A.options().memory_format(g.format())), dc = empty_t(c, g);
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_backward",
                              [&] { cell_backward_impl<scalar_t>(A, g, c, dh, dcn, dA, dc, d); });
@@ -564,7 +577,7 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
   const int64_t C = d.C, N = d.N, bld = g.ld_buf();
   const Tiles tiles(d);
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>(), *pP = P.const_data_ptr<T>();
-  const T *pdO = dout.const_data_ptr<T>(), *pdh = dh.const_data_ptr<T>(), *pdcn = dcn.const_data_ptr<T>();
+  const T *pdO = dout.const_data_ptr<T>(), *pdh = ptr_or_null<T>(dh), *pdcn = ptr_or_null<T>(dcn);
   T *pdA = dA.mutable_data_ptr<T>(), *pdc = dc.mutable_data_ptr<T>();
   const int64_t slot = C * kTile;
   const int64_t pstride = 3 * (C * C + C);  // per-tile projection-gradient partials
@@ -688,7 +701,8 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
         dh_extra = dhx;
       }
       // Final pointwise pass: dA, dc.
-      rk.backward(pA + g.a0(b, n0), g.gs(), pc + t, pdh + t, pdcn + t, dh_extra, gq, gk, gv, gq ? comb : kNone,
+      rk.backward(pA + g.a0(b, n0), g.gs(), pc + t, pdh ? pdh + t : nullptr, pdcn ? pdcn + t : nullptr, dh_extra, gq,
+                  gk, gv, gq ? comb : kNone,
                   pdA + g.dA0(b, n0), pdc + t, g.run_len(L), g.runs(L));
     }
   };
@@ -698,22 +712,20 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward(
     const Tensor& A_in, const Tensor& c_in, const OptT& wq, const OptT& bq, const OptT& wk, const OptT& bk,
-    const OptT& wv, const OptT& bv, const Tensor& P_in, const Tensor& dout_in, const Tensor& dh_in,
-    const Tensor& dcn_in, double scale, c10::string_view combination, const OptT& h_in) {
+    const OptT& wv, const OptT& bv, const Tensor& P_in, const Tensor& dout_in, const OptT& dh_in,
+    const OptT& dcn_in, double scale, c10::string_view combination, const OptT& h_in) {
   const char* op = "salstm_kernels_cpp::attention_backward";
   Dims d = check_A_c(A_in, c_in, op);
   const bool has_proj = check_projections(wq, bq, wk, bk, wv, bv, d.C, op);
   const int comb = parse_combination(std::string(combination), has_proj, op);
   check_like_c(dout_in, d, op, "dout");
-  check_like_c(dh_in, d, op, "dh");
-  check_like_c(dcn_in, d, op, "dc_new");
   check_float_cpu(P_in, op, "P");
   TORCH_CHECK(P_in.dim() == 3 && P_in.size(0) == d.B && P_in.size(1) == d.C && P_in.size(2) == d.C, op,
               ": P must be (B, C, C) = (", d.B, ", ", d.C, ", ", d.C, "), got ", P_in.sizes());
   const auto at_ = acc_type(A_in.scalar_type());
   Geo g;
   Tensor A = acc_A(A_in, at_, d, g), c = acc_t(c_in, at_, g), P = acc(P_in, at_), dout = acc_t(dout_in, at_, g),
-         dh = acc_t(dh_in, at_, g), dcn = acc_t(dcn_in, at_, g);
+         dh = acc_opt(dh_in, at_, g, d, op, "dh"), dcn = acc_opt(dcn_in, at_, g, d, op, "dc_new");
   std::vector<Tensor> p = has_proj ? acc_projections(wq, bq, wk, bk, wv, bv, at_) : std::vector<Tensor>{};
   // The forward's h' is used only when it carries the accumulation precision (float32 / float64
   // inputs); a rounded bfloat16 / float16 h' would change the float32 math, so it is recomputed.
@@ -752,13 +764,13 @@ std::string cpu_capability() { return row_kernels_capability(); }
 TORCH_LIBRARY(salstm_kernels_cpp, m) {
   m.def("cpu_capability() -> str");
   m.def("cell_forward(Tensor A, Tensor c) -> (Tensor, Tensor)");
-  m.def("cell_backward(Tensor A, Tensor c, Tensor dh, Tensor dc_new) -> (Tensor, Tensor)");
+  m.def("cell_backward(Tensor A, Tensor c, Tensor? dh, Tensor? dc_new) -> (Tensor, Tensor)");
   m.def(
       "attention_forward(Tensor A, Tensor c, Tensor? wq, Tensor? bq, Tensor? wk, Tensor? bk, Tensor? wv, "
       "Tensor? bv, float scale, str combination) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "attention_backward(Tensor A, Tensor c, Tensor? wq, Tensor? bq, Tensor? wk, Tensor? bk, Tensor? wv, "
-      "Tensor? bv, Tensor P, Tensor dout, Tensor dh, Tensor dc_new, float scale, str combination, Tensor? h=None) -> "
+      "Tensor? bv, Tensor P, Tensor dout, Tensor? dh, Tensor? dc_new, float scale, str combination, Tensor? h=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -29,6 +29,8 @@ def _ops():
 # attention_backward reads the forward's h' for V instead of a pass over A (ops/lstm_attention.py
 # saves it for this provider only).
 USES_FORWARD_H = True
+# cell_backward / attention_backward read dh = None / dc_new = None as zero (no zero tensors).
+OPTIONAL_STATE_GRADS = True
 
 
 def _proj_args(projections: Optional[Sequence[Tensor]]):

@@ -170,6 +170,33 @@ def test_attention_backward_with_forward_h_is_bitwise_the_same(dtype, channels_l
         ck.attention_backward(A, c, None, P, dout, dh, dcn, 0.3, "linear", h=h[:, :3])
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_absent_state_grads_read_as_zero(channels_last):
+    """``dh`` / ``dc_new`` = None (no gradient on that output) give bitwise the results of zeros,
+    through the provider and through the custom ops (whose other providers get zeros)."""
+    A, c, g = _inputs(2, 24, 19, 17, torch.float32, seed=12)
+    if channels_last:
+        A, c = A.contiguous(memory_format=torch.channels_last), c.contiguous(memory_format=torch.channels_last)
+    dout, dh, dcn = (_randn(c.shape, torch.float32, g) for _ in range(3))
+    z = torch.zeros_like(c)
+    for a, b in ((None, dcn), (dh, None), (None, None)):
+        za, zb = (z if a is None else a), (z if b is None else b)
+        for x, y in zip(ck.cell_backward(A, c, a, b), ck.cell_backward(A, c, za, zb)):
+            assert torch.equal(x, y)
+        for proj in (None, _proj(24, torch.float32, g)):
+            P = ck.attention_forward(A, c, proj, 0.3, "linear")[3]
+            got = ck.attention_backward(A, c, proj, P, dout, a, b, 0.3, "linear")
+            exp = ck.attention_backward(A, c, proj, P, dout, za, zb, 0.3, "linear")
+            for x, y in zip(got[:2] + (got[2] or ()), exp[:2] + (exp[2] or ())):
+                assert torch.equal(x, y)
+        for backend in ("cpp", "reference"):
+            got = ops.lstm_cell_backward(A, c, a, b, backend)
+            for x, y in zip(got, rk.cell_backward(A, c, za, zb)):
+                assert_close(x, y, torch.float32, backward=True)
+    with pytest.raises(RuntimeError, match=r"dh must be \(B, C, H, W\)"):
+        ck.cell_backward(A, c, dh[:, :3], None)
+
+
 def test_nchw_A_with_channels_last_state_runs_nchw():
     """The layout follows ``A``: with NCHW ``A`` a channels_last ``c`` is converted and the outputs
     are contiguous NCHW."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..validation import check_lstm_attention_args
 from .layout import empty_in, layout_of
-from .providers import kernels
+from .providers import kernels, state_grads_for
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
 
@@ -75,19 +75,22 @@ def lstm_attention_backward(
     bv: Optional[Tensor],
     P: Tensor,
     dout: Tensor,
-    dh: Tensor,
-    dc_new: Tensor,
+    dh: Optional[Tensor],
+    dc_new: Optional[Tensor],
     scale: float,
     combination: str,
     backend: str,
     h: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. ``A, c`` and the six projection tensors (empty tensors when absent).
-    ``h``: the forward's ``h'``, which a provider may use instead of recomputing it."""
+    ``h``: the forward's ``h'``, which a provider may use instead of recomputing it; ``dh`` /
+    ``dc_new`` None: no gradient arrived on that output."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
     fmt = layout_of(A)
-    c, dout, dh, dc_new = (t.contiguous(memory_format=fmt) for t in (c, dout, dh, dc_new))
-    dA, dc, dproj = kernels(backend).attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h)
+    prov = kernels(backend)
+    c, dout = c.contiguous(memory_format=fmt), dout.contiguous(memory_format=fmt)
+    dh, dc_new = state_grads_for(prov, c, fmt, dh, dc_new)
+    dA, dc, dproj = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h)
     if dproj is None:
         dproj = tuple(A.new_empty(0) for _ in range(6))
     return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj)
@@ -107,14 +110,17 @@ def _setup_context(ctx, inputs, output):
     h = output[1] if getattr(kernels(backend), "USES_FORWARD_H", False) else None
     ctx.save_for_backward(A, c, wq, bq, wk, bk, wv, bv, output[3], h)
     ctx.scale, ctx.combination, ctx.backend = scale, combination, backend
+    # Outputs that got no gradient arrive as None (not as zero tensors, which the engine would
+    # allocate and the op would then convert to A's layout): the cpp provider reads None as zero.
+    ctx.set_materialize_grads(False)
     ctx.gated = wq is not None
 
 
 def _backward(ctx, dout, dh, dc_new, dP):
     A, c, wq, bq, wk, bk, wv, bv, P, h = ctx.saved_tensors
-    z = lambda g: torch.zeros_like(c) if g is None else g  # noqa: E731  (the op brings it to A's layout)
+    dout = torch.zeros_like(c) if dout is None else dout
     grads = lstm_attention_backward(
-        A, c, wq, bq, wk, bk, wv, bv, P, z(dout), z(dh), z(dc_new), ctx.scale, ctx.combination, ctx.backend, h
+        A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h
     )
     dA, dc = grads[0], grads[1]
     dproj = tuple(grads[2:]) if ctx.gated else (None,) * 6

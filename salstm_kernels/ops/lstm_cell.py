@@ -5,14 +5,14 @@ inputs are saved).  Reference: :func:`salstm_kernels.reference.lstm_cell_ref`.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_args
 from .layout import empty_in, layout_of
-from .providers import kernels
+from .providers import kernels, state_grads_for
 
 
 @torch.library.custom_op("salstm_kernels::lstm_cell", mutates_args=())
@@ -32,10 +32,14 @@ def _(A, c, backend):
 
 
 @torch.library.custom_op("salstm_kernels::lstm_cell_backward", mutates_args=())
-def lstm_cell_backward(A: Tensor, c: Tensor, dh: Tensor, dc_new: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """Gradients of :func:`lstm_cell` w.r.t. ``A`` and ``c`` (in ``A``'s layout)."""
+def lstm_cell_backward(
+    A: Tensor, c: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str
+) -> Tuple[Tensor, Tensor]:
+    """Gradients of :func:`lstm_cell` w.r.t. ``A`` and ``c`` (in ``A``'s layout); ``dh`` / ``dc_new``
+    None means no gradient arrived on that output."""
     fmt = layout_of(A)
-    dA, dc = kernels(backend).cell_backward(A, *(t.contiguous(memory_format=fmt) for t in (c, dh, dc_new)))
+    prov = kernels(backend)
+    dA, dc = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new))
     return dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt)
 
 
@@ -49,12 +53,11 @@ def _setup_context(ctx, inputs, output):
     A, c, backend = inputs
     ctx.save_for_backward(A, c)
     ctx.backend = backend
+    ctx.set_materialize_grads(False)  # no-gradient outputs arrive as None (see lstm_attention.py)
 
 
 def _backward(ctx, dh, dc_new):
     A, c = ctx.saved_tensors
-    dh = torch.zeros_like(c) if dh is None else dh
-    dc_new = torch.zeros_like(c) if dc_new is None else dc_new
     dA, dc = lstm_cell_backward(A, c, dh, dc_new, ctx.backend)
     return dA, dc, None
 

@@ -14,6 +14,9 @@ computes NCHW still gives correct results, with copies; the ``cpp`` provider run
     ``(wq, bq, wk, bk, wv, bv)`` with ``w (C, C)``, ``b (C,)`` (LSTM-SA, separated baseline).
     ``combination`` is "linear", "nonlinear" or "none" (projections only).  ``P (B, C, C)``
     is the softmax of the scaled scores, saved for backward.
+``OPTIONAL_STATE_GRADS`` (optional attribute, default False)
+    when True, the backward functions accept ``None`` for ``dh`` / ``dc_new`` (no gradient arrived
+    on that output) and read it as zero without a zero tensor; otherwise the op layer passes zeros.
 ``supported_dtypes(device_type) -> tuple of torch.dtype`` (optional; default: all four float types)
     the input dtypes the provider computes; others raise a clear ``TypeError``.
 ``attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None)``
@@ -48,6 +51,14 @@ def kernels(backend: str) -> ModuleType:
     except KeyError:
         raise ValueError(f"no fused kernels for backend {backend!r}; expected one of {list(_PROVIDERS)}") from None
     return importlib.import_module(path)
+
+
+def state_grads_for(provider: ModuleType, like: torch.Tensor, fmt: torch.memory_format, *grads):
+    """``grads`` (each a tensor or None) as ``provider``'s backward takes them: in layout ``fmt``, and
+    None replaced by zeros unless the provider reads None as zero (``OPTIONAL_STATE_GRADS``)."""
+    keep_none = getattr(provider, "OPTIONAL_STATE_GRADS", False)
+    return tuple((None if keep_none else torch.zeros_like(like, memory_format=fmt)) if g is None
+                 else g.contiguous(memory_format=fmt) for g in grads)
 
 
 def supported_dtypes(backend: str, device_type: str) -> Tuple[torch.dtype, ...]:
