@@ -31,6 +31,13 @@ struct RowKernels {
   //   (null when absent).  dh and dcn may be null too (no gradient: zero).
   void (*backward)(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
                    const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L, Runs runs);
+  // Tile helpers of the projected (LSTM-SA) path, vectorized here rather than left to the
+  // portable salstm_ops.cpp build.  out = a * b on `rows` rows of L (out may be a).
+  void (*mul)(T* out, int64_t ldo, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows, int64_t L);
+  // out[r] = sum_j x[r * ld + j] (r < rows, j < L)
+  void (*row_sums)(const T* x, int64_t ld, int64_t rows, int64_t L, T* out);
+  // out[j] = sum_r x[r * ld + j] (r < rows, j < L)
+  void (*col_sums)(const T* x, int64_t ld, int64_t rows, int64_t L, T* out);
 };
 
 namespace DEFAULT {

@@ -182,11 +182,50 @@ void backward(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, con
   }
 }
 
+template <typename T>
+void mul(T* out, int64_t ldo, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows, int64_t L) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t r = 0; r < rows; ++r, out += ldo, a += lda, b += ldb) {
+    for (int64_t j = 0; j < L; j += W) {
+      const int64_t n = std::min<int64_t>(W, L - j);
+      (V::loadu(a + j, n) * V::loadu(b + j, n)).store(out + j, n);
+    }
+  }
+}
+
+template <typename T>
+void row_sums(const T* x, int64_t ld, int64_t rows, int64_t L, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  T lanes[W];
+  for (int64_t r = 0; r < rows; ++r, x += ld) {
+    V acc(T(0));
+    for (int64_t j = 0; j < L; j += W) acc = acc + V::loadu(x + j, std::min<int64_t>(W, L - j));  // zero-filled tail
+    acc.store(lanes);
+    T s = T(0);
+    for (int64_t k = 0; k < W; ++k) s += lanes[k];
+    out[r] = s;
+  }
+}
+
+template <typename T>
+void col_sums(const T* x, int64_t ld, int64_t rows, int64_t L, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t j = 0; j < L; j += W) {
+    const int64_t n = std::min<int64_t>(W, L - j);
+    V acc(T(0));
+    for (int64_t r = 0; r < rows; ++r) acc = acc + V::loadu(x + r * ld + j, n);
+    acc.store(out + j, n);
+  }
+}
+
 }  // namespace
 
 template <typename T>
 RowKernels<T> row_kernels() {
-  return RowKernels<T>{&cell_forward<T>, &attention_state<T>, &backward<T>};
+  return RowKernels<T>{&cell_forward<T>, &attention_state<T>, &backward<T>, &mul<T>, &row_sums<T>, &col_sums<T>};
 }
 template RowKernels<float> row_kernels<float>();
 template RowKernels<double> row_kernels<double>();

@@ -266,32 +266,17 @@ inline void project(const Geo& g, int64_t L, const T* w, const T* b, Mat<T> x, T
   mat_tile(g, L, w, false, x, T(1), y, ldy);
 }
 
-// x *= y elementwise on tiles (same layout).
+// out = a * b elementwise on tiles (same layout; out may be a).
 template <typename T>
-inline void mul_tile(const Geo& g, int64_t L, T* x, int64_t ldx, Mat<T> y) {
-  const int64_t runs = g.runs(L).count, len = g.run_len(L);
-  for (int64_t r = 0; r < runs; ++r) {
-    T* xr = x + r * ldx;
-    const T* yr = y.p + r * y.ld;
-    for (int64_t j = 0; j < len; ++j) xr[j] *= yr[j];
-  }
+inline void mul_tile(const RowKernels<T>& rk, const Geo& g, int64_t L, T* out, int64_t ldo, Mat<T> a, Mat<T> b) {
+  rk.mul(out, ldo, a.p, a.ld, b.p, b.ld, g.runs(L).count, g.run_len(L));
 }
 
-// db[ch] = sum over the tile's pixels of dy (a tile buffer, ld g.ld_buf()).
+// db[ch] = sum over the tile's pixels of dy (a tile buffer with run stride ld).
 template <typename T>
-inline void pixel_sum(const Geo& g, int64_t L, const T* dy, T* db) {
-  const int64_t C = g.C, ld = g.ld_buf();
-  if (g.nhwc) {
-    std::fill(db, db + C, T(0));
-    for (int64_t n = 0; n < L; ++n)
-      for (int64_t ch = 0; ch < C; ++ch) db[ch] += dy[n * ld + ch];
-  } else {
-    for (int64_t ch = 0; ch < C; ++ch) {
-      T s = T(0);
-      for (int64_t j = 0; j < L; ++j) s += dy[ch * ld + j];
-      db[ch] = s;
-    }
-  }
+inline void pixel_sum(const RowKernels<T>& rk, const Geo& g, int64_t L, const T* dy, int64_t ld, T* db) {
+  if (g.nhwc) rk.col_sums(dy, ld, L, g.C, db);
+  else rk.row_sums(dy, ld, g.C, L, db);
 }
 
 // Per-thread scratch kept across calls: the tile buffers and per-tile partials.  A fresh at::empty
@@ -502,9 +487,9 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
         project(g, L, proj->wk, proj->bk, H, k, bld);
         project(g, L, proj->wv, proj->bv, H, v, g.ld_t());
         if (comb != kNone) {
-          mul_tile(g, L, q, bld, Q);
-          mul_tile(g, L, k, bld, K);
-          mul_tile(g, L, v, g.ld_t(), H);
+          mul_tile(rk, g, L, q, bld, buf_of<T>(q, g), Q);
+          mul_tile(rk, g, L, k, bld, buf_of<T>(k, g), K);
+          mul_tile(rk, g, L, v, g.ld_t(), Mat<T>{v, g.ld_t()}, H);
         }
         Q = buf_of<T>(q, g);
         K = buf_of<T>(k, g);
@@ -604,7 +589,7 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
       }
       if (proj) {
         project(g, L, proj->wv, proj->bv, V, vb, bld);
-        if (comb != kNone) mul_tile(g, L, vb, bld, V);
+        if (comb != kNone) mul_tile(rk, g, L, vb, bld, buf_of<T>(vb, g), V);
         V = buf_of<T>(vb, g);
       }
       tile_xyT(g, L, tile_of<T>(pdO, g, b, n0), V, T(0), pdPp + it * C * C);
@@ -634,10 +619,10 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
     auto S = [&](int k) { return s0 + k * slot; };
     T *hb = S(0), *cnb = S(1), *fq = S(2), *fk = S(3), *dQ = S(4), *dK = S(5), *dV = S(6);
     T *q = nullptr, *k = nullptr, *v = nullptr, *dfq = nullptr, *dfk = nullptr, *dfv = nullptr, *dhx = nullptr;
-    T *rq = nullptr, *rk_ = nullptr, *rv = nullptr;  // raw projections kept beside Q, K, V (gated)
+    T *gQ = nullptr, *gK = nullptr, *gV = nullptr;  // gated Q, K, V beside the raw projections q, k, v
     if (proj) {
       q = S(7); k = S(8); v = S(9); dfq = S(10); dfk = S(11); dfv = S(12); dhx = S(13);
-      if (comb != kNone) { rq = S(14); rk_ = S(15); rv = S(16); }
+      if (comb != kNone) { gQ = S(14); gK = S(15); gV = S(16); }
     }
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
@@ -653,15 +638,15 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
         project(g, L, proj->wk, proj->bk, H, k, bld);
         project(g, L, proj->wv, proj->bv, H, v, bld);
         if (comb != kNone) {
-          std::copy(q, q + slot, rq);
-          std::copy(k, k + slot, rk_);
-          std::copy(v, v + slot, rv);
-          mul_tile(g, L, q, bld, Q);
-          mul_tile(g, L, k, bld, K);
-          mul_tile(g, L, v, bld, H);
+          mul_tile(rk, g, L, gQ, bld, buf_of<T>(q, g), Q);
+          mul_tile(rk, g, L, gK, bld, buf_of<T>(k, g), K);
+          mul_tile(rk, g, L, gV, bld, buf_of<T>(v, g), H);
+          Q = buf_of<T>(gQ, g);
+          K = buf_of<T>(gK, g);
+        } else {
+          Q = buf_of<T>(q, g);
+          K = buf_of<T>(k, g);
         }
-        Q = buf_of<T>(q, g);
-        K = buf_of<T>(k, g);
       }
       const T* dS_b = pdS + b * C * C;
       const T* P_b = pP + b * C * C;
@@ -673,17 +658,13 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
       if (proj) {
         // dfq = dQ * q_raw, dq = dQ * fq (and k, v with fv = h'); for "none" dq = dQ.
         if (comb != kNone) {
-          const int64_t runs_n = runs.count, len = g.run_len(L);
-          for (int64_t r = 0; r < runs_n; ++r) {
-            const int64_t o = r * bld;
-            for (int64_t j = 0; j < len; ++j) {
-              dfq[o + j] = dQ[o + j] * rq[o + j];
-              dQ[o + j] *= fq[o + j];
-              dfk[o + j] = dK[o + j] * rk_[o + j];
-              dK[o + j] *= fk[o + j];
-              dfv[o + j] = dV[o + j] * rv[o + j];
-              dV[o + j] *= hb[o + j];
-            }
+          const T* raw[3] = {q, k, v};
+          const T* factor[3] = {fq, fk, hb};
+          T* dY[3] = {dQ, dK, dV};
+          T* dF[3] = {dfq, dfk, dfv};
+          for (int m = 0; m < 3; ++m) {
+            mul_tile(rk, g, L, dF[m], bld, buf_of<T>(dY[m], g), buf_of<T>(raw[m], g));
+            mul_tile(rk, g, L, dY[m], bld, buf_of<T>(dY[m], g), buf_of<T>(factor[m], g));
           }
           gq = dfq; gk = dfk; gv = dfv;
         } else {
@@ -695,7 +676,7 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
         for (int m = 0; m < 3; ++m) {
           T* dW = part + m * (C * C + C);
           tile_xyT(g, L, buf_of<T>(dys[m], g), H, T(0), dW);
-          pixel_sum(g, L, dys[m], dW + C * C);
+          pixel_sum(rk, g, L, dys[m], bld, dW + C * C);
           mat_tile(g, L, ws[m], true, buf_of<T>(dys[m], g), m == 0 ? T(0) : T(1), dhx, bld);
         }
         dh_extra = dhx;
