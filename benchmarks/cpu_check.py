@@ -7,6 +7,12 @@ Module targets (B=2, Cin=C=64, T=2, k=5, fp32): SA-LSTM and LSTM-SA with backend
 alone >= 2x faster than the reference provider (ops/reference_kernels.py) and than the eager
 reference math with autograd (reference.py); fwd+bwd peak memory (high-water RSS growth, measured
 in a fresh subprocess per case) no higher than eager.  Prints one table with the ratios.
+
+Timings run with glibc told to keep freed memory (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
+set high, as jemalloc or tcmalloc behave; the script re-executes itself with them).  Otherwise glibc
+may return a freed multi-MB output to the OS and page-fault it in again on the next call, which
+makes the op timings bimodal (e.g. 1.0 or 2.0 ms) depending on heap history -- and favours the
+side that allocates less.  ``--system-malloc`` times with the process's own settings instead.
 """
 from __future__ import annotations
 
@@ -145,6 +151,11 @@ print(json.dumps({{"peak_mb": (hwm - base) / 1024}}))
 """
 
 
+# Timing runs: glibc keeps freed memory in the heap (no mmap below 32 MiB, no trimming), so a
+# freed tensor's pages are reused instead of being returned and page-faulted in again.
+RETAIN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}  # 32 MiB: glibc's maximum
+
+
 # glibc serves every allocation >= 64 KiB by mmap and returns it to the OS on free (no dynamic
 # threshold, no trim slack), so the RSS high-water mark follows the live tensors instead of what
 # malloc happened to keep cached (without this, repeated runs of one case differ by up to 30%).
@@ -175,7 +186,11 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="threads the timed statements run with (default: torch.get_num_threads(); "
                          "torch.utils.benchmark.Timer alone would use 1)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="time with glibc's default (memory-returning) settings instead of RETAIN_ENV")
     args = ap.parse_args()
+    if not args.system_malloc and any(os.environ.get(k) != v for k, v in RETAIN_ENV.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **RETAIN_ENV))
     THREADS[0] = args.threads
     from salstm_kernels import cpp_extension
 
@@ -188,6 +203,8 @@ def main():
     print(f"cpp row kernels: {torch.ops.salstm_kernels_cpp.cpu_capability()}; load average {os.getloadavg()[0]:.1f} "
           "(other processes share these cores: ratios are measured back to back in one run)")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}")
+    print("malloc: " + ("system defaults" if args.system_malloc else
+                        "glibc keeps freed memory (" + " ".join(f"{k}={v}" for k, v in RETAIN_ENV.items()) + ")"))
     print(f"config: B={B} Cin={CIN} C={C} T={T} k={K} float32; times are medians (torch.utils.benchmark)")
     rows = []
     for size in args.sizes:
