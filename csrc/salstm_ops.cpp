@@ -238,32 +238,33 @@ struct Mat {
   int64_t ld;
 };
 
-// S (C x C) = beta * S + X Y^T, the sum over the tile's pixels.
+// S (m x n, row-major, ld n) = beta * S + X Y^T, the sum over the tile's pixels; X a tile of m
+// rows, Y of n rows.
 template <typename T>
-inline void tile_xyT(const Geo& g, int64_t L, Mat<T> X, Mat<T> Y, T beta, T* S) {
-  const int64_t C = g.C;
-  if (g.nhwc) gemm_rm<T>(true, false, C, C, L, T(1), X.p, X.ld, Y.p, Y.ld, beta, S, C);
-  else gemm_rm<T>(false, true, C, C, L, T(1), X.p, X.ld, Y.p, Y.ld, beta, S, C);
+inline void tile_xyT(const Geo& g, int64_t L, int64_t m, int64_t n, Mat<T> X, Mat<T> Y, T beta, T* S) {
+  if (g.nhwc) gemm_rm<T>(true, false, m, n, L, T(1), X.p, X.ld, Y.p, Y.ld, beta, S, n);
+  else gemm_rm<T>(false, true, m, n, L, T(1), X.p, X.ld, Y.p, Y.ld, beta, S, n);
 }
 
-// Z = beta * Z + op(M) X, M (C x C) row-major, op = transpose when `tm`; X, Z tiles.
+// Z (tile of m rows) = beta * Z + op(M) X, X a tile of k rows; M row-major, (m x k), or (k x m)
+// transposed when `tm`.
 template <typename T>
-inline void mat_tile(const Geo& g, int64_t L, const T* M, bool tm, Mat<T> X, T beta, T* Z, int64_t ldz) {
-  const int64_t C = g.C;
-  if (g.nhwc) gemm_rm<T>(false, !tm, L, C, C, T(1), X.p, X.ld, M, C, beta, Z, ldz);  // Z^T = X^T op(M)^T
-  else gemm_rm<T>(tm, false, C, L, C, T(1), M, C, X.p, X.ld, beta, Z, ldz);
+inline void mat_tile(const Geo& g, int64_t L, int64_t m, int64_t k, const T* M, bool tm, Mat<T> X, T beta, T* Z,
+                     int64_t ldz) {
+  const int64_t ldm = tm ? m : k;
+  if (g.nhwc) gemm_rm<T>(false, !tm, L, m, k, T(1), X.p, X.ld, M, ldm, beta, Z, ldz);  // Z^T = X^T op(M)^T
+  else gemm_rm<T>(tm, false, m, L, k, T(1), M, ldm, X.p, X.ld, beta, Z, ldz);
 }
 
-// y = W x + b on a tile.
+// y (tile of m rows) = W x + b on a tile, W (m x C).
 template <typename T>
-inline void project(const Geo& g, int64_t L, const T* w, const T* b, Mat<T> x, T* y, int64_t ldy) {
-  const int64_t C = g.C;
+inline void project(const Geo& g, int64_t L, int64_t m, const T* w, const T* b, Mat<T> x, T* y, int64_t ldy) {
   if (g.nhwc) {
-    for (int64_t n = 0; n < L; ++n) std::copy(b, b + C, y + n * ldy);
+    for (int64_t n = 0; n < L; ++n) std::copy(b, b + m, y + n * ldy);
   } else {
-    for (int64_t ch = 0; ch < C; ++ch) std::fill(y + ch * ldy, y + ch * ldy + L, b[ch]);
+    for (int64_t ch = 0; ch < m; ++ch) std::fill(y + ch * ldy, y + ch * ldy + L, b[ch]);
   }
-  mat_tile(g, L, w, false, x, T(1), y, ldy);
+  mat_tile(g, L, m, g.C, w, false, x, T(1), y, ldy);
 }
 
 // out = a * b elementwise on tiles (same layout; out may be a).
@@ -272,11 +273,11 @@ inline void mul_tile(const RowKernels<T>& rk, const Geo& g, int64_t L, T* out, i
   rk.mul(out, ldo, a.p, a.ld, b.p, b.ld, g.runs(L).count, g.run_len(L));
 }
 
-// db[ch] = sum over the tile's pixels of dy (a tile buffer with run stride ld).
+// db[ch] = sum over the tile's pixels of dy, a tile of m rows (run stride ld).
 template <typename T>
-inline void pixel_sum(const RowKernels<T>& rk, const Geo& g, int64_t L, const T* dy, int64_t ld, T* db) {
-  if (g.nhwc) rk.col_sums(dy, ld, L, g.C, db);
-  else rk.row_sums(dy, ld, g.C, L, db);
+inline void pixel_sum(const RowKernels<T>& rk, const Geo& g, int64_t L, int64_t m, const T* dy, int64_t ld, T* db) {
+  if (g.nhwc) rk.col_sums(dy, ld, L, m, db);
+  else rk.row_sums(dy, ld, m, L, db);
 }
 
 // Per-thread scratch kept across calls: the tile buffers and per-tile partials.  A fresh at::empty
@@ -424,7 +425,22 @@ std::tuple<Tensor, Tensor> cell_backward(const Tensor& A_in, const Tensor& c_in,
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 struct Proj {
-  const T *wq = nullptr, *bq = nullptr, *wk = nullptr, *bk = nullptr, *wv = nullptr, *bv = nullptr;
+  // [Wq; Wk; Wv] (3C x C) and [bq; bk; bv] (3C), so the three projections of a tile, their weight
+  // gradients and their input gradients are one GEMM each; wv / bv point into them.
+  const T *wqkv = nullptr, *bqkv = nullptr, *wv = nullptr, *bv = nullptr;
+};
+
+// A tile of Q, K, V stacked (3C rows): member m starts m * step after p, runs ld apart.  NCHW:
+// three C x kTile slots in a row; NHWC: one kTile x 3C block (a pixel's q, k, v side by side).
+template <typename T>
+struct Stack3 {
+  T* p;
+  int64_t ld, step;
+  // stacked = false: three separate tile buffers (run stride g.ld_buf()), as the row kernels take.
+  Stack3(T* base, const Geo& g, bool stacked = true)
+      : p(base), ld(stacked && g.nhwc ? 3 * g.C : g.ld_buf()), step(stacked && g.nhwc ? g.C : g.C * kTile) {}
+  T* operator[](int m) const { return p + m * step; }
+  Mat<T> mat(int m) const { return {p + m * step, ld}; }
 };
 
 template <typename T>
@@ -470,10 +486,9 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
   // Pass 1: cell + QKV per tile, S partial = Q K^T.
   auto pass1 = [&](int64_t i0, int64_t i1) {
     Tensor hold;
-    T* fq = scratch<T>(0, (proj ? 4 : 2) * slot, hold);
+    T* fq = scratch<T>(0, (proj ? 5 : 2) * slot, hold);
     T* fk = fq + slot;
-    T* q = proj ? fk + slot : nullptr;
-    T* k = proj ? q + slot : nullptr;
+    const Stack3<T> qkv(fk + slot, g);  // raw projections (LSTM-SA)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
@@ -482,19 +497,19 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
       const Mat<T> H = tile_of<T>(ph, g, b, n0);
       Mat<T> Q = buf_of<T>(fq, g), K = buf_of<T>(fk, g);
       if (proj) {
-        T* v = pV + t;
-        project(g, L, proj->wq, proj->bq, H, q, bld);
-        project(g, L, proj->wk, proj->bk, H, k, bld);
-        project(g, L, proj->wv, proj->bv, H, v, g.ld_t());
-        if (comb != kNone) {
-          mul_tile(rk, g, L, q, bld, buf_of<T>(q, g), Q);
-          mul_tile(rk, g, L, k, bld, buf_of<T>(k, g), K);
-          mul_tile(rk, g, L, v, g.ld_t(), Mat<T>{v, g.ld_t()}, H);
+        project(g, L, 3 * C, proj->wqkv, proj->bqkv, H, qkv.p, qkv.ld);
+        if (comb != kNone) {  // gate in place; V = v * h' goes to the (B, C, N) buffer pass 2 reads
+          mul_tile(rk, g, L, qkv[0], qkv.ld, qkv.mat(0), Q);
+          mul_tile(rk, g, L, qkv[1], qkv.ld, qkv.mat(1), K);
+          mul_tile(rk, g, L, pV + t, g.ld_t(), qkv.mat(2), H);
+        } else {
+          const int64_t runs = g.runs(L).count, len = g.run_len(L);
+          for (int64_t r = 0; r < runs; ++r) std::copy(qkv[2] + r * qkv.ld, qkv[2] + r * qkv.ld + len, pV + t + r * g.ld_t());
         }
-        Q = buf_of<T>(q, g);
-        K = buf_of<T>(k, g);
+        Q = qkv.mat(0);
+        K = qkv.mat(1);
       }
-      tile_xyT(g, L, Q, K, T(0), pS + it * C * C);
+      tile_xyT(g, L, C, C, Q, K, T(0), pS + it * C * C);
     }
   };
   // Per image: reduce the partials in tile order (into P's storage), softmax in place.
@@ -508,7 +523,7 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
-      mat_tile(g, L, pP + b * C * C, false, tile_of<T>(pVr, g, b, n0), T(0), pout + g.t0(b, n0), g.ld_t());
+      mat_tile(g, L, C, C, pP + b * C * C, false, tile_of<T>(pVr, g, b, n0), T(0), pout + g.t0(b, n0), g.ld_t());
     }
   };
   tiles_then_image_then_tiles(tiles, d.B, pass1, softmax, pass2);
@@ -517,18 +532,18 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
 template <typename T>
 Proj<T> proj_ptrs(const std::vector<Tensor>& p) {
   Proj<T> r;
-  r.wq = p[0].const_data_ptr<T>();
-  r.bq = p[1].const_data_ptr<T>();
-  r.wk = p[2].const_data_ptr<T>();
-  r.bk = p[3].const_data_ptr<T>();
-  r.wv = p[4].const_data_ptr<T>();
-  r.bv = p[5].const_data_ptr<T>();
+  const int64_t C = p[1].size(0) / 3;
+  r.wqkv = p[0].const_data_ptr<T>();
+  r.bqkv = p[1].const_data_ptr<T>();
+  r.wv = r.wqkv + 2 * C * C;
+  r.bv = r.bqkv + 2 * C;
   return r;
 }
 
+// {[Wq; Wk; Wv], [bq; bk; bv]} in the accumulation dtype.
 std::vector<Tensor> acc_projections(const OptT& wq, const OptT& bq, const OptT& wk, const OptT& bk, const OptT& wv,
                                     const OptT& bv, at::ScalarType a) {
-  return {acc(*wq, a), acc(*bq, a), acc(*wk, a), acc(*bk, a), acc(*wv, a), acc(*bv, a)};
+  return {at::cat({acc(*wq, a), acc(*wk, a), acc(*wv, a)}), at::cat({acc(*bq, a), acc(*bk, a), acc(*bv, a)})};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_forward(const Tensor& A_in, const Tensor& c_in, const OptT& wq,
@@ -588,11 +603,11 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
                            runs);
       }
       if (proj) {
-        project(g, L, proj->wv, proj->bv, V, vb, bld);
+        project(g, L, C, proj->wv, proj->bv, V, vb, bld);
         if (comb != kNone) mul_tile(rk, g, L, vb, bld, buf_of<T>(vb, g), V);
         V = buf_of<T>(vb, g);
       }
-      tile_xyT(g, L, tile_of<T>(pdO, g, b, n0), V, T(0), pdPp + it * C * C);
+      tile_xyT(g, L, C, C, tile_of<T>(pdO, g, b, n0), V, T(0), pdPp + it * C * C);
     }
   };
   // Per image: dP reduced in tile order, dS = P * (dP - rowsum(dP * P)) * scale.
@@ -617,13 +632,12 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
     Tensor hold;
     T* s0 = scratch<T>(0, nslots * slot, hold);
     auto S = [&](int k) { return s0 + k * slot; };
-    T *hb = S(0), *cnb = S(1), *fq = S(2), *fk = S(3), *dQ = S(4), *dK = S(5), *dV = S(6);
-    T *q = nullptr, *k = nullptr, *v = nullptr, *dfq = nullptr, *dfk = nullptr, *dfv = nullptr, *dhx = nullptr;
-    T *gQ = nullptr, *gK = nullptr, *gV = nullptr;  // gated Q, K, V beside the raw projections q, k, v
-    if (proj) {
-      q = S(7); k = S(8); v = S(9); dfq = S(10); dfk = S(11); dfv = S(12); dhx = S(13);
-      if (comb != kNone) { gQ = S(14); gK = S(15); gV = S(16); }
-    }
+    T *hb = S(0), *cnb = S(1), *fq = S(2), *fk = S(3);
+    // dQ, dK, dV (then dq, dk, dv); stacked for the projections' gradient GEMMs when LSTM-SA.
+    const Stack3<T> dY(S(4), g, proj != nullptr);
+    const Stack3<T> qkv(S(7), g, true);  // raw projections q, k, v (LSTM-SA)
+    T *dfq = S(10), *dfk = S(11), *dfv = S(12), *dhx = S(13);  // LSTM-SA only (slots exist then)
+    const Stack3<T> gated(S(14), g, true);  // gated Q, K, V (LSTM-SA, combination != none)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
@@ -634,51 +648,41 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
       const Mat<T> H = buf_of<T>(hb, g);
       Mat<T> Q = buf_of<T>(fq, g), K = buf_of<T>(fk, g);
       if (proj) {
-        project(g, L, proj->wq, proj->bq, H, q, bld);
-        project(g, L, proj->wk, proj->bk, H, k, bld);
-        project(g, L, proj->wv, proj->bv, H, v, bld);
+        project(g, L, 3 * C, proj->wqkv, proj->bqkv, H, qkv.p, qkv.ld);
+        const Stack3<T>& used = comb != kNone ? gated : qkv;
         if (comb != kNone) {
-          mul_tile(rk, g, L, gQ, bld, buf_of<T>(q, g), Q);
-          mul_tile(rk, g, L, gK, bld, buf_of<T>(k, g), K);
-          mul_tile(rk, g, L, gV, bld, buf_of<T>(v, g), H);
-          Q = buf_of<T>(gQ, g);
-          K = buf_of<T>(gK, g);
-        } else {
-          Q = buf_of<T>(q, g);
-          K = buf_of<T>(k, g);
+          mul_tile(rk, g, L, gated[0], gated.ld, qkv.mat(0), Q);
+          mul_tile(rk, g, L, gated[1], gated.ld, qkv.mat(1), K);
+          mul_tile(rk, g, L, gated[2], gated.ld, qkv.mat(2), H);
         }
+        Q = used.mat(0);
+        K = used.mat(1);
       }
       const T* dS_b = pdS + b * C * C;
       const T* P_b = pP + b * C * C;
       const Mat<T> dO = tile_of<T>(pdO, g, b, n0);
-      mat_tile(g, L, dS_b, false, K, T(0), dQ, bld);
-      mat_tile(g, L, dS_b, true, Q, T(0), dK, bld);
-      mat_tile(g, L, P_b, true, dO, T(0), dV, bld);
-      const T *gq = dQ, *gk = dK, *gv = dV, *dh_extra = nullptr;
+      mat_tile(g, L, C, C, dS_b, false, K, T(0), dY[0], dY.ld);
+      mat_tile(g, L, C, C, dS_b, true, Q, T(0), dY[1], dY.ld);
+      mat_tile(g, L, C, C, P_b, true, dO, T(0), dY[2], dY.ld);
+      const T *gq = dY[0], *gk = dY[1], *gv = dY[2], *dh_extra = nullptr;
       if (proj) {
         // dfq = dQ * q_raw, dq = dQ * fq (and k, v with fv = h'); for "none" dq = dQ.
         if (comb != kNone) {
-          const T* raw[3] = {q, k, v};
-          const T* factor[3] = {fq, fk, hb};
-          T* dY[3] = {dQ, dK, dV};
+          const Mat<T> factor[3] = {buf_of<T>(fq, g), buf_of<T>(fk, g), H};
           T* dF[3] = {dfq, dfk, dfv};
           for (int m = 0; m < 3; ++m) {
-            mul_tile(rk, g, L, dF[m], bld, buf_of<T>(dY[m], g), buf_of<T>(raw[m], g));
-            mul_tile(rk, g, L, dY[m], bld, buf_of<T>(dY[m], g), buf_of<T>(factor[m], g));
+            mul_tile(rk, g, L, dF[m], bld, dY.mat(m), qkv.mat(m));
+            mul_tile(rk, g, L, dY[m], dY.ld, dY.mat(m), factor[m]);
           }
           gq = dfq; gk = dfk; gv = dfv;
         } else {
           gq = gk = gv = nullptr;
         }
+        // [dWq; dWk; dWv] = [dq; dk; dv] h'^T, [dbq; dbk; dbv] = pixel sums, dh' += [Wq; Wk; Wv]^T [dq; dk; dv].
         T* part = pdpp + it * pstride;
-        const T* dys[3] = {dQ, dK, dV};
-        const T* ws[3] = {proj->wq, proj->wk, proj->wv};
-        for (int m = 0; m < 3; ++m) {
-          T* dW = part + m * (C * C + C);
-          tile_xyT(g, L, buf_of<T>(dys[m], g), H, T(0), dW);
-          pixel_sum(rk, g, L, dys[m], bld, dW + C * C);
-          mat_tile(g, L, ws[m], true, buf_of<T>(dys[m], g), m == 0 ? T(0) : T(1), dhx, bld);
-        }
+        tile_xyT(g, L, 3 * C, C, dY.mat(0), H, T(0), part);
+        pixel_sum(rk, g, L, 3 * C, dY.p, dY.ld, part + 3 * C * C);
+        mat_tile(g, L, C, 3 * C, proj->wqkv, true, dY.mat(0), T(0), dhx, bld);
         dh_extra = dhx;
       }
       // Final pointwise pass: dA, dc.
@@ -726,10 +730,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> atten
   Tensor gr[6];
   if (has_proj) {
     const OptT* src[6] = {&wq, &bq, &wk, &bk, &wv, &bv};
-    const int64_t C = d.C, blk = C * C + C;
+    const int64_t C = d.C;  // dproj = [dWq; dWk; dWv] (3C x C), then [dbq; dbk; dbv]
     for (int m = 0; m < 3; ++m) {
-      gr[2 * m] = dproj.narrow(0, m * blk, C * C).view({C, C}).to((*src[2 * m])->scalar_type()).clone();
-      gr[2 * m + 1] = dproj.narrow(0, m * blk + C * C, C).to((*src[2 * m + 1])->scalar_type()).clone();
+      gr[2 * m] = dproj.narrow(0, m * C * C, C * C).view({C, C}).to((*src[2 * m])->scalar_type()).clone();
+      gr[2 * m + 1] = dproj.narrow(0, 3 * C * C + m * C, C).to((*src[2 * m + 1])->scalar_type()).clone();
     }
   } else {
     for (auto& t : gr) t = at::empty({0}, A_in.options());
