@@ -18,9 +18,10 @@ Definitions (also written into the JSON/CSV):
 * forward latency: one inference call under ``torch.no_grad()``;
 * forward+backward latency: one training step -- forward with grad, ``out.backward(g)`` with a
   fixed random ``g``, parameter and input gradients reset to ``None`` each step;
-* FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` over one forward of the *eager* module
-  (the math of the design; fused custom ops are opaque to the counter, so the same count is shown
-  for every implementation of a design);
+* FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` over one forward of each row's module
+  (matrix products only, as the counter counts; the fused ops count theirs through the formulas in
+  :mod:`salstm_kernels.ops.flops`, so fused rows show the split conv's 25% fewer conv FLOPs at
+  T = 2; ``compile`` rows show the eager count);
 * peak memory: CUDA -- ``torch.cuda.max_memory_allocated`` minus the allocation before the call;
   CPU -- the running maximum of the CPU allocator's allocations minus frees during the call, from
   ``torch.profiler`` memory events (``profile_memory=True``), i.e. peak tensor memory the call adds
@@ -391,7 +392,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> Dict[str, object]:
         "memory": MEMORY_METHOD[device.type],
         "forward": "inference call under torch.no_grad()",
         "forward_backward": "training step: forward with grad + out.backward(g); grads reset to None each step",
-        "flops": "FlopCounterMode over one forward of the eager module (same count for every implementation)",
+        "flops": "FlopCounterMode over one forward of the row's module (matmuls and convs; fused ops via their "
+                 "registered formulas; compile rows = eager)",
         "correctness": "non-eager rows compared with the float64 reference (forward + all gradients) before timing",
     })
     return {"meta": meta, "rows": [_row_dict(r) for r in rows]}
@@ -423,6 +425,8 @@ def _run_rows(cfg: BenchConfig, device: torch.device, progress: bool) -> List[Ro
                 module = copy.deepcopy(base)
                 module.backend = backend
                 try:
+                    if impl not in ("eager", "compile"):  # the fused path does less conv work
+                        row.fwd_gflop = forward_flops(module, x) / 1e9
                     _bench_impl(row, module, impl, x, gout, cfg, device, ref_module)
                 except Exception as e:  # noqa: BLE001 -- one broken row must not end the run
                     row.status, row.reason = "failed", _short(e)

@@ -129,3 +129,34 @@ def test_split_conv_skips_recurrent_conv_at_t0():
     eager = conv_flops(lambda: m._forward_reference(x, None))
     split = conv_flops(lambda: m._forward_fused(x, None, "reference"))
     assert split == pytest.approx(0.75 * eager)
+
+
+@pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d, sk.LSTMThenSA2d])
+def test_fused_attention_ops_count_the_eager_matmul_flops(cls):
+    """The FLOP formulas registered for the custom ops (ops/flops.py): forward, the fused module's
+    non-conv FLOPs equal the eager reference's matmul FLOPs; backward, the attention backward op
+    counts 4 products (+6 with projections) of 2 B C^2 N each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    B, C, H, W = 2, 8, 9, 11
+    m = cls(8, C, 3, backend="reference")
+    x = torch.randn(B, 2, 8, H, W, requires_grad=True)
+
+    def counts(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+
+    def non_conv(d):
+        return sum(v for k, v in d.items() if "convolution" not in k)
+
+    eager = counts(lambda: m._forward_reference(x, None))
+    fused = counts(lambda: m._forward_fused(x, None, "reference"))
+    assert fused.get("salstm_kernels.lstm_attention", 0) > 0
+    assert non_conv(fused) == non_conv(eager)
+    product = 2 * B * C * C * H * W
+    gated = m._projection_tensors() is not None
+    out = m._forward_fused(x, None, "reference")[0]
+    back = counts(lambda: out.backward(torch.randn_like(out)))
+    assert back["salstm_kernels.lstm_attention_backward"] == (10 if gated else 4) * product

@@ -6,3 +6,4 @@ and one autograd registration per op serve every provider and device.
 """
 from .lstm_attention import lstm_attention, lstm_attention_backward  # noqa: F401
 from .lstm_cell import lstm_cell, lstm_cell_backward  # noqa: F401
+from . import flops  # noqa: F401,E402  (FLOP formulas for FlopCounterMode)
