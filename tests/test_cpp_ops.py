@@ -331,9 +331,14 @@ def _run_all(A, c, proj, dout, dh, dcn):
     return list(f) + list(b[:2]) + list(b[2] or ()) + list(cf) + list(cb)
 
 
+@pytest.mark.parametrize("B,channels_last", [(2, False), (3, False), (1, True), (2, True)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_bitwise_identical_with_1_and_2_threads(gated):
-    A, c, g = _inputs(2, 24, 37, 41, torch.float32, seed=8)  # 6 pixel tiles per image
+def test_bitwise_identical_with_1_and_2_threads(gated, B, channels_last):
+    """Also across the two schedules: B = 1 or 3 on two threads runs phase by phase over all
+    tiles, one thread (and B = 2 on two) runs whole images per thread."""
+    A, c, g = _inputs(B, 24, 37, 41, torch.float32, seed=8)  # 6 pixel tiles per image
+    if channels_last:
+        A, c = A.contiguous(memory_format=torch.channels_last), c.contiguous(memory_format=torch.channels_last)
     proj = _proj(24, torch.float32, g) if gated else None
     grads = [_randn(c.shape, torch.float32, g) for _ in range(3)]
     old = torch.get_num_threads()
