@@ -205,6 +205,25 @@ def test_split_and_tile_choices_agree(splits, block_n, monkeypatch, nan_alloc):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("C", [24, 72])  # single-pass and channel-blocked backward kernels
+@pytest.mark.parametrize("gated", [False, True])
+def test_absent_state_grads_read_as_zero(C, gated, nan_alloc):
+    """``dh`` / ``dc_new`` = None (no gradient on that output; the ops pass None to this provider)
+    give the results of explicit zeros: the kernels mask those loads instead of reading zeros."""
+    A, c, (dout, dh, dcn), g = _inputs(1, C, 5, 7, torch.float32, seed=3)
+    proj = tuple(p.detach().to(DEVICE) for p in random_projections(C, generator=g)) if gated else None
+    P = tk.attention_forward(A, c, proj, 0.2, "linear")[3]
+    z = torch.zeros_like(c)
+    for a, b in ((None, dcn), (dh, None), (None, None)):
+        za, zb = (z if a is None else a), (z if b is None else b)
+        for x, y in zip(tk.cell_backward(A, c, a, b), tk.cell_backward(A, c, za, zb)):
+            assert torch.equal(x, y)
+        got = tk.attention_backward(A, c, proj, P, dout, a, b, 0.2, "linear")
+        exp = tk.attention_backward(A, c, proj, P, dout, za, zb, 0.2, "linear")
+        for x, y in zip(got[:2] + (got[2] or ()), exp[:2] + (exp[2] or ())):
+            assert torch.equal(x, y)
+
+
 def test_non_contiguous_inputs_are_accepted():
     A, c, (dout, dh, dc_new), _ = _inputs(1, 8, 9, 7, torch.float32)
     At, ct = A.transpose(2, 3).contiguous().transpose(2, 3), c.transpose(2, 3).contiguous().transpose(2, 3)

@@ -17,6 +17,9 @@ from .lstm_cell import cell_backward, cell_forward
 
 __all__ = ["cell_forward", "cell_backward", "attention_forward", "attention_backward", "supported_dtypes"]
 
+# The backward kernels read dh = None / dc_new = None as zero (masked loads): no zero tensors.
+OPTIONAL_STATE_GRADS = True
+
 
 def supported_dtypes(device_type: str):
     return (torch.float32, torch.float16, torch.bfloat16)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .lstm_cell import (
-    load_lstm_inputs, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads, store_lstm_grads,
+    load_lstm_inputs, load_optional_grad, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads, store_lstm_grads,
 )
 
 
@@ -206,6 +206,7 @@ def attention_bwd_rows_kernel(
     a_ptr, c_ptr, dh_ptr, dcn_ptr, dfq_ptr, dfk_ptr, dfv_ptr, dq_ptr, dk_ptr, dv_ptr,
     wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     """Total ``dh'``, ``dc'``, ``df``, ``dg`` of a row block, then the cell backward into ``dA``, ``dc``.
 
@@ -217,7 +218,7 @@ def attention_bwd_rows_kernel(
     b = tl.program_id(2).to(tl.int64)
     rows, cols, mask, a_offs, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
     CN = C * N
-    dh_t = tl.load(dh_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+    dh_t = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
     if GATED:  # cross-row term first: the gate math is not live across its loop (registers)
         x = tl.zeros((BC, BN), dtype=tl.float32)
         for kk in range(0, C, BC):
@@ -231,7 +232,7 @@ def attention_bwd_rows_kernel(
         dh_t += x
     ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, CN, mask)
     i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
-    dc_t = tl.load(dcn_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+    dc_t = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
     df = 0.0
     dg = 0.0
     if COMB != 2:

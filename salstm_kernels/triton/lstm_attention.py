@@ -51,7 +51,7 @@ import triton.language as tl
 from . import attention_blocked as blocked
 from .lstm_cell import (
     cell_forward_into, check_cell_shapes, check_dtypes, load_lstm_inputs, lstm_state, lstm_state_grads,
-    qk_factors, qkv_factor_grads, store_lstm_grads,
+    load_optional_grad, optional_grad, qk_factors, qkv_factor_grads, store_lstm_grads,
 )
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
@@ -120,6 +120,7 @@ def _cell_qk_scores_kernel(
     a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -157,6 +158,7 @@ def _cell_qk_scores_kernel(
 def _attention_out_kernel(
     h_ptr, p_ptr, wv_ptr, bv_ptr, o_ptr, C, N,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -184,6 +186,7 @@ def _scores_grad_kernel(
     a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     """Per-split partials of ``dP = dO V^T`` (``V`` recomputed from ``A`` and ``c``)."""
     split = tl.program_id(0)
@@ -219,6 +222,7 @@ def _attention_bwd_kernel(
     da_ptr, dc_ptr, dw_ptr, db_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
+    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     """``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``, QKV chain rule, then ``dA``, ``dc``.
 
@@ -276,8 +280,8 @@ def _attention_bwd_kernel(
         dq = tl.dot(ds, k, input_precision=PREC)
         dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
         # ---- QKV formation backward
-        dh_t = tl.load(dh_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
-        dc_t = tl.load(dcn_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        dh_t = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
+        dc_t = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
         if GATED:
             if COMB != 2:
                 dfq = dq * pq
@@ -426,14 +430,15 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     check_cell_shapes(A, c)
     check_dtypes(A, c, dout, dh, dc_new)
     A, c = A.contiguous(), c.contiguous()
-    dout, dh, dc_new = dout.contiguous(), dh.contiguous(), dc_new.contiguous()
+    has = dict(HAS_DH=dh is not None, HAS_DCN=dc_new is not None)
+    dout, dh, dc_new = dout.contiguous(), optional_grad(dh, c), optional_grad(dc_new, c)
     B, C = c.shape[:2]
     N = c[0, 0].numel() if B and C else 0
     proj = _prepare_projections(projections, C, A.device)
     gated = proj is not None
     comb = _combination(combination, gated)
     if _padded(C) > FUSED_MAX_CP:
-        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb)
+        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
     if B == 0 or C == 0 or N == 0:
@@ -457,7 +462,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         dw = db = A  # dummies: never written when not GATED
     _attention_bwd_kernel[grid](
         A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db,
-        C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta
+        C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta, **has
     )
     dproj = None
     if gated:
@@ -555,7 +560,7 @@ def _forward_blocked(A, c, proj, scale, comb):
     return out, h, c_new, P
 
 
-def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb):
+def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has):
     B, C = c.shape[:2]
     N = c[0, 0].numel() if B and C else 0
     gated = proj is not None
@@ -598,6 +603,6 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb):
         dq = dk = dv = dQ  # dummies: never read when not GATED
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
         A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, C, N,
-        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, num_warps=plan.num_warps,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, num_warps=plan.num_warps, **has,
     )
     return dA, dc, dproj

@@ -126,15 +126,26 @@ def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, CN, total, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, CN, total, BLOCK: tl.constexpr):
+def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
+    """A gradient tile as float32; zero without a read when the gradient is absent (PRESENT False)."""
+    if PRESENT:
+        g = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros_like(mask).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, CN, total, BLOCK: tl.constexpr,
+                     HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     b = idx // CN
     a_offs = idx + b * (3 * CN)
     ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, CN, mask)
     i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
-    dh = tl.load(dh_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    dcn = tl.load(dcn_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dh = load_optional_grad(dh_ptr, idx, mask, HAS_DH)
+    dcn = load_optional_grad(dcn_ptr, idx, mask, HAS_DCN)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
     store_lstm_grads(da_ptr, dc_ptr, a_offs, idx, CN, mask, dai, daf, dao, dag, dc)
 
@@ -188,10 +199,18 @@ def cell_forward(A: torch.Tensor, c: torch.Tensor):
     return h, c_new
 
 
-def cell_backward(A: torch.Tensor, c: torch.Tensor, dh: torch.Tensor, dc_new: torch.Tensor):
+def optional_grad(t, dummy: torch.Tensor) -> torch.Tensor:
+    """A gradient that may be absent (None: no gradient on that output) as a kernel argument: the
+    tensor, contiguous, or ``dummy`` -- never read, the kernel masks its loads with HAS_*."""
+    return dummy if t is None else t.contiguous()
+
+
+def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new):
     check_cell_shapes(A, c)
     check_dtypes(A, c, dh, dc_new)
-    A, c, dh, dc_new = A.contiguous(), c.contiguous(), dh.contiguous(), dc_new.contiguous()
+    A, c = A.contiguous(), c.contiguous()
+    has_dh, has_dcn = dh is not None, dc_new is not None
+    dh, dc_new = optional_grad(dh, c), optional_grad(dc_new, c)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
     total = c.numel()
@@ -199,5 +218,6 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh: torch.Tensor, dc_new: to
         return dA, dc
     CN = total // c.shape[0]
     block = _block(total)
-    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, CN, total, BLOCK=block)
+    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, CN, total, BLOCK=block,
+                                                   HAS_DH=has_dh, HAS_DCN=has_dcn)
     return dA, dc

@@ -1,5 +1,7 @@
 """Compile the channel-blocked attention kernels for sm_90 without a GPU; print shared memory,
-registers and spills per variant (ptxas from Triton's NVIDIA backend).
+registers and spills per variant (ptxas from Triton's NVIDIA backend).  Also the cell and
+single-pass (C <= 64) backward kernels, each with the state gradients given and absent
+(HAS_DH / HAS_DCN False: a branch the interpreter runs but does not compile).
 
     PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats
 
@@ -19,6 +21,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import attention_blocked as bk
+from . import lstm_attention as sp
+from . import lstm_cell as cl
 from .lstm_attention import BLOCK_C
 
 SMEM_LIMIT = 227 * 1024
@@ -73,6 +77,18 @@ def variants():
         for xt, yt, rs in ((  "fp32", "fp32", False), (dt, "fp32", False), ("fp32", "fp32", True)):
             yield (f"abt_partials {dt} x={xt} rowsum={int(rs)}", bk.abt_partials_kernel,
                    {"x_ptr": xt, "y_ptr": yt}, dict(BC=BC, BN=BNR, ROWSUM=rs, PREC=prec), W)
+        # the backward kernels with dh / dc' given, and absent (None: masked out, read as zero)
+        grads = {"dh_ptr": dt, "dcn_ptr": dt, "da_ptr": dt, "dc_ptr": dt}
+        for has in ((True, True), (False, False), (False, True)):
+            flags = dict(HAS_DH=has[0], HAS_DCN=has[1])
+            tag = f"{dt} HAS_DH={int(has[0])} HAS_DCN={int(has[1])}"
+            yield (f"cell_bwd {tag}", cl._cell_bwd_kernel, {**a, **grads}, dict(BLOCK=1024, **flags), 4)
+            for gated in (False, True):
+                yield (f"attention_bwd_rows {tag} gated={int(gated)}", bk.attention_bwd_rows_kernel,
+                       {**a, **w, **grads}, dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0,
+                                                  GATED=gated, PREC=prec, **flags), W)
+                yield (f"attention_bwd single-pass C64 {tag} gated={int(gated)}", sp._attention_bwd_kernel,
+                       {**a, **w, **grads, "do_ptr": dt}, dict(CP=64, BN=16, COMB=0, GATED=gated, PREC=prec, **flags), W)
         BN = 32
         for xt, ot, tr in (("fp32", dt, False), (dt, dt, False), ("fp32", "fp32", False), (dt, "fp32", True),
                            ("fp32", "fp32", True)):
