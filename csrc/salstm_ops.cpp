@@ -344,6 +344,10 @@ void tiles_then_image_then_tiles(const Tiles& tiles, int64_t B, const F1& pass1,
 // Sum the tile partials of image b (C x C each, in tile order) into out.
 template <typename T>
 void image_sum(const T* parts, int64_t b, int64_t per_image, int64_t n, T* out) {
+  if (per_image == 0) {  // an empty image (H or W = 0): no partials, the sum is zero
+    std::fill(out, out + n, T(0));
+    return;
+  }
   const T* p = parts + b * per_image * n;
   std::copy(p, p + n, out);
   for (int64_t t = 1; t < per_image; ++t)
@@ -488,7 +492,7 @@ void attention_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, cons
     Tensor hold;
     T* fq = scratch<T>(0, (proj ? 5 : 2) * slot, hold);
     T* fk = fq + slot;
-    const Stack3<T> qkv(fk + slot, g);  // raw projections (LSTM-SA)
+    const Stack3<T> qkv(proj ? fk + slot : nullptr, g);  // raw projections (LSTM-SA only)
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);
@@ -635,9 +639,12 @@ void attention_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, con
     T *hb = S(0), *cnb = S(1), *fq = S(2), *fk = S(3);
     // dQ, dK, dV (then dq, dk, dv); stacked for the projections' gradient GEMMs when LSTM-SA.
     const Stack3<T> dY(S(4), g, proj != nullptr);
-    const Stack3<T> qkv(S(7), g, true);  // raw projections q, k, v (LSTM-SA)
-    T *dfq = S(10), *dfk = S(11), *dfv = S(12), *dhx = S(13);  // LSTM-SA only (slots exist then)
-    const Stack3<T> gated(S(14), g, true);  // gated Q, K, V (LSTM-SA, combination != none)
+    // LSTM-SA only (the slots exist then): raw projections q, k, v, the factor gradients, W^T dy,
+    // and the gated Q, K, V (combination != none).
+    const Stack3<T> qkv(proj ? S(7) : nullptr, g, true);
+    T *dfq = proj ? S(10) : nullptr, *dfk = proj ? S(11) : nullptr, *dfv = proj ? S(12) : nullptr;
+    T* dhx = proj ? S(13) : nullptr;
+    const Stack3<T> gated(proj && comb != kNone ? S(14) : nullptr, g, true);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / tiles.per_image, n0 = (it % tiles.per_image) * kTile;
       const int64_t L = std::min(kTile, N - n0);

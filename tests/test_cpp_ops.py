@@ -197,6 +197,27 @@ def test_absent_state_grads_read_as_zero(channels_last):
         ck.cell_backward(A, c, dh[:, :3], None)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_empty_images_match_the_reference(gated):
+    """H or W = 0: no pixel tiles; the scores are zero, so P is uniform as in the reference, and
+    nothing is read from scratch left by an earlier call (run one first to leave some)."""
+    A, c, g = _inputs(2, 16, 5, 7, torch.float32, seed=13)
+    proj = _proj(16, torch.float32, g) if gated else None
+    ck.attention_forward(A, c, proj, 0.3, "linear")
+    for shape in ((2, 16, 0, 5), (2, 16, 5, 0)):
+        A0, c0, _ = _inputs(*shape, torch.float32)
+        got, exp = ck.attention_forward(A0, c0, proj, 0.3, "linear"), rk.attention_forward(A0, c0, proj, 0.3, "linear")
+        for x, y in zip(got, exp):
+            assert x.shape == y.shape
+            assert_close(x, y, torch.float32)
+        d = torch.zeros_like(c0)
+        gb = ck.attention_backward(A0, c0, proj, got[3], d, d, d, 0.3, "linear")
+        rb = rk.attention_backward(A0, c0, proj, exp[3], d, d, d, 0.3, "linear")
+        for x, y in zip(gb[:2] + (gb[2] or ()), rb[:2] + (rb[2] or ())):
+            assert x.shape == y.shape
+            assert_close(x, y, torch.float32, backward=True)
+
+
 def test_nchw_A_with_channels_last_state_runs_nchw():
     """The layout follows ``A``: with NCHW ``A`` a channels_last ``c`` is converted and the outputs
     are contiguous NCHW."""
