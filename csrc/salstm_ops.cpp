@@ -357,6 +357,21 @@ void image_sum(const T* parts, int64_t b, int64_t per_image, int64_t n, T* out) 
 // ------------------------------------------------------------------------------------------------
 // Cell ops: pointwise, so plain chunks of whole runs (NCHW: channel rows, NHWC: pixels).
 // ------------------------------------------------------------------------------------------------
+// The cell ops are pointwise: chunks of whole runs (NCHW: channel rows, NHWC: pixels) that never
+// cross an image; f(a, da, t, count) gets a chunk's first offsets in A, dA and the (B, C, N)
+// tensors and its number of runs.
+template <typename F>
+void for_run_chunks(const Geo& g, const Dims& d, const F& f) {
+  const int64_t per_image = g.runs(d.N).count, len = g.run_len(d.N);
+  at::parallel_for(0, d.B * per_image, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1;) {
+      const int64_t b = r / per_image, k = r % per_image, e = std::min(r1, (b + 1) * per_image);
+      f(g.a0(b, 0) + k * g.ld_a(), g.dA0(b, 0) + k * g.ld_a(), g.t0(b, 0) + k * g.ld_t(), e - r);
+      r = e;
+    }
+  });
+}
+
 template <typename T>
 void cell_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, Tensor& h, Tensor& cn, const Dims& d) {
   const auto& rk = row_kernels<T>();
@@ -364,15 +379,8 @@ void cell_forward_impl(const Tensor& A, const Geo& g, const Tensor& c, Tensor& h
   const T* pc = c.const_data_ptr<T>();
   T* ph = h.mutable_data_ptr<T>();
   T* pcn = cn.mutable_data_ptr<T>();
-  const int64_t per_image = g.nhwc ? d.N : d.C, len = g.nhwc ? d.C : d.N;
-  at::parallel_for(0, d.B * per_image, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1;) {  // runs [r, e) of one image
-      const int64_t b = r / per_image, k = r % per_image, e = std::min(r1, (b + 1) * per_image);
-      const int64_t a = g.nhwc ? g.a0(b, k) : g.a0(b, 0) + k * d.N;
-      const int64_t t = g.nhwc ? g.t0(b, k) : g.t0(b, 0) + k * d.N;
-      rk.cell_forward(pA + a, g.gs(), pc + t, ph + t, pcn + t, len, Runs{e - r, g.ld_a(), g.ld_t(), g.ld_t(), 0});
-      r = e;
-    }
+  for_run_chunks(g, d, [&](int64_t a, int64_t, int64_t t, int64_t count) {
+    rk.cell_forward(pA + a, g.gs(), pc + t, ph + t, pcn + t, g.run_len(d.N), Runs{count, g.ld_a(), g.ld_t(), g.ld_t(), 0});
   });
 }
 
@@ -394,19 +402,11 @@ void cell_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Te
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>();
   const T *pdh = ptr_or_null<T>(dh), *pdcn = ptr_or_null<T>(dcn);
   T *pdA = dA.mutable_data_ptr<T>(), *pdc = dc.mutable_data_ptr<T>();
-  const int64_t per_image = g.nhwc ? d.N : d.C, len = g.nhwc ? d.C : d.N;
-  at::parallel_for(0, d.B * per_image, std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1;) {
-      const int64_t b = r / per_image, k = r % per_image, e = std::min(r1, (b + 1) * per_image);
-      const int64_t a = g.nhwc ? g.a0(b, k) : g.a0(b, 0) + k * d.N;
-      const int64_t da = g.nhwc ? g.dA0(b, k) : g.dA0(b, 0) + k * d.N;
-      const int64_t t = g.nhwc ? g.t0(b, k) : g.t0(b, 0) + k * d.N;
-      // A and dA share run strides (4C per pixel / N per channel); only their batch strides differ.
-      rk.backward(pA + a, g.gs(), pc + t, pdh ? pdh + t : nullptr, pdcn ? pdcn + t : nullptr, nullptr, nullptr,
-                  nullptr, nullptr, kNone, pdA + da,
-                  pdc + t, len, Runs{e - r, g.ld_a(), g.ld_t(), g.ld_t(), 0});
-      r = e;
-    }
+  // A and dA share run strides (4C per pixel / N per channel); only their batch strides differ.
+  for_run_chunks(g, d, [&](int64_t a, int64_t da, int64_t t, int64_t count) {
+    rk.backward(pA + a, g.gs(), pc + t, pdh ? pdh + t : nullptr, pdcn ? pdcn + t : nullptr, nullptr, nullptr,
+                nullptr, nullptr, kNone, pdA + da, pdc + t, g.run_len(d.N),
+                Runs{count, g.ld_a(), g.ld_t(), g.ld_t(), 0});
   });
 }
 

@@ -405,14 +405,14 @@ def attention_forward(A, c, projections, scale, combination):
     proj = _prepare_projections(projections, C, A.device)
     gated = proj is not None
     comb = _combination(combination, gated)
-    if _padded(C) > FUSED_MAX_CP:
-        return _forward_blocked(A, c, proj, scale, comb)
     out = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
     if B == 0 or C == 0 or N == 0:
         P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
         return out, h, c_new, P
+    if _padded(C) > FUSED_MAX_CP:
+        return _forward_blocked(A, c, proj, scale, comb, out, h, c_new)
     plan = _Plan(A, B, C, N, backward=False)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
@@ -437,14 +437,14 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     proj = _prepare_projections(projections, C, A.device)
     gated = proj is not None
     comb = _combination(combination, gated)
-    if _padded(C) > FUSED_MAX_CP:
-        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
     if B == 0 or C == 0 or N == 0:
         dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
         return dA, dc, dproj
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
+    if _padded(C) > FUSED_MAX_CP:
+        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has, dA, dc)
     plan = _Plan(A, B, C, N, backward=True)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), num_warps=plan.num_warps)
@@ -532,16 +532,11 @@ def _fp32_like(c):
     return torch.empty(c.shape, dtype=torch.float32, device=c.device)
 
 
-def _forward_blocked(A, c, proj, scale, comb):
+def _forward_blocked(A, c, proj, scale, comb, out, h, c_new):
+    """C > 64, non-empty; writes the outputs attention_forward allocated."""
     B, C = c.shape[:2]
-    N = c[0, 0].numel() if B and C else 0
+    N = c[0, 0].numel()
     gated = proj is not None
-    out = torch.empty(c.shape, dtype=A.dtype, device=A.device)
-    h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
-    c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
-    if B == 0 or C == 0 or N == 0:
-        P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
-        return out, h, c_new, P
     plan = _BlockedPlan(A, B, C, N, gated)
     prec = _precision(A.dtype)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
@@ -560,16 +555,11 @@ def _forward_blocked(A, c, proj, scale, comb):
     return out, h, c_new, P
 
 
-def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has):
+def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has, dA, dc):
+    """C > 64, non-empty, P float32; writes the dA, dc attention_backward allocated."""
     B, C = c.shape[:2]
-    N = c[0, 0].numel() if B and C else 0
+    N = c[0, 0].numel()
     gated = proj is not None
-    dA = torch.empty_like(A)
-    dc = torch.empty_like(c)
-    if B == 0 or C == 0 or N == 0:
-        dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
-        return dA, dc, dproj
-    P = P.to(device=A.device, dtype=torch.float32).contiguous()
     plan = _BlockedPlan(A, B, C, N, gated)
     prec = _precision(A.dtype)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
