@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -356,8 +357,14 @@ def bench_modules(table: Table, device, dtype, B, C, T, k, H, W, budget_s, compi
                 ms, mem = _time_and_peak(step, device, [x, *m.parameters()])
                 if impl == "eager":
                     eager = {"ms": ms, "mem": mem}
+                try:
+                    split = device_time_split(step, device)
+                except Exception as e:  # noqa: BLE001
+                    split = f"profiler: {type(e).__name__}"
+                for p in [x, *m.parameters()]:
+                    p.grad = None
                 table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}", "vs eager": f"{eager['ms'] / ms:.2f}x",
-                          **_mem_cols(mem, eager)})
+                          **_mem_cols(mem, eager), "note": split})
             except Exception as e:  # noqa: BLE001
                 table.add(case=case, impl=impl, note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
         compile_jobs.append((case, m_ref, x, gy, eager))
@@ -386,11 +393,72 @@ def run_compile_jobs(table: Table, device, jobs, budget_s, compile_backend):
     torch._dynamo.reset()
 
 
-def fused_path(C) -> str:
-    """Which Triton attention kernels run at this C (single-pass C<=64, channel-blocked above)."""
+def single_pass(C) -> bool:
     from salstm_kernels.triton import lstm_attention as la
 
-    return f"C={C} fused single-pass" if la._padded(C) <= la.FUSED_MAX_CP else f"C={C} fused channel-blocked"
+    return 0 < la._padded(C) <= la.FUSED_MAX_CP
+
+
+def fused_path(C) -> str:
+    """Which Triton attention kernels run at this C (single-pass C<=64, channel-blocked above)."""
+    return f"C={C} fused single-pass" if single_pass(C) else f"C={C} fused channel-blocked"
+
+
+@contextlib.contextmanager
+def forced_blocked(on: bool):
+    """Route every C to the channel-blocked kernels (the A/B against the single-pass ones)."""
+    from salstm_kernels.triton import lstm_attention as la
+
+    saved = la.FUSED_MAX_CP
+    la.FUSED_MAX_CP = 0 if on else saved
+    try:
+        yield
+    finally:
+        la.FUSED_MAX_CP = saved
+
+
+def our_kernel_names() -> set:
+    """Names of this package's Triton kernels, as the profiler shows them."""
+    import triton
+
+    from salstm_kernels.triton import attention_blocked, lstm_attention, lstm_cell
+
+    names = set()
+    for mod in (attention_blocked, lstm_attention, lstm_cell):
+        for obj in vars(mod).values():
+            if isinstance(obj, triton.runtime.JITFunction):
+                names.add(obj.fn.__name__)
+    return names
+
+
+def device_time_split(step, device) -> str:
+    """Share of device time in this package's Triton kernels vs everything else (convs, cuDNN, ...)."""
+    if device.type != "cuda":
+        return ""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours = our_kernel_names()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        sync(device)
+    fused = other = 0.0
+    conv = 0.0
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = ev.self_cuda_time_total
+        if ev.key in ours:
+            fused += t
+        else:
+            other += t
+            if any(k in ev.key.lower() for k in ("conv", "cudnn", "gemm", "xmma", "sm90", "wgrad", "dgrad", "fprop")):
+                conv += t
+    total = fused + other
+    if total <= 0:
+        return "profiler saw no device time"
+    return (f"device time/step {total / 5e3:.3f} ms: ours {100 * fused / total:.0f}%, "
+            f"conv-like {100 * conv / total:.0f}%, other {100 * (other - conv) / total:.0f}%")
 
 
 def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
@@ -412,14 +480,19 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
         # must move: fwd reads A, c and writes out, h', c' (8CN); bwd reads A, c, dout, dh, dc'
         # and writes dA, dc (13CN)
         nbytes = 21 * B * C * N * es
-        try:
-            ms = bench_ms(fused, device)
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            table.add(case=case, impl="triton ops", **{"fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
-                      "% copy BW": f"{100 * gbs / copy_gbs:.0f}%",
-                      "note": f"{nbytes / 2**20:.0f} MiB moved; {fused_path(C)}"})
-        except Exception as e:  # noqa: BLE001
-            table.add(case=case, impl="triton ops", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
+        for impl, force_blocked in (("triton ops", False), ("triton blocked", True)):
+            if force_blocked and not single_pass(C):
+                continue  # A/B only where the single-pass kernels would run (C <= 64)
+            try:
+                with forced_blocked(force_blocked):
+                    ms = bench_ms(fused, device)
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                path = f"C={C} fused channel-blocked (forced)" if force_blocked else fused_path(C)
+                table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
+                          "% copy BW": f"{100 * gbs / copy_gbs:.0f}%",
+                          "note": f"{nbytes / 2**20:.0f} MiB moved; {path}"})
+            except Exception as e:  # noqa: BLE001
+                table.add(case=case, impl=impl, note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
         # the same math in eager PyTorch (autograd of the reference), for scale
         try:
             A_, c_ = A.clone().requires_grad_(True), c.clone().requires_grad_(True)
