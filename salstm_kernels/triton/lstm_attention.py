@@ -43,6 +43,7 @@ Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``at
 from __future__ import annotations
 
 import os
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 import triton
@@ -65,6 +66,40 @@ FUSED_MAX_CP = 64
 SPLITS_OVERRIDE = None
 #: Force the N tile width (a power of two >= 16).
 BLOCK_N_OVERRIDE = None
+
+class Launch(NamedTuple):
+    """One GPU launch setting: N tile, N splits per SM of the reductions (per image), warps; the
+    blocked path's reduction kernels take their own N tile ``bn_red``."""
+
+    bn: int
+    splits_per_sm: float
+    num_warps: int
+    bn_red: int = 64
+
+
+#: GPU launch settings measured by ``benchmarks/gpu_tune.py``, keyed by
+#: ``(path, backward, gated, float32)`` with path ``"single"`` (C <= 64) or ``"blocked"``.  A key
+#: not here keeps the compile-time heuristics of :class:`_Plan` / :class:`_BlockedPlan`.
+GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], Launch] = {}
+#: ``(backward, gated, float32)`` directions that run the channel-blocked kernels even at C <= 64,
+#: where they measured faster than the single-pass ones (``benchmarks/gpu_tune.py``).  The forward
+#: and backward are independent given ``P``, so each direction picks its own path.
+BLOCKED_AT_SMALL_C: set = set()
+
+
+def _single_pass(C: int, backward: bool, gated: bool, dtype: torch.dtype) -> bool:
+    return _padded(C) <= FUSED_MAX_CP and (backward, gated, dtype == torch.float32) not in BLOCKED_AT_SMALL_C
+
+
+def _tuned(A: torch.Tensor, path: str, backward: bool, gated: bool):
+    if A.device.type != "cuda" or _interpreted():
+        return None
+    return GPU_LAUNCH.get((path, backward, gated, A.dtype == torch.float32))
+
+
+def _splits(A: torch.Tensor, per_sm: float, work_per_split: int) -> int:
+    sms = torch.cuda.get_device_properties(A.device).multi_processor_count
+    return triton.cdiv(max(1, round(per_sm * sms)), max(work_per_split, 1))
 
 # --------------------------------------------------------------------------------------------
 # Device helpers
@@ -337,10 +372,13 @@ def _interpreted() -> bool:
 class _Plan:
     """Tile width, split count and warps for one call."""
 
-    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, backward: bool):
+    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, backward: bool, gated: bool):
         self.CP = _padded(C)
+        tuned = _tuned(A, "single", backward, gated)
         if BLOCK_N_OVERRIDE is not None:
             bn = BLOCK_N_OVERRIDE
+        elif tuned is not None:
+            bn = tuned.bn
         elif _interpreted() or A.device.type != "cuda":
             bn = 16  # small tiles: more tiles per split, so masks and splits get exercised
         else:
@@ -353,14 +391,13 @@ class _Plan:
         if SPLITS_OVERRIDE is not None:
             splits = SPLITS_OVERRIDE
         elif A.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(A.device).multi_processor_count
-            splits = triton.cdiv(2 * sms, max(B, 1))
+            splits = _splits(A, tuned.splits_per_sm if tuned else 2, B)
         else:
             splits = 3
         splits = max(1, min(splits, self.n_tiles))
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
-        self.num_warps = 4 if self.CP <= 32 else 8
+        self.num_warps = tuned.num_warps if tuned else (4 if self.CP <= 32 else 8)
 
 
 def _padded(C: int) -> int:
@@ -411,9 +448,9 @@ def attention_forward(A, c, projections, scale, combination):
     if B == 0 or C == 0 or N == 0:
         P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
         return out, h, c_new, P
-    if _padded(C) > FUSED_MAX_CP:
+    if not _single_pass(C, False, gated, A.dtype):
         return _forward_blocked(A, c, proj, scale, comb, out, h, c_new)
-    plan = _Plan(A, B, C, N, backward=False)
+    plan = _Plan(A, B, C, N, backward=False, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), num_warps=plan.num_warps)
@@ -443,9 +480,9 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
         return dA, dc, dproj
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
-    if _padded(C) > FUSED_MAX_CP:
+    if not _single_pass(C, True, gated, A.dtype):
         return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has, dA, dc)
-    plan = _Plan(A, B, C, N, backward=True)
+    plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), num_warps=plan.num_warps)
     grid = (plan.splits, B)
@@ -482,12 +519,15 @@ BLOCK_C = 64
 
 
 class _BlockedPlan:
-    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, gated: bool):
+    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, gated: bool, backward: bool):
         self.BC = BLOCK_C
         self.NB = triton.cdiv(C, self.BC)
         gpu = A.device.type == "cuda" and not _interpreted()
+        tuned = _tuned(A, "blocked", backward, gated)
         if BLOCK_N_OVERRIDE is not None:
             self.BN = self.BN_red = BLOCK_N_OVERRIDE
+        elif tuned is not None:
+            self.BN, self.BN_red = tuned.bn, tuned.bn_red
         else:
             # rows kernels: (BC, BN) tiles; reductions: (BC, BC) accumulator + two (BC, BN) loads
             # (from sm_90 ptxas counts, 8 warps: no spills; float32 "ieee" projections need BN 16)
@@ -498,8 +538,7 @@ class _BlockedPlan:
         if SPLITS_OVERRIDE is not None:
             splits = SPLITS_OVERRIDE
         elif A.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(A.device).multi_processor_count
-            splits = triton.cdiv(2 * sms, max(B * self.NB * self.NB, 1))
+            splits = _splits(A, tuned.splits_per_sm if tuned else 2, B * self.NB * self.NB)
         else:
             splits = 3
         splits = max(1, min(splits, n_red))
@@ -507,7 +546,7 @@ class _BlockedPlan:
         self.splits = triton.cdiv(n_red, self.tiles_per_split)
         self.rows_grid = (self.n_tiles, self.NB, B)
         self.red_grid = (self.NB * self.NB, self.splits, B)
-        self.num_warps = 8
+        self.num_warps = tuned.num_warps if tuned else 8
 
 
 def _abt(plan, X, Y, C, N, prec, rowsum=False):
@@ -537,7 +576,7 @@ def _forward_blocked(A, c, proj, scale, comb, out, h, c_new):
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
-    plan = _BlockedPlan(A, B, C, N, gated)
+    plan = _BlockedPlan(A, B, C, N, gated, backward=False)
     prec = _precision(A.dtype)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     Q, K = _fp32_like(c), _fp32_like(c)
@@ -560,7 +599,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has, dA, dc)
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
-    plan = _BlockedPlan(A, B, C, N, gated)
+    plan = _BlockedPlan(A, B, C, N, gated, backward=True)
     prec = _precision(A.dtype)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
     # recompute h' (float32) and Q, K, V once, as float32 temporaries

@@ -1,0 +1,236 @@
+"""Tune the Triton attention launches on the GPU at hand, then measure the modules with the result.
+
+    PYTHONPATH=. python benchmarks/gpu_tune.py               # CUDA machine, ~6 min on an H200
+    PYTHONPATH=. python benchmarks/gpu_tune.py --cpu-smoke   # tiny shapes, Triton interpreter
+
+1. **Sweep** at ``B=2, C=64, 224x224`` for float32 and bfloat16 (float16 shares bfloat16's
+   setting), SA-LSTM and LSTM-SA, forward and backward apart: the single-pass kernels and the
+   channel-blocked ones (:data:`salstm_kernels.triton.lstm_attention.GPU_LAUNCH` /
+   ``BLOCKED_AT_SMALL_C``) over N tile, N splits per SM and warps; ``do_bench`` median per point.
+   The winners are printed as the Python literal to put in ``lstm_attention.py``.
+2. **Parity** of the ops with the winners set (``gpu_check.op_parity``, every dtype).
+3. **Modules** at 112x112 and 224x224, float32 and bfloat16, forward+backward: eager reference,
+   Triton with the package's current launch table and with the tuned one; wall time per step
+   (``do_bench``: the host's launch work included), device time of one step replayed from a CUDA
+   graph (host work excluded), peak memory, and the split of device time (profiler).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import sys
+import time
+
+import gpu_check as gc  # noqa: E402  (same folder; sets TRITON_INTERPRET for --cpu-smoke)
+import torch  # noqa: E402
+
+import salstm_kernels as sk  # noqa: E402
+from salstm_kernels.ops import providers  # noqa: E402
+from salstm_kernels.testing import random_projections  # noqa: E402
+from salstm_kernels.triton import lstm_attention as la  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+def grid(path, smoke):
+    if smoke:
+        return [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
+    if path == "single":
+        return [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
+    return [la.Launch(bn, per_sm, w, red)
+            for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]
+
+
+class Setting:
+    """Set one (direction, gated, dtype) to a path and launch, restoring the tables on exit."""
+
+    def __init__(self, backward, gated, fp32, path, launch):
+        self.key = (backward, gated, fp32)
+        self.path, self.launch = path, launch
+
+    def __enter__(self):
+        self.saved = tables()
+        apply({self.key: (0.0, self.path, self.launch)})
+
+    def __exit__(self, *exc):
+        restore(self.saved)
+
+
+def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
+    """Returns {(backward, gated, fp32): (ms, path, launch)} and the per-case default timings."""
+    g = torch.Generator(device=device).manual_seed(0)
+    A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float32, generator=g)
+    c, dout, dh, dcn = (torch.randn(B, C, H, W, device=device, dtype=torch.float32, generator=g) for _ in range(4))
+    scale = 1.0 / (H * W) ** 0.5
+    best, default = {}, {}
+    for dtype, gated, backward in itertools.product(dtypes, (False, True), (False, True)):
+        A_, c_, do_, dh_, dcn_ = (t.to(dtype) for t in (A, c, dout, dh, dcn))
+        proj = tuple(p.detach() for p in random_projections(C, dtype, device)) if gated else None
+        P = tk.attention_forward(A_, c_, proj, scale, "linear")[3]
+        if backward:
+            fn = lambda: tk.attention_backward(A_, c_, proj, P, do_, dh_, dcn_, scale, "linear")  # noqa: E731
+        else:
+            fn = lambda: tk.attention_forward(A_, c_, proj, scale, "linear")  # noqa: E731
+        key = (backward, gated, dtype == torch.float32)
+        label = f"{'bwd' if backward else 'fwd'} {'LSTM-SA' if gated else 'SA-LSTM'} {gc.dname(dtype)}"
+        default[key] = gc.bench_ms(fn, device)
+        results = []
+        for path in ("single", "blocked"):
+            for launch in grid(path, smoke):
+                if elapsed() > budget_s:
+                    break
+                try:
+                    with Setting(*key, path, launch):
+                        ms = gc.bench_ms(fn, device)
+                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
+                    print(f"  {label} {path} {tuple(launch)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                    continue
+                results.append((ms, path, launch))
+        results.sort(key=lambda r: r[0])
+        if results:
+            best[key] = results[0]
+        top = "; ".join(f"{p} {tuple(l)} {ms:.3f}" for ms, p, l in results[:4])
+        print(f"{label}: default {default[key]:.3f} ms; best of {len(results)}: {top}  [{elapsed():.0f}s]", flush=True)
+    return best, default
+
+
+def tables():
+    return dict(la.GPU_LAUNCH), set(la.BLOCKED_AT_SMALL_C)
+
+
+def restore(state):
+    la.GPU_LAUNCH.clear()
+    la.GPU_LAUNCH.update(state[0])
+    la.BLOCKED_AT_SMALL_C.clear()
+    la.BLOCKED_AT_SMALL_C.update(state[1])
+
+
+def apply(best):
+    """The package's tables with the sweep's winners on top."""
+    for key, (_, path, launch) in best.items():
+        la.GPU_LAUNCH[(path, *key)] = launch
+        (la.BLOCKED_AT_SMALL_C.add if path == "blocked" else la.BLOCKED_AT_SMALL_C.discard)(key)
+
+
+def graph_ms(step, device, grads) -> float:
+    """Median device time of ``step`` replayed from a CUDA graph (no host launch work)."""
+    if device.type != "cuda":
+        return float("nan")
+    import triton.testing
+
+    for p in grads:
+        p.grad = None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    del graph
+    for p in grads:
+        p.grad = None
+    return ms
+
+
+def modules(device, sizes, dtypes, B, C, T, k, tuned, current):
+    rows = []
+    for (H, W), dtype, (label, factory) in itertools.product(
+            sizes, dtypes, (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d))):
+        case = f"{label} {H}x{W} {gc.dname(dtype)}"
+        torch.manual_seed(0)
+        m_ref = factory(C, C, k, backend="reference").to(device=device, dtype=dtype)
+        m_tri = copy.deepcopy(m_ref)
+        m_tri.backend = "triton"
+        x = torch.randn(B, T, C, H, W, device=device, dtype=dtype, requires_grad=True)
+        gy = torch.randn(B, C, H, W, device=device, dtype=dtype)
+        eager = None
+        for impl, m, state in (("eager", m_ref, None), ("triton current", m_tri, current), ("triton tuned", m_tri, tuned)):
+            if state is not None:
+                restore(state)
+            grads = [x, *m.parameters()]
+            step = gc._module_step(m, x, gy)
+            try:
+                step()
+                gc.sync(device)
+                ms, mem = gc._time_and_peak(step, device, grads)
+                try:
+                    gms = graph_ms(step, device, grads)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {case} {impl}: CUDA graph failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    gms = float("nan")
+                split = gc.device_time_split(step, device)
+                for p in grads:
+                    p.grad = None
+            except Exception as e:  # noqa: BLE001
+                rows.append(f"{case:26s} {impl:15s} ERROR {type(e).__name__}: {str(e)[:100]}")
+                continue
+            if eager is None:
+                eager = (ms, gms, mem)
+            rows.append(f"{case:26s} {impl:15s} {ms:8.3f} {eager[0] / ms:6.2f}x {gms:8.3f} {eager[1] / gms:6.2f}x "
+                        f"{mem:8.0f} {mem / eager[2]:5.2f}x  {split}")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    ap.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping new points after this")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --cpu-smoke")
+        return 2
+    import triton
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, device "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (Triton interpreter)'}", flush=True)
+    tk = providers.kernels("triton")
+    current = tables()  # the package's launch tables as shipped
+    if args.cpu_smoke:
+        B, C, T, k, sweep_shape, sizes = 1, 8, 2, 3, (6, 5), ((6, 5),)
+    else:
+        B, C, T, k, sweep_shape, sizes = 2, 64, 2, 5, (224, 224), ((112, 112), (224, 224))
+    dtypes = (torch.float32, torch.bfloat16)
+    print("== sweep: attention op alone, ms (do_bench median), path (BN, splits/SM, warps, BN_red) ==", flush=True)
+    best, default = sweep(tk, device, B, C, *sweep_shape, dtypes, args.sweep_budget_s, args.cpu_smoke)
+    print("GPU_LAUNCH = {")
+    for (bwd, gated, fp32), (ms, path, launch) in sorted(best.items()):
+        print(f"    ({path!r}, {bwd}, {gated}, {fp32}): Launch{tuple(launch)},  "
+              f"# {ms:.3f} ms, was {default[(bwd, gated, fp32)]:.3f}")
+    print("}")
+    print("BLOCKED_AT_SMALL_C = {" + ", ".join(
+        str(key) for key, (_, path, _) in sorted(best.items()) if path == "blocked") + "}", flush=True)
+    apply(best)
+    tuned = tables()
+    log = gc.ParityLog()
+    shape = (1, 8, 6, 5) if args.cpu_smoke else (2, 64, 37, 41)
+    for dtype in gc.DTYPES:
+        gc.op_parity(log, tk, device, shape, dtype, gc.COMBOS)
+    print(f"parity with the tuned launches: {log.n_pass} PASS, {len(log.failures)} FAIL  [{elapsed():.0f}s]",
+          flush=True)
+    print("== modules fwd+bwd: wall ms (do_bench), vs eager, graph-replay ms, vs eager, peak MiB, vs eager ==",
+          flush=True)
+    rows = modules(device, sizes, dtypes, B, C, T, k, tuned, current)
+    print()
+    print("=" * 100)
+    print(f"SUMMARY B={B} Cin=C={C} T={T} k={k}; columns: case, impl, wall ms, vs eager, graph ms, vs eager, "
+          "peak MiB, vs eager, device-time split")
+    print("\n".join(rows))
+    for line in log.failures:
+        print(line)
+    print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL; total {elapsed():.0f}s")
+    return 1 if log.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
