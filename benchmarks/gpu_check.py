@@ -393,15 +393,17 @@ def run_compile_jobs(table: Table, device, jobs, budget_s, compile_backend):
     torch._dynamo.reset()
 
 
-def single_pass(C) -> bool:
+def single_pass(C, backward=False, gated=False, dtype=torch.bfloat16) -> bool:
     from salstm_kernels.triton import lstm_attention as la
 
-    return 0 < la._padded(C) <= la.FUSED_MAX_CP
+    return C > 0 and la._single_pass(C, backward, gated, dtype)
 
 
-def fused_path(C) -> str:
-    """Which Triton attention kernels run at this C (single-pass C<=64, channel-blocked above)."""
-    return f"C={C} fused single-pass" if single_pass(C) else f"C={C} fused channel-blocked"
+def fused_path(C, gated, dtype) -> str:
+    """Which Triton attention kernels run, per direction (single-pass at C <= 64 unless routed)."""
+    name = lambda bwd: "single-pass" if single_pass(C, bwd, gated, dtype) else "channel-blocked"  # noqa: E731
+    fwd, bwd = name(False), name(True)
+    return f"C={C} fused {fwd}" if fwd == bwd else f"C={C} fused fwd {fwd}, bwd {bwd}"
 
 
 @contextlib.contextmanager
@@ -481,13 +483,13 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
         # and writes dA, dc (13CN)
         nbytes = 21 * B * C * N * es
         for impl, force_blocked in (("triton ops", False), ("triton blocked", True)):
-            if force_blocked and not single_pass(C):
+            if force_blocked and not (single_pass(C, False, gated, dtype) or single_pass(C, True, gated, dtype)):
                 continue  # A/B only where the single-pass kernels would run (C <= 64)
             try:
                 with forced_blocked(force_blocked):
                     ms = bench_ms(fused, device)
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                path = f"C={C} fused channel-blocked (forced)" if force_blocked else fused_path(C)
+                path = f"C={C} fused channel-blocked (forced)" if force_blocked else fused_path(C, gated, dtype)
                 table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
                           "% copy BW": f"{100 * gbs / copy_gbs:.0f}%",
                           "note": f"{nbytes / 2**20:.0f} MiB moved; {path}"})

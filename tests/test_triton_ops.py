@@ -190,6 +190,61 @@ def test_blocked_kernels_at_narrow_channels(monkeypatch, nan_alloc):
     _check_attention((2, 24, 7, 9), torch.float32, "nonlinear", False)
 
 
+@pytest.mark.parametrize("blocked_dirs", [(), (False,), (True,), (False, True)], ids=["none", "fwd", "bwd", "both"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_each_direction_takes_its_routed_path(blocked_dirs, gated, monkeypatch, nan_alloc):
+    """BLOCKED_AT_SMALL_C routes forward and backward apart at C <= 64; every mix matches the
+    reference (P from one path feeds the other), and the routed path is the one that runs."""
+    routed = {(bwd, gated, True) for bwd in blocked_dirs}
+    monkeypatch.setattr(tk_attention, "BLOCKED_AT_SMALL_C", routed)
+    calls = []
+    for name in ("_forward_blocked", "_backward_blocked"):
+        real = getattr(tk_attention, name)
+        monkeypatch.setattr(tk_attention, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    _check_attention((2, 24, 7, 9), torch.float32, "linear", gated)
+    want = [n for n, bwd in (("_forward_blocked", False), ("_backward_blocked", True)) if bwd in blocked_dirs]
+    assert calls == want
+
+
+def test_shipped_launch_table_is_well_formed():
+    """Every GPU_LAUNCH entry is a setting the kernels compile with, and every routed direction
+    has its blocked setting (and no dead single-pass one)."""
+    la = tk_attention
+    for key, launch in la.GPU_LAUNCH.items():
+        path, backward, gated, fp32 = key
+        assert path in ("single", "blocked") and all(isinstance(k, bool) for k in key[1:]), key
+        assert launch.bn in (16, 32, 64) and launch.bn_red in (16, 32, 64, 128), (key, launch)
+        assert launch.num_warps in (2, 4, 8) and launch.splits_per_sm > 0, (key, launch)
+    for key in la.BLOCKED_AT_SMALL_C:
+        assert ("blocked", *key) in la.GPU_LAUNCH and ("single", *key) not in la.GPU_LAUNCH, key
+    for (path, *key) in la.GPU_LAUNCH:
+        assert (path == "blocked") == (tuple(key) in la.BLOCKED_AT_SMALL_C), (path, key)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
+    """A GPU_LAUNCH setting (here forced on CPU) sets the plans' tiles and warps, and the ops stay exact."""
+    launch = tk_attention.Launch(32, 2, 4, 32)
+    monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
+    A = torch.empty(2, 96, 7, 9, device=DEVICE)
+    plan = tk_attention._Plan(A, 2, 24, 63, backward=True, gated=gated)
+    assert (plan.BN, plan.num_warps) == (32, 4)
+    bplan = tk_attention._BlockedPlan(A, 2, 24, 63, gated, backward=True)
+    assert (bplan.BN, bplan.BN_red, bplan.num_warps) == (32, 32, 4)
+    monkeypatch.setattr(tk_attention, "BLOCKED_AT_SMALL_C", {(True, gated, True)})
+    _check_attention((2, 24, 7, 9), torch.float32, "nonlinear", gated)
+
+
+def test_launch_table_applies_to_cuda_at_small_c_only():
+    """The measured table is for CUDA at C <= 64: the interpreter / CPU and wider C keep the heuristics."""
+    cpu = torch.empty(1, 4)
+    assert tk_attention._tuned(cpu, "single", False, False, 24) is None
+    if HAS_CUDA:
+        cuda = torch.empty(1, 4, device="cuda")
+        assert tk_attention._tuned(cuda, "blocked", True, False, 72) is None
+        assert tk_attention._tuned(cuda, "blocked", True, False, 64) == tk_attention.GPU_LAUNCH[("blocked", True, False, True)]
+
+
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])
 def test_split_and_tile_choices_agree(splits, block_n, monkeypatch, nan_alloc):
     """One split, a split per tile and wider tiles all give the reference; repeat runs are bitwise equal."""

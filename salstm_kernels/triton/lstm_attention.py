@@ -26,8 +26,7 @@ Backward (two passes over N, gates recomputed from ``A`` and ``c``; nothing else
 
 Precision: all math and accumulation in float32.  float32 inputs use ``tl.dot(...,
 input_precision="ieee")`` (no TF32, exact parity with the reference); float16/bfloat16 inputs use
-TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits, and the op
-is memory-bound anyway).  float64 is not supported (raises ``TypeError``): use the reference or
+TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits).  float64 is not supported (raises ``TypeError``): use the reference or
 cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
 
@@ -35,15 +34,18 @@ Channel range: these single-pass kernels run for ``C <= 64`` (:data:`FUSED_MAX_C
 (any size; the issue's range is 8..256) runs the channel-blocked kernels of
 :mod:`.attention_blocked`, whose on-chip footprint does not depend on ``C`` (``(C, C)`` products are
 loops over 64-channel blocks) at the cost of float32 ``Q, K, V`` / gradient temporaries and more
-passes.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries.
-sm_90 compile stats of the blocked variants: ``python -m salstm_kernels.triton.sm90_stats``.
+passes.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries,
+except in the directions listed in :data:`BLOCKED_AT_SMALL_C` (the float32 SA-LSTM backward, whose
+single-pass kernel spills and measured 7.5x slower on an H200).  Tile width, split count and
+warps at ``C <= 64`` come from :data:`GPU_LAUNCH`, measured by ``benchmarks/gpu_tune.py``.
+sm_90 compile stats: ``python -m salstm_kernels.triton.sm90_stats``.
 
 Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``attention_backward``.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Set, Tuple
 
 import torch
 import triton
@@ -77,23 +79,36 @@ class Launch(NamedTuple):
     bn_red: int = 64
 
 
-#: GPU launch settings measured by ``benchmarks/gpu_tune.py``, keyed by
-#: ``(path, backward, gated, float32)`` with path ``"single"`` (C <= 64) or ``"blocked"``.  A key
-#: not here keeps the compile-time heuristics of :class:`_Plan` / :class:`_BlockedPlan`.
-GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], Launch] = {}
+#: GPU launch settings for C <= 64, keyed by ``(path, backward, gated, float32)`` with path
+#: ``"single"`` or ``"blocked"``; float16 shares bfloat16's (``float32`` False).  The fastest of a
+#: sweep by ``benchmarks/gpu_tune.py`` on an NVIDIA H200 (triton 3.6, B=2, C=64, 224x224; the
+#: attention op alone, do_bench median; ``benchmarks/RESULTS.md``): the comment is that time and
+#: the compile-time heuristics' time in the same run.  Wider C, and keys not here, keep the
+#: heuristics of :class:`_Plan` / :class:`_BlockedPlan` (measured there, not swept).
+GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], "Launch"] = {
+    ("single", False, False, False): Launch(16, 2, 4),  # 0.096 ms, was 0.101
+    ("single", False, False, True): Launch(16, 4, 4),  # 0.158 ms, was 0.189
+    ("single", False, True, False): Launch(32, 2, 4),  # 0.116 ms, was 0.160
+    ("single", False, True, True): Launch(16, 2, 4),  # 0.300 ms, was 0.334
+    ("single", True, False, False): Launch(16, 2, 4),  # 0.188 ms, was 0.222
+    ("blocked", True, False, True): Launch(32, 2, 4, 64),  # 0.390 ms, was 2.948 (single-pass)
+    ("single", True, True, False): Launch(16, 2, 4),  # 0.573 ms, was 0.808
+    ("single", True, True, True): Launch(16, 1, 8),  # 1.118 ms, was 1.144
+}
 #: ``(backward, gated, float32)`` directions that run the channel-blocked kernels even at C <= 64,
-#: where they measured faster than the single-pass ones (``benchmarks/gpu_tune.py``).  The forward
-#: and backward are independent given ``P``, so each direction picks its own path.
-BLOCKED_AT_SMALL_C: set = set()
+#: where they measured faster than the single-pass ones.  The forward and backward are
+#: independent given ``P``, so each direction picks its own path.  The float32 SA-LSTM backward:
+#: the single-pass kernel spills (``sm90_stats``) and took 2.95 ms against 0.39 ms blocked.
+BLOCKED_AT_SMALL_C: Set[Tuple[bool, bool, bool]] = {(True, False, True)}
 
 
 def _single_pass(C: int, backward: bool, gated: bool, dtype: torch.dtype) -> bool:
     return _padded(C) <= FUSED_MAX_CP and (backward, gated, dtype == torch.float32) not in BLOCKED_AT_SMALL_C
 
 
-def _tuned(A: torch.Tensor, path: str, backward: bool, gated: bool):
-    if A.device.type != "cuda" or _interpreted():
-        return None
+def _tuned(A: torch.Tensor, path: str, backward: bool, gated: bool, C: int):
+    if A.device.type != "cuda" or _interpreted() or _padded(C) > FUSED_MAX_CP:
+        return None  # the table holds what was measured: CUDA, C <= 64
     return GPU_LAUNCH.get((path, backward, gated, A.dtype == torch.float32))
 
 
@@ -374,7 +389,7 @@ class _Plan:
 
     def __init__(self, A: torch.Tensor, B: int, C: int, N: int, backward: bool, gated: bool):
         self.CP = _padded(C)
-        tuned = _tuned(A, "single", backward, gated)
+        tuned = _tuned(A, "single", backward, gated, C)
         if BLOCK_N_OVERRIDE is not None:
             bn = BLOCK_N_OVERRIDE
         elif tuned is not None:
@@ -523,7 +538,7 @@ class _BlockedPlan:
         self.BC = BLOCK_C
         self.NB = triton.cdiv(C, self.BC)
         gpu = A.device.type == "cuda" and not _interpreted()
-        tuned = _tuned(A, "blocked", backward, gated)
+        tuned = _tuned(A, "blocked", backward, gated, C)
         if BLOCK_N_OVERRIDE is not None:
             self.BN = self.BN_red = BLOCK_N_OVERRIDE
         elif tuned is not None:
