@@ -435,21 +435,29 @@ def our_kernel_names() -> set:
 
 def device_time_split(step, device) -> str:
     """Share of device time in this package's Triton kernels vs everything else (convs, cuDNN, ...)."""
+    return device_time_profile(step, device)[0]
+
+
+def device_time_profile(step, device, steps=5):
+    """``(split, kernels)``: the split line, and ``[(kernel name, ms per step)]`` longest first."""
     if device.type != "cuda":
-        return ""
+        return "", []
     from torch.profiler import ProfilerActivity, profile
 
     ours = our_kernel_names()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+        for _ in range(steps):
             step()
         sync(device)
     fused = other = 0.0
     conv = 0.0
+    kernels = []
     for ev in prof.key_averages():
         t = getattr(ev, "self_device_time_total", None)
         if t is None:
             t = ev.self_cuda_time_total
+        if t > 0:
+            kernels.append((ev.key, t / steps / 1e3))
         if ev.key in ours:
             fused += t
         else:
@@ -458,9 +466,10 @@ def device_time_split(step, device) -> str:
                 conv += t
     total = fused + other
     if total <= 0:
-        return "profiler saw no device time"
-    return (f"device time/step {total / 5e3:.3f} ms: ours {100 * fused / total:.0f}%, "
-            f"conv-like {100 * conv / total:.0f}%, other {100 * (other - conv) / total:.0f}%")
+        return "profiler saw no device time", []
+    kernels.sort(key=lambda kv: -kv[1])
+    return (f"device time/step {total / steps / 1e3:.3f} ms: ours {100 * fused / total:.0f}%, "
+            f"conv-like {100 * conv / total:.0f}%, other {100 * (other - conv) / total:.0f}%"), kernels
 
 
 def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):

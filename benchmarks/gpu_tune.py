@@ -10,9 +10,12 @@
    The winners are printed as the Python literal to put in ``lstm_attention.py``.
 2. **Parity** of the ops with the winners set (``gpu_check.op_parity``, every dtype).
 3. **Modules** at 112x112 and 224x224, float32 and bfloat16, forward+backward: eager reference,
-   Triton with the package's current launch table and with the tuned one; wall time per step
-   (``do_bench``: the host's launch work included), device time of one step replayed from a CUDA
-   graph (host work excluded), peak memory, and the split of device time (profiler).
+   ``torch.compile`` of the reference (inductor; compile time printed apart, within
+   ``--compile-until-s``), Triton with the package's current launch table, with the tuned one, and with the tuned one
+   plus one conv over ``cat(x_t, h)`` at ``t > 0`` (``recurrence.CAT_CONV_DEVICES``) instead of the
+   input and recurrent convs apart; wall time per step (``do_bench``: the host's launch work
+   included), device time of one step replayed from a CUDA graph (host work excluded), peak
+   memory, the split of device time and the longest kernels (profiler).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import gpu_check as gc  # noqa: E402  (same folder; sets TRITON_INTERPRET for --
 import torch  # noqa: E402
 
 import salstm_kernels as sk  # noqa: E402
+from salstm_kernels import recurrence  # noqa: E402
 from salstm_kernels.ops import providers  # noqa: E402
 from salstm_kernels.testing import random_projections  # noqa: E402
 from salstm_kernels.triton import lstm_attention as la  # noqa: E402
@@ -141,7 +145,7 @@ def graph_ms(step, device, grads) -> float:
     return ms
 
 
-def modules(device, sizes, dtypes, B, C, T, k, tuned, current):
+def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
     rows = []
     for (H, W), dtype, (label, factory) in itertools.product(
             sizes, dtypes, (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d))):
@@ -153,21 +157,32 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current):
         x = torch.randn(B, T, C, H, W, device=device, dtype=dtype, requires_grad=True)
         gy = torch.randn(B, C, H, W, device=device, dtype=dtype)
         eager = None
-        for impl, m, state in (("eager", m_ref, None), ("triton current", m_tri, current), ("triton tuned", m_tri, tuned)):
+        impls = [("eager", m_ref, None, False), ("triton current", m_tri, current, False),
+                 ("triton tuned", m_tri, tuned, False), ("tuned, cat conv", m_tri, tuned, True)]
+        if compile_until_s is not None and elapsed() < compile_until_s:
+            torch._dynamo.reset()
+            impls.append(("compile", torch.compile(m_ref), None, False))
+        for impl, m, state, cat_conv in impls:
             if state is not None:
                 restore(state)
+            # t > 0: one conv over cat(x_t, h) against the input and recurrent convs apart
+            recurrence.CAT_CONV_DEVICES = {device.type} if cat_conv else set()
             grads = [x, *m.parameters()]
             step = gc._module_step(m, x, gy)
             try:
+                t = time.perf_counter()
                 step()
+                step()  # a second call can recompile (torch.compile); keep it out of the timing
                 gc.sync(device)
+                if impl == "compile":
+                    print(f"  {case} compile time {time.perf_counter() - t:.1f} s", flush=True)
                 ms, mem = gc._time_and_peak(step, device, grads)
                 try:
                     gms = graph_ms(step, device, grads)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {case} {impl}: CUDA graph failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     gms = float("nan")
-                split = gc.device_time_split(step, device)
+                split, kernels = gc.device_time_profile(step, device)
                 for p in grads:
                     p.grad = None
             except Exception as e:  # noqa: BLE001
@@ -178,6 +193,9 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current):
             rows.append(f"{case:26s} {impl:15s} {ms:8.3f} {eager[0] / ms:6.2f}x {gms:8.3f} {eager[1] / gms:6.2f}x "
                         f"{mem:8.0f} {mem / eager[2]:5.2f}x  {split}")
             print(rows[-1], flush=True)
+            if kernels:
+                print("    top kernels, ms/step: " + "; ".join(f"{n[:60]} {t:.3f}" for n, t in kernels[:8]), flush=True)
+    recurrence.CAT_CONV_DEVICES = set()
     return rows
 
 
@@ -185,6 +203,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     ap.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping new points after this")
+    ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
+    ap.add_argument("--compile-until-s", type=float, default=420.0,
+                    help="no new torch.compile rows after this many seconds of the run")
     args = ap.parse_args()
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -220,7 +241,8 @@ def main() -> int:
           flush=True)
     print("== modules fwd+bwd: wall ms (do_bench), vs eager, graph-replay ms, vs eager, peak MiB, vs eager ==",
           flush=True)
-    rows = modules(device, sizes, dtypes, B, C, T, k, tuned, current)
+    rows = modules(device, sizes, dtypes, B, C, T, k, tuned, current,
+                   None if args.no_compile else args.compile_until_s)
     print()
     print("=" * 100)
     print(f"SUMMARY B={B} Cin=C={C} T={T} k={k}; columns: case, impl, wall ms, vs eager, graph ms, vs eager, "

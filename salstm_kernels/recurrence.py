@@ -29,7 +29,7 @@ in place (``add_``): one ``(B, 4C, H, W)`` allocation fewer per step.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +81,18 @@ def split_conv_recurrence(
         for t in range(T):
             if batched:
                 A = A_in[t]
+                if h is not None:
+                    A = _add_recurrent(A, h, w_h, pad, fmt)
+            elif h is None:
+                A = F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
+            elif x.device.type in CAT_CONV_DEVICES:
+                # one conv over cat(x_t, h): the upstream formulation, used where one Cin+C conv
+                # measured faster than two convs and an add
+                xh = torch.cat([inputs[t], h.to(inputs[t].dtype)], dim=1).contiguous(memory_format=fmt)
+                A = F.conv2d(xh, weight, bias, padding=pad)
             else:
                 A = F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
-            if h is not None:
-                # In place into the recurrent conv's output (its backward saves only the conv's
-                # inputs): one (B, 4C, H, W) allocation fewer per step.
-                A = F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad).add_(A)
+                A = _add_recurrent(A, h, w_h, pad, fmt)
             if not cl:
                 A = A.contiguous()
             if stop_before_last and layer == n_layers - 1 and t == T - 1:
@@ -98,6 +104,19 @@ def split_conv_recurrence(
         states.append((h if h is not None else torch.zeros_like(c), c))
         inputs = outputs
     return states, last
+
+
+def _add_recurrent(A: Tensor, h: Tensor, w_h: Tensor, pad, fmt) -> Tensor:
+    """``A + conv(h, W_h)``, in place into the recurrent conv's output (its backward saves only the
+    conv's inputs): one ``(B, 4C, H, W)`` allocation fewer per step."""
+    return F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad).add_(A)
+
+
+#: Device types whose training steps at ``t > 0`` run one conv over ``cat(x_t, h)`` instead of the
+#: input and recurrent convs apart (same FLOPs; ``t = 0`` keeps the input-only conv either way).
+#: Empty: on this CPU (cpp, 56x56 fwd+bwd, 2 threads) the split measured 3-5% faster; on a GPU it
+#: is not measured yet (``benchmarks/gpu_tune.py`` A/Bs it).
+CAT_CONV_DEVICES: Set[str] = set()
 
 
 def _channels_last_convs(x: Tensor, backend: str) -> bool:

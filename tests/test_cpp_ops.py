@@ -17,7 +17,7 @@ if not _ok:
 
 import salstm_kernels as sk  # noqa: E402
 from salstm_kernels import cpp_kernels as ck  # noqa: E402
-from salstm_kernels import ops, reference  # noqa: E402
+from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import reference_kernels as rk  # noqa: E402
 from salstm_kernels.testing import assert_close, grads_of, random_projections  # noqa: E402
 
@@ -319,6 +319,19 @@ MODULES = [
 @pytest.mark.parametrize("T,hidden,with_state", [(1, [8], False), (3, [6, 8], True), (3, [8, 8], False)])
 @pytest.mark.parametrize("cls,extra", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_module_cpp_matches_reference(cls, extra, T, hidden, with_state, dtype):
+    _check_module_cpp(cls, extra, T, hidden, with_state, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls,extra", MODULES[:3], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_module_cpp_cat_conv_matches_reference(cls, extra, dtype, monkeypatch):
+    """The one-conv-over-cat(x, h) formulation at t > 0, on the cpp path's channels_last convs."""
+    monkeypatch.setattr(recurrence, "CAT_CONV_DEVICES", {"cpu"})
+    _check_module_cpp(cls, extra, 3, [6, 8], True, dtype)
+    _check_module_cpp(cls, extra, 2, [8], False, dtype)
+
+
+def _check_module_cpp(cls, extra, T, hidden, with_state, dtype):
     B, Cin, H, W = 2, 5, 7, 9
     ref, cpp = _module_pair(cls, dict(in_channels=Cin, hidden_channels=hidden, kernel_size=3, **extra), dtype)
     g = torch.Generator().manual_seed(11)

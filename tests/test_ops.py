@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import salstm_kernels as sk
-from salstm_kernels import ops, reference
+from salstm_kernels import ops, recurrence, reference
 from salstm_kernels.ops import reference_kernels as rk
 from salstm_kernels.testing import assert_close, grads_of, random_projections
 
@@ -91,9 +91,16 @@ MODULES = [
 ]
 
 
+@pytest.fixture(params=["split", "cat"])
+def conv_form(request, monkeypatch):
+    """Both conv formulations at t > 0: input and recurrent convs apart, or one conv over cat(x, h)."""
+    monkeypatch.setattr(recurrence, "CAT_CONV_DEVICES", {"cpu"} if request.param == "cat" else set())
+    return request.param
+
+
 @pytest.mark.parametrize("cls,kw", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
 @pytest.mark.parametrize("T,hidden,with_state", [(1, [6], False), (3, [5, 6], True), (2, [6], True)])
-def test_fused_path_matches_reference_module(cls, kw, T, hidden, with_state):
+def test_fused_path_matches_reference_module(cls, kw, T, hidden, with_state, conv_form):
     """The split-conv recurrence + fused ops (pure-PyTorch provider) against the reference path."""
     torch.manual_seed(T)
     m = cls(4, hidden, 3, backend="reference", **kw)
@@ -114,7 +121,7 @@ def test_fused_path_matches_reference_module(cls, kw, T, hidden, with_state):
         assert_close(a, b, torch.float32, backward=True, name=name)
 
 
-def test_split_conv_skips_recurrent_conv_at_t0():
+def test_split_conv_skips_recurrent_conv_at_t0(conv_form):
     """25% fewer conv FLOPs at T=2, Cin=C: counted with torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
