@@ -629,11 +629,14 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has, dA, dc)
     )
     del c32
     dP = _abt(plan, dout, V, C, N, prec)
+    del V
+    if not gated:
+        del h32  # only the projection gradients read it again: at most 4 (B, C, N) float32 live
     dS = (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
     dQ = _mm(plan, dS, K, _fp32_like(c), C, N, prec)
     dK = _mm(plan, dS, Q, _fp32_like(c), C, N, prec, trans=True)
+    del Q, K
     dV = _mm(plan, P, dout, _fp32_like(c), C, N, prec, trans=True)
-    del Q, K, V
     dproj = None
     if gated:
         dq, dk, dv = _fp32_like(c), _fp32_like(c), _fp32_like(c)
