@@ -1,7 +1,8 @@
 """Compile the channel-blocked attention kernels for sm_90 without a GPU; print shared memory,
 registers and spills per variant (ptxas from Triton's NVIDIA backend).  Also the cell and
 single-pass (C <= 64) backward kernels, each with the state gradients given and absent
-(HAS_DH / HAS_DCN False: a branch the interpreter runs but does not compile).
+(HAS_DH / HAS_DCN False: a branch the interpreter runs but does not compile), and the single-pass
+kernels with the tiles and warps of the shipped ``GPU_LAUNCH`` table (lines ``shipped ...``).
 
     PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats
 
@@ -97,11 +98,31 @@ def variants():
                        {"x_ptr": xt, "o_ptr": ot}, dict(TRANS=tr, BC=BC, BN=bn, PREC=prec), W)
 
 
+def shipped_single_pass():
+    """The single-pass kernels as the shipped GPU_LAUNCH table launches them at C = 64."""
+    for (path, backward, gated, fp32), launch in sorted(sp.GPU_LAUNCH.items()):
+        if path != "single":
+            continue
+        for dt in ("fp32",) if fp32 else ("bf16", "fp16"):
+            if dt not in DTYPES:
+                continue
+            prec = "ieee" if dt == "fp32" else "tf32"
+            a = {"a_ptr": dt, "c_ptr": dt, "h_ptr": dt, "cn_ptr": dt, "do_ptr": dt, "dh_ptr": dt, "dcn_ptr": dt,
+                 "da_ptr": dt, "dc_ptr": dt, "o_ptr": dt,
+                 **{p: dt for p in ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr")}}
+            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec)
+            tag = f"shipped {dt} gated={int(gated)} BN={launch.bn} warps={launch.num_warps}"
+            kernels = ((sp._scores_grad_kernel, sp._attention_bwd_kernel) if backward
+                       else (sp._cell_qk_scores_kernel, sp._attention_out_kernel))
+            for fn in kernels:
+                yield (f"{fn.fn.__name__.strip('_')} {tag}", fn, a, consts, launch.num_warps)
+
+
 def main() -> int:
     bad = 0
     seen = set()
     print(f"{'variant':<58} {'smem B':>8} {'regs':>5} {'spill st/ld B':>14}")
-    for name, fn, ptrs, consts, warps in variants():
+    for name, fn, ptrs, consts, warps in (*variants(), *shipped_single_pass()):
         if name in seen:
             continue
         seen.add(name)
