@@ -338,16 +338,22 @@ def _time_and_peak(step, device, grads):
     return ms, mem
 
 
+def module_case(factory, device, dtype, B, C, T, k, H, W):
+    """``(reference module, its Triton twin with the same weights, x, upstream grad)``, seeded."""
+    torch.manual_seed(0)
+    m_ref = factory(C, C, k, backend="reference").to(device=device, dtype=dtype)
+    m_tri = copy.deepcopy(m_ref)
+    m_tri.backend = "triton"
+    x = torch.randn(B, T, C, H, W, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    return m_ref, m_tri, x, gy
+
+
 def bench_modules(table: Table, device, dtype, B, C, T, k, H, W, budget_s, compile_backend, compile_jobs):
     """eager / triton rows now; the torch.compile rows are queued (run last, within the budget)."""
     for label, factory in (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d)):
         case = f"{label} {H}x{W} {dname(dtype)}"
-        torch.manual_seed(0)
-        m_ref = factory(C, C, k, backend="reference").to(device=device, dtype=dtype)
-        m_tri = copy.deepcopy(m_ref)
-        m_tri.backend = "triton"
-        x = torch.randn(B, T, C, H, W, device=device, dtype=dtype, requires_grad=True)
-        gy = torch.randn(B, C, H, W, device=device, dtype=dtype)
+        m_ref, m_tri, x, gy = module_case(factory, device, dtype, B, C, T, k, H, W)
         eager = {}
         for impl, m in (("eager", m_ref), ("triton", m_tri)):
             try:
@@ -605,6 +611,11 @@ def main() -> int:
               f"non-conv bytes model: attention 21*B*C*N, cell 19*B*C*N elements; "
               f"note column says which attention kernels ran (C<=64 single-pass, wider channel-blocked)")
         print(table.render())
+    return parity_verdict(log)
+
+
+def parity_verdict(log: ParityLog) -> int:
+    """Print the failures and the parity count last; the exit status (1 on any failure)."""
     for line in log.failures:
         print(line)
     print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL; total {elapsed():.0f}s")

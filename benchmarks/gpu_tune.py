@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import sys
 import time
@@ -34,11 +33,7 @@ from salstm_kernels.ops import providers  # noqa: E402
 from salstm_kernels.testing import random_projections  # noqa: E402
 from salstm_kernels.triton import lstm_attention as la  # noqa: E402
 
-T0 = time.perf_counter()
-
-
-def elapsed() -> float:
-    return time.perf_counter() - T0
+elapsed = gc.elapsed  # seconds since gpu_check was imported, i.e. since this run began
 
 
 def grid(path, smoke):
@@ -150,12 +145,7 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
     for (H, W), dtype, (label, factory) in itertools.product(
             sizes, dtypes, (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d))):
         case = f"{label} {H}x{W} {gc.dname(dtype)}"
-        torch.manual_seed(0)
-        m_ref = factory(C, C, k, backend="reference").to(device=device, dtype=dtype)
-        m_tri = copy.deepcopy(m_ref)
-        m_tri.backend = "triton"
-        x = torch.randn(B, T, C, H, W, device=device, dtype=dtype, requires_grad=True)
-        gy = torch.randn(B, C, H, W, device=device, dtype=dtype)
+        m_ref, m_tri, x, gy = gc.module_case(factory, device, dtype, B, C, T, k, H, W)
         eager = None
         impls = [("eager", m_ref, None, False), ("triton current", m_tri, current, False),
                  ("triton tuned", m_tri, tuned, False), ("tuned, cat conv", m_tri, tuned, True)]
@@ -248,10 +238,7 @@ def main() -> int:
     print(f"SUMMARY B={B} Cin=C={C} T={T} k={k}; columns: case, impl, wall ms, vs eager, graph ms, vs eager, "
           "peak MiB, vs eager, device-time split")
     print("\n".join(rows))
-    for line in log.failures:
-        print(line)
-    print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL; total {elapsed():.0f}s")
-    return 1 if log.failures else 0
+    return gc.parity_verdict(log)
 
 
 if __name__ == "__main__":
