@@ -88,7 +88,9 @@ def split_conv_recurrence(
             elif x.device.type in CAT_CONV_DEVICES:
                 # one conv over cat(x_t, h): the upstream formulation, used where one Cin+C conv
                 # measured faster than two convs and an add
-                xh = torch.cat([inputs[t], h.to(inputs[t].dtype)], dim=1).contiguous(memory_format=fmt)
+                # both parts in the conv layout first: cat keeps it, so there is one copy, not two
+                xh = torch.cat([inputs[t].contiguous(memory_format=fmt),
+                                h.to(inputs[t].dtype).contiguous(memory_format=fmt)], dim=1)
                 A = F.conv2d(xh, weight, bias, padding=pad)
             else:
                 A = F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
@@ -112,9 +114,10 @@ def _add_recurrent(A: Tensor, h: Tensor, w_h: Tensor, pad, fmt) -> Tensor:
     return F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad).add_(A)
 
 
-#: Device types whose training steps at ``t > 0`` run one conv over ``cat(x_t, h)`` instead of the
-#: input and recurrent convs apart (same FLOPs; ``t = 0`` keeps the input-only conv either way).
-#: Empty: on this CPU (cpp, 56x56 fwd+bwd, 2 threads) the split measured 3-5% faster; on a GPU it
+#: Device types whose training steps with a previous state run one conv over ``cat(x_t, h)``
+#: instead of the input and recurrent convs apart (same FLOPs; a step without a state -- ``t = 0``
+#: with no initial state -- keeps the input-only conv either way).
+#: Empty: on this CPU (cpp, 56x56 fwd+bwd, 2 threads) the split measured 3-6% faster; on a GPU it
 #: is not measured yet (``benchmarks/gpu_tune.py`` A/Bs it).
 CAT_CONV_DEVICES: Set[str] = set()
 

@@ -190,35 +190,50 @@ def test_blocked_kernels_at_narrow_channels(monkeypatch, nan_alloc):
     _check_attention((2, 24, 7, 9), torch.float32, "nonlinear", False)
 
 
+ROUTED_SHAPE = (2, 40, 7, 9)  # padded C = 64 (TUNED_CP): where BLOCKED_AT_CP64 and GPU_LAUNCH apply
+
+
 @pytest.mark.parametrize("blocked_dirs", [(), (False,), (True,), (False, True)], ids=["none", "fwd", "bwd", "both"])
 @pytest.mark.parametrize("gated", [False, True])
 def test_each_direction_takes_its_routed_path(blocked_dirs, gated, monkeypatch, nan_alloc):
-    """BLOCKED_AT_SMALL_C routes forward and backward apart at C <= 64; every mix matches the
+    """BLOCKED_AT_CP64 routes forward and backward apart at 33 <= C <= 64; every mix matches the
     reference (P from one path feeds the other), and the routed path is the one that runs."""
+    assert tk_attention._padded(ROUTED_SHAPE[1]) == tk_attention.TUNED_CP
     routed = {(bwd, gated, True) for bwd in blocked_dirs}
-    monkeypatch.setattr(tk_attention, "BLOCKED_AT_SMALL_C", routed)
+    monkeypatch.setattr(tk_attention, "BLOCKED_AT_CP64", routed)
     calls = []
     for name in ("_forward_blocked", "_backward_blocked"):
         real = getattr(tk_attention, name)
         monkeypatch.setattr(tk_attention, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    _check_attention((2, 24, 7, 9), torch.float32, "linear", gated)
+    _check_attention(ROUTED_SHAPE, torch.float32, "linear", gated)
     want = [n for n, bwd in (("_forward_blocked", False), ("_backward_blocked", True)) if bwd in blocked_dirs]
     assert calls == want
 
 
+def test_routing_applies_at_the_tuned_width_only():
+    """The measured routing is for padded C = 64; narrower C keeps the single-pass kernels."""
+    key = next(iter(tk_attention.BLOCKED_AT_CP64))
+    backward, gated, _ = key
+    assert not tk_attention._single_pass(40, backward, gated, torch.float32)
+    for C in (8, 24, 32):
+        assert tk_attention._single_pass(C, backward, gated, torch.float32), C
+    assert not tk_attention._single_pass(72, backward, gated, torch.float32)
+
+
 def test_shipped_launch_table_is_well_formed():
-    """Every GPU_LAUNCH entry is a setting the kernels compile with, and every routed direction
-    has its blocked setting (and no dead single-pass one)."""
+    """Every GPU_LAUNCH entry lies in the ranges the sweep measured (single-pass backward BN 64
+    needs more shared memory than an H100 / H200 block has), and every routed direction has its
+    blocked setting and no dead single-pass one."""
     la = tk_attention
     for key, launch in la.GPU_LAUNCH.items():
         path, backward, gated, fp32 = key
         assert path in ("single", "blocked") and all(isinstance(k, bool) for k in key[1:]), key
         assert launch.bn in (16, 32, 64) and launch.bn_red in (16, 32, 64, 128), (key, launch)
-        assert launch.num_warps in (2, 4, 8) and launch.splits_per_sm > 0, (key, launch)
-    for key in la.BLOCKED_AT_SMALL_C:
-        assert ("blocked", *key) in la.GPU_LAUNCH and ("single", *key) not in la.GPU_LAUNCH, key
+        assert launch.num_warps in (4, 8) and launch.splits_per_sm > 0, (key, launch)
+        assert not (path == "single" and backward and launch.bn > 32), (key, launch)
     for (path, *key) in la.GPU_LAUNCH:
-        assert (path == "blocked") == (tuple(key) in la.BLOCKED_AT_SMALL_C), (path, key)
+        assert (path == "blocked") == (tuple(key) in la.BLOCKED_AT_CP64), (path, key)
+    assert all(("blocked", *key) in la.GPU_LAUNCH for key in la.BLOCKED_AT_CP64)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -226,23 +241,46 @@ def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
     """A GPU_LAUNCH setting (here forced on CPU) sets the plans' tiles and warps, and the ops stay exact."""
     launch = tk_attention.Launch(32, 2, 4, 32)
     monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
-    A = torch.empty(2, 96, 7, 9, device=DEVICE)
-    plan = tk_attention._Plan(A, 2, 24, 63, backward=True, gated=gated)
+    A = torch.empty(2, 160, 7, 9, device=DEVICE)
+    plan = tk_attention._Plan(A, 2, 40, 63, backward=True, gated=gated)
     assert (plan.BN, plan.num_warps) == (32, 4)
-    bplan = tk_attention._BlockedPlan(A, 2, 24, 63, gated, backward=True)
+    bplan = tk_attention._BlockedPlan(A, 2, 40, 63, gated, backward=True)
     assert (bplan.BN, bplan.BN_red, bplan.num_warps) == (32, 32, 4)
-    monkeypatch.setattr(tk_attention, "BLOCKED_AT_SMALL_C", {(True, gated, True)})
-    _check_attention((2, 24, 7, 9), torch.float32, "nonlinear", gated)
+    monkeypatch.setattr(tk_attention, "BLOCKED_AT_CP64", {(True, gated, True)})
+    _check_attention(ROUTED_SHAPE, torch.float32, "nonlinear", gated)
 
 
-def test_launch_table_applies_to_cuda_at_small_c_only():
-    """The measured table is for CUDA at C <= 64: the interpreter / CPU and wider C keep the heuristics."""
-    cpu = torch.empty(1, 4)
-    assert tk_attention._tuned(cpu, "single", False, False, 24) is None
-    if HAS_CUDA:
-        cuda = torch.empty(1, 4, device="cuda")
-        assert tk_attention._tuned(cuda, "blocked", True, False, 72) is None
-        assert tk_attention._tuned(cuda, "blocked", True, False, 64) == tk_attention.GPU_LAUNCH[("blocked", True, False, True)]
+class _FakeCuda:
+    """Stands in for a CUDA tensor where only ``.device`` and ``.dtype`` are read."""
+
+    def __init__(self, dtype=torch.float32):
+        self.device, self.dtype = torch.device("cuda"), dtype
+
+
+def test_launch_table_applies_to_cuda_at_the_tuned_width_only(monkeypatch):
+    """The measured table is for CUDA at padded C = 64: CPU / the interpreter, and other widths,
+    keep the heuristics."""
+    assert tk_attention._tuned(torch.empty(1), "single", False, False, 40) is None
+    monkeypatch.setattr(tk_attention, "_interpreted", lambda: False)
+    fake = _FakeCuda()
+    for (path, backward, gated, fp32), launch in tk_attention.GPU_LAUNCH.items():
+        A = _FakeCuda(torch.float32 if fp32 else torch.bfloat16)
+        assert tk_attention._tuned(A, path, backward, gated, 40) == launch
+        for C in (24, 72, 256):
+            assert tk_attention._tuned(A, path, backward, gated, C) is None, C
+    assert tk_attention._tuned(fake, "single", True, False, 64) is None  # routed: no single entry
+
+
+def test_splits_scale_with_the_sm_count(monkeypatch):
+    """splits_per_sm * SMs programs over the batch (the old heuristic is splits_per_sm = 2)."""
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    fake = _FakeCuda()
+    assert tk_attention._splits(fake, 2, 2) == 132
+    assert tk_attention._splits(fake, 1, 2) == 66
+    assert tk_attention._splits(fake, 4, 4) == 132
+    assert tk_attention._splits(fake, 2, 3) == 88  # cdiv(264, 3)
+    assert tk_attention._splits(fake, 0.001, 5) == 1
 
 
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])

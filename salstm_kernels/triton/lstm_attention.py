@@ -35,9 +35,10 @@ Channel range: these single-pass kernels run for ``C <= 64`` (:data:`FUSED_MAX_C
 :mod:`.attention_blocked`, whose on-chip footprint does not depend on ``C`` (``(C, C)`` products are
 loops over 64-channel blocks) at the cost of float32 ``Q, K, V`` / gradient temporaries and more
 passes.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries,
-except in the directions listed in :data:`BLOCKED_AT_SMALL_C` (the float32 SA-LSTM backward, whose
-single-pass kernel spills and measured 7.5x slower on an H200).  Tile width, split count and
-warps at ``C <= 64`` come from :data:`GPU_LAUNCH`, measured by ``benchmarks/gpu_tune.py``.
+except at ``33 <= C <= 64`` in the directions listed in :data:`BLOCKED_AT_CP64` (the float32
+SA-LSTM backward, whose single-pass kernel spills there and measured 7.5x slower on an H200).
+Tile width, split count and warps at those widths come from :data:`GPU_LAUNCH`, measured by
+``benchmarks/gpu_tune.py``.
 sm_90 compile stats: ``python -m salstm_kernels.triton.sm90_stats``.
 
 Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``attention_backward``.
@@ -70,8 +71,8 @@ SPLITS_OVERRIDE = None
 BLOCK_N_OVERRIDE = None
 
 class Launch(NamedTuple):
-    """One GPU launch setting: N tile, N splits per SM of the reductions (per image), warps; the
-    blocked path's reduction kernels take their own N tile ``bn_red``."""
+    """One GPU launch setting: N tile, programs per SM of the reductions (``splits_per_sm * SMs``
+    programs over the whole batch), warps; the blocked path's reductions take their own N tile."""
 
     bn: int
     splits_per_sm: float
@@ -79,12 +80,15 @@ class Launch(NamedTuple):
     bn_red: int = 64
 
 
-#: GPU launch settings for C <= 64, keyed by ``(path, backward, gated, float32)`` with path
+#: The padded channel count the launch table was measured at (``33 <= C <= 64``).  Other widths
+#: keep the compile-time heuristics of :class:`_Plan` / :class:`_BlockedPlan` and the default path.
+TUNED_CP = 64
+
+#: GPU launch settings at :data:`TUNED_CP`, keyed by ``(path, backward, gated, float32)`` with path
 #: ``"single"`` or ``"blocked"``; float16 shares bfloat16's (``float32`` False).  The fastest of a
 #: sweep by ``benchmarks/gpu_tune.py`` on an NVIDIA H200 (triton 3.6, B=2, C=64, 224x224; the
 #: attention op alone, do_bench median; ``benchmarks/RESULTS.md``): the comment is that time and
-#: the compile-time heuristics' time in the same run.  Wider C, and keys not here, keep the
-#: heuristics of :class:`_Plan` / :class:`_BlockedPlan` (measured there, not swept).
+#: the compile-time heuristics' time in the same run.
 GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], "Launch"] = {
     ("single", False, False, False): Launch(16, 2, 4),  # 0.096 ms, was 0.101
     ("single", False, False, True): Launch(16, 4, 4),  # 0.158 ms, was 0.189
@@ -95,20 +99,24 @@ GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], "Launch"] = {
     ("single", True, True, False): Launch(16, 2, 4),  # 0.573 ms, was 0.808
     ("single", True, True, True): Launch(16, 1, 8),  # 1.118 ms, was 1.144
 }
-#: ``(backward, gated, float32)`` directions that run the channel-blocked kernels even at C <= 64,
-#: where they measured faster than the single-pass ones.  The forward and backward are
-#: independent given ``P``, so each direction picks its own path.  The float32 SA-LSTM backward:
-#: the single-pass kernel spills (``sm90_stats``) and took 2.95 ms against 0.39 ms blocked.
-BLOCKED_AT_SMALL_C: Set[Tuple[bool, bool, bool]] = {(True, False, True)}
+#: ``(backward, gated, float32)`` directions that run the channel-blocked kernels at
+#: :data:`TUNED_CP` too, where they measured faster than the single-pass ones.  The forward and
+#: backward are independent given ``P``, so each direction picks its own path.  The float32
+#: SA-LSTM backward: the single-pass kernel spills at CP = 64 (``sm90_stats``; not at 16 or 32)
+#: and took 2.95 ms against 0.39 ms blocked.
+BLOCKED_AT_CP64: Set[Tuple[bool, bool, bool]] = {(True, False, True)}
 
 
 def _single_pass(C: int, backward: bool, gated: bool, dtype: torch.dtype) -> bool:
-    return _padded(C) <= FUSED_MAX_CP and (backward, gated, dtype == torch.float32) not in BLOCKED_AT_SMALL_C
+    CP = _padded(C)
+    if CP > FUSED_MAX_CP:
+        return False
+    return CP != TUNED_CP or (backward, gated, dtype == torch.float32) not in BLOCKED_AT_CP64
 
 
 def _tuned(A: torch.Tensor, path: str, backward: bool, gated: bool, C: int):
-    if A.device.type != "cuda" or _interpreted() or _padded(C) > FUSED_MAX_CP:
-        return None  # the table holds what was measured: CUDA, C <= 64
+    if A.device.type != "cuda" or _interpreted() or _padded(C) != TUNED_CP:
+        return None  # the table holds what was measured: CUDA, padded C = 64
     return GPU_LAUNCH.get((path, backward, gated, A.dtype == torch.float32))
 
 
@@ -587,7 +595,7 @@ def _fp32_like(c):
 
 
 def _forward_blocked(A, c, proj, scale, comb, out, h, c_new):
-    """C > 64, non-empty; writes the outputs attention_forward allocated."""
+    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty; writes the outputs attention_forward allocated."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
@@ -610,7 +618,7 @@ def _forward_blocked(A, c, proj, scale, comb, out, h, c_new):
 
 
 def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, has, dA, dc):
-    """C > 64, non-empty, P float32; writes the dA, dc attention_backward allocated."""
+    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; writes the dA, dc attention_backward allocated."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
