@@ -1,21 +1,25 @@
 """Tune the Triton attention launches on the GPU at hand, then measure the modules with the result.
 
-    PYTHONPATH=. python benchmarks/gpu_tune.py               # CUDA machine, ~6 min on an H200
+    PYTHONPATH=. python benchmarks/gpu_tune.py               # CUDA machine, ~8 min on an H200
+    PYTHONPATH=. python benchmarks/gpu_tune.py --no-sweep    # shipped tables: parity + modules only
     PYTHONPATH=. python benchmarks/gpu_tune.py --cpu-smoke   # tiny shapes, Triton interpreter
 
 1. **Sweep** at ``B=2, C=64, 224x224`` for float32 and bfloat16 (float16 shares bfloat16's
    setting), SA-LSTM and LSTM-SA, forward and backward apart: the single-pass kernels and the
    channel-blocked ones (:data:`salstm_kernels.triton.lstm_attention.GPU_LAUNCH` /
-   ``BLOCKED_AT_CP64``) over N tile, N splits per SM and warps; ``do_bench`` median per point.
-   The winners are printed as the Python literal to put in ``lstm_attention.py``.
-2. **Parity** of the ops with the winners set (``gpu_check.op_parity``, every dtype).
-3. **Modules** at 112x112 and 224x224, float32 and bfloat16, forward+backward: eager reference,
-   ``torch.compile`` of the reference (inductor; compile time printed apart, within
-   ``--compile-until-s``), Triton with the package's current launch table, with the tuned one, and with the tuned one
-   plus one conv over ``cat(x_t, h)`` at ``t > 0`` (``recurrence.CAT_CONV_DEVICES``) instead of the
-   input and recurrent convs apart; wall time per step (``do_bench``: the host's launch work
-   included), device time of one step replayed from a CUDA graph (host work excluded), peak
-   memory, the split of device time and the longest kernels (profiler).
+   ``BLOCKED_AT_CP64``) over N tile, N splits per SM and warps; ``do_bench`` median per point,
+   against the compile-time heuristics and the shipped setting, which stays unless a point beats
+   it by 3%.  The resulting tables are printed as the Python literal for ``lstm_attention.py``.
+2. **Parity** of the ops with those tables set (``gpu_check.op_parity``, every dtype).
+3. **Modules** at 112x112 and 224x224, float32 and bfloat16, forward+backward, one row each:
+   eager reference; Triton with the package's tables as shipped ("current") and with the sweep's
+   ("tuned"); tuned plus one conv over ``cat(x_t, h)`` at ``t > 0`` instead of the input and
+   recurrent convs apart (``recurrence.CAT_CONV_DEVICES``); eager and tuned with
+   ``torch.backends.cudnn.benchmark``; ``torch.compile`` of the reference (inductor, compile time
+   printed apart, while the run is under ``--compile-until-s``).  Columns: wall time per step
+   (``do_bench``: the host's launch work included), device time of one step replayed from a CUDA
+   graph (host work excluded), peak memory, the split of device time and the longest kernels
+   (profiler).
 """
 from __future__ import annotations
 
@@ -171,6 +175,7 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
         return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
     finally:  # the package's state as found, whatever failed
         recurrence.CAT_CONV_DEVICES = set()
+        torch.backends.cudnn.benchmark = False
         restore(saved)
 
 
@@ -182,16 +187,19 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
         case = f"{label} {H}x{W} {gc.dname(dtype)}"
         m_ref, m_tri, x, gy = gc.module_case(factory, device, dtype, B, C, T, k, H, W)
         eager = None
-        impls = [("eager", m_ref, None, False), ("triton current", m_tri, current, False),
-                 ("triton tuned", m_tri, tuned, False), ("tuned, cat conv", m_tri, tuned, True)]
+        # (name, module, launch tables, one conv over cat(x_t, h) at t > 0, cudnn.benchmark)
+        impls = [("eager", m_ref, None, False, False), ("triton current", m_tri, current, False, False),
+                 ("triton tuned", m_tri, tuned, False, False), ("tuned, cat conv", m_tri, tuned, True, False),
+                 ("eager, cudnn.bm", m_ref, None, False, True), ("tuned, cudnn.bm", m_tri, tuned, False, True)]
         if compile_until_s is not None and elapsed() < compile_until_s:
             torch._dynamo.reset()
-            impls.append(("compile", torch.compile(m_ref), None, False))
-        for impl, m, state, cat_conv in impls:
+            impls.append(("compile", torch.compile(m_ref), None, False, False))
+        for impl, m, state, cat_conv, cudnn_bm in impls:
             if state is not None:
                 restore(state)
-            # t > 0: one conv over cat(x_t, h) against the input and recurrent convs apart
             recurrence.CAT_CONV_DEVICES = {device.type} if cat_conv else set()
+            # cuDNN's own algorithm search for the convs (off by default in PyTorch)
+            torch.backends.cudnn.benchmark = cudnn_bm
             grads = [x, *m.parameters()]
             step = gc._module_step(m, x, gy)
             try:
@@ -230,6 +238,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     ap.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping new points after this")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="no launch sweep: parity and the modules with the shipped tables only")
     ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
     ap.add_argument("--compile-until-s", type=float, default=420.0,
                     help="no new torch.compile rows after this many seconds of the run")
@@ -250,7 +260,8 @@ def main() -> int:
         B, C, T, k, sweep_shape, sizes = 2, 64, 2, 5, (224, 224), ((112, 112), (224, 224))
     dtypes = (torch.float32, torch.bfloat16)
     print("== sweep: attention op alone, ms (do_bench median), path (BN, splits/SM, warps, BN_red) ==", flush=True)
-    best, heuristic = sweep(tk, device, B, C, *sweep_shape, dtypes, args.sweep_budget_s, args.cpu_smoke)
+    best, heuristic = ({}, {}) if args.no_sweep else sweep(tk, device, B, C, *sweep_shape, dtypes,
+                                                           args.sweep_budget_s, args.cpu_smoke)
     apply(best)
     tuned = tables()
     print("GPU_LAUNCH = {")
