@@ -143,10 +143,11 @@ def apply(best):
         (la.BLOCKED_AT_CP64.add if path == "blocked" else la.BLOCKED_AT_CP64.discard)(key)
 
 
-def graph_ms(step, device, grads) -> float:
-    """Median device time of ``step`` replayed from a CUDA graph (no host launch work)."""
+def graph_ms(step, device, grads) -> "tuple[float, float]":
+    """Median device time of ``step`` replayed from a CUDA graph (no host launch work), and the
+    relative difference of the replay's input gradient from a plain step's."""
     if device.type != "cuda":
-        return float("nan")
+        return float("nan"), float("nan")
     import triton.testing
 
     for p in grads:
@@ -163,10 +164,18 @@ def graph_ms(step, device, grads) -> float:
     with torch.cuda.graph(graph):
         step()
     ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    # the replay computes what a plain step computes: compare the input gradients
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = grads[0].grad.clone()
     del graph
     for p in grads:
         p.grad = None
-    return ms
+    step()
+    err = ((replayed - grads[0].grad).abs().max() / grads[0].grad.abs().max().clamp_min(1e-30)).item()
+    for p in grads:
+        p.grad = None
+    return ms, err
 
 
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
@@ -211,10 +220,13 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
                     print(f"  {case} compile time {time.perf_counter() - t:.1f} s", flush=True)
                 ms, mem = gc._time_and_peak(step, device, grads)
                 try:
-                    gms = graph_ms(step, device, grads)
+                    gms, gerr = graph_ms(step, device, grads)
+                    if not gerr <= 1e-5:  # a replay must match a plain step (NaN fails too)
+                        print(f"  {case} {impl}: CUDA graph replay differs from a plain step: dx rel err {gerr:.2e}",
+                              flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"  {case} {impl}: CUDA graph failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    gms = float("nan")
+                    gms, gerr = float("nan"), float("nan")
                 split, kernels = gc.device_time_profile(step, device)
                 for p in grads:
                     p.grad = None
