@@ -26,8 +26,8 @@ Backward (two passes over N, gates recomputed from ``A`` and ``c``; nothing else
 
 Precision: all math and accumulation in float32.  float32 inputs use ``tl.dot(...,
 input_precision="ieee")`` (no TF32, exact parity with the reference); float16/bfloat16 inputs use
-TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits).  float64 is not supported (raises ``TypeError``): use the reference or
-cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
+TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits).  float64
+is not supported (raises ``TypeError``): use the reference or cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
 
 Channel range: these single-pass kernels run for ``C <= 64`` (:data:`FUSED_MAX_CP`); wider ``C``
@@ -69,6 +69,7 @@ FUSED_MAX_CP = 64
 SPLITS_OVERRIDE = None
 #: Force the N tile width (a power of two >= 16).
 BLOCK_N_OVERRIDE = None
+
 
 class Launch(NamedTuple):
     """One GPU launch setting: N tile, programs per SM of the reductions (``splits_per_sm * SMs``
@@ -123,6 +124,7 @@ def _tuned(A: torch.Tensor, path: str, backward: bool, gated: bool, C: int):
 def _splits(A: torch.Tensor, per_sm: float, work_per_split: int) -> int:
     sms = torch.cuda.get_device_properties(A.device).multi_processor_count
     return triton.cdiv(max(1, round(per_sm * sms)), max(work_per_split, 1))
+
 
 # --------------------------------------------------------------------------------------------
 # Device helpers
