@@ -76,10 +76,10 @@ def test_cell_matches_reference(shape, dtype, nan_alloc):
     h, c1 = tk.cell_forward(A, c)
     dA, dc = tk.cell_backward(A, c, dh, dc_new)
     assert h.dtype == c1.dtype == dA.dtype == dc.dtype == dtype
-    # the same contract in plain PyTorch
-    for name, x, r in zip(("h", "c'"), (h, c1), rk.cell_forward(A, c)):
+    # the same contract in plain PyTorch (the reference kernels on float64 copies, see _f64)
+    for name, x, r in zip(("h", "c'"), (h, c1), rk.cell_forward(*_f64(A, c))):
         assert_close(x, r, dtype, name=name)
-    for name, x, r in zip(("dA", "dc"), (dA, dc), rk.cell_backward(A, c, dh, dc_new)):
+    for name, x, r in zip(("dA", "dc"), (dA, dc), rk.cell_backward(*_f64(A, c, dh, dc_new))):
         assert_close(x, r, dtype, backward=True, name=name)
     # autograd of the spec, in float64
     A64, c64 = _leaf64(A), _leaf64(c)
@@ -94,6 +94,14 @@ def test_cell_matches_reference(shape, dtype, nan_alloc):
 # --------------------------------------------------------------------------------------------
 # attention: provider vs reference provider vs autograd of the spec
 # --------------------------------------------------------------------------------------------
+def _f64(*ts):
+    """float64 copies for the reference kernels.  In float32 they are plain PyTorch CPU ops, which
+    were seen, about 1 run in 10 and only when such a test was the first of its process, to land
+    3.5e-5 from float64 (over the float32 tolerance) while the Triton output stayed 1.7e-7 away:
+    the oracle is float64, as for the spec comparisons below."""
+    return tuple(t.detach().double() for t in ts)
+
+
 def _check_attention(shape, dtype, combination, gated, scale=0.3):
     B, C, H, W = shape
     A, c, (dout, dh, dc_new), g = _inputs(*shape, dtype, seed=3)
@@ -105,15 +113,17 @@ def _check_attention(shape, dtype, combination, gated, scale=0.3):
     dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
     assert (dproj is not None) == gated
 
-    ref = rk.attention_forward(A, c, proj, scale, combination)
+    # the reference kernels on float64 copies (see _f64)
+    proj_d = _f64(*proj) if gated else None
+    ref = rk.attention_forward(*_f64(A, c), proj_d, scale, combination)
     for name, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref):
         assert_close(x, r, dtype, name=name)
-    rdA, rdc, rdproj = rk.attention_backward(A, c, proj, ref[3], dout, dh, dc_new, scale, combination)
+    rdA, rdc, rdproj = rk.attention_backward(*_f64(A, c), proj_d, ref[3], *_f64(dout, dh, dc_new), scale, combination)
     got = [dA, dc] + (list(dproj) if gated else [])
     want = [rdA, rdc] + (list(rdproj) if gated else [])
     names = ["dA", "dc"] + (["dwq", "dbq", "dwk", "dbk", "dwv", "dbv"] if gated else [])
     for name, x, r in zip(names, got, want):
-        assert x.dtype == r.dtype, name
+        assert x.dtype == dtype, name  # every gradient in the inputs' (and projections') dtype
         assert_close(x, r, dtype, backward=True, name=name)
 
     # autograd of salstm_kernels.reference in float64, random upstream grads on out, h', c'
