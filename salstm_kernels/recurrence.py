@@ -79,22 +79,19 @@ def split_conv_recurrence(
         if batched:  # no graph: one input conv over all T steps (time-major), slices are blocks
             A_in = F.conv2d(torch.cat(inputs).contiguous(memory_format=fmt), w_x, bias, padding=pad).split(B)
         for t in range(T):
-            if batched:
-                A = A_in[t]
-                if h is not None:
-                    A = _add_recurrent(A, h, w_h, pad, fmt)
-            elif h is None:
-                A = F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
-            elif x.device.type in CAT_CONV_DEVICES:
+            if h is not None and not batched and x.device.type in CAT_CONV_DEVICES:
                 # one conv over cat(x_t, h): the upstream formulation, used where one Cin+C conv
-                # measured faster than two convs and an add
-                # both parts in the conv layout first: cat keeps it, so there is one copy, not two
+                # measured faster than two convs and an add.  Both parts in the conv layout
+                # first: cat keeps it, so there is one copy, not two.
                 xh = torch.cat([inputs[t].contiguous(memory_format=fmt),
                                 h.to(inputs[t].dtype).contiguous(memory_format=fmt)], dim=1)
                 A = F.conv2d(xh, weight, bias, padding=pad)
             else:
-                A = F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
-                A = _add_recurrent(A, h, w_h, pad, fmt)
+                A = A_in[t] if batched else F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
+                if h is not None:
+                    # In place into the recurrent conv's output (its backward saves only the
+                    # conv's inputs): one (B, 4C, H, W) allocation fewer per step.
+                    A = F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad).add_(A)
             if not cl:
                 A = A.contiguous()
             if stop_before_last and layer == n_layers - 1 and t == T - 1:
@@ -106,12 +103,6 @@ def split_conv_recurrence(
         states.append((h if h is not None else torch.zeros_like(c), c))
         inputs = outputs
     return states, last
-
-
-def _add_recurrent(A: Tensor, h: Tensor, w_h: Tensor, pad, fmt) -> Tensor:
-    """``A + conv(h, W_h)``, in place into the recurrent conv's output (its backward saves only the
-    conv's inputs): one ``(B, 4C, H, W)`` allocation fewer per step."""
-    return F.conv2d(h.to(A.dtype).contiguous(memory_format=fmt), w_h, None, padding=pad).add_(A)
 
 
 #: Device types whose training steps with a previous state run one conv over ``cat(x_t, h)``
