@@ -180,7 +180,6 @@ def _cell_qk_scores_kernel(
     a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -218,7 +217,6 @@ def _cell_qk_scores_kernel(
 def _attention_out_kernel(
     h_ptr, p_ptr, wv_ptr, bv_ptr, o_ptr, C, N,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -246,7 +244,6 @@ def _scores_grad_kernel(
     a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     """Per-split partials of ``dP = dO V^T`` (``V`` recomputed from ``A`` and ``c``)."""
     split = tl.program_id(0)

@@ -110,13 +110,14 @@ def shipped_single_pass():
             a = {"a_ptr": dt, "c_ptr": dt, "h_ptr": dt, "cn_ptr": dt, "do_ptr": dt, "dh_ptr": dt, "dcn_ptr": dt,
                  "da_ptr": dt, "dc_ptr": dt, "o_ptr": dt,
                  **{p: dt for p in ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr")}}
+            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec)
             # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
-            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, HAS_DH=True, HAS_DCN=True)
+            has = dict(HAS_DH=True, HAS_DCN=True)
             tag = f"shipped {dt} gated={int(gated)} BN={launch.bn} warps={launch.num_warps}"
-            kernels = ((sp._scores_grad_kernel, sp._attention_bwd_kernel) if backward
-                       else (sp._cell_qk_scores_kernel, sp._attention_out_kernel))
-            for fn in kernels:
-                yield (f"{fn.fn.__name__.strip('_')} {tag}", fn, a, consts, launch.num_warps)
+            kernels = (((sp._scores_grad_kernel, consts), (sp._attention_bwd_kernel, {**consts, **has})) if backward
+                       else ((sp._cell_qk_scores_kernel, consts), (sp._attention_out_kernel, consts)))
+            for fn, kconsts in kernels:
+                yield (f"{fn.fn.__name__.strip('_')} {tag}", fn, a, kconsts, launch.num_warps)
 
 
 def main() -> int:
