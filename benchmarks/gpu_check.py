@@ -399,7 +399,7 @@ def run_compile_jobs(table: Table, device, jobs, budget_s, compile_backend):
     torch._dynamo.reset()
 
 
-def single_pass(C, backward=False, gated=False, dtype=torch.bfloat16) -> bool:
+def single_pass(C, backward, gated, dtype) -> bool:
     from salstm_kernels.triton import lstm_attention as la
 
     return C > 0 and la._single_pass(C, backward, gated, dtype)
@@ -418,21 +418,44 @@ def fused_path(C, gated, dtype) -> str:
     return f"C={C} fused {fwd}" if fwd == bwd else f"C={C} fused fwd {fwd}, bwd {bwd}"
 
 
+def launch_tables():
+    """A copy of the Triton attention launch tables: ``(GPU_LAUNCH, BLOCKED_AT_CP64)``."""
+    from salstm_kernels.triton import lstm_attention as la
+
+    return dict(la.GPU_LAUNCH), set(la.BLOCKED_AT_CP64)
+
+
+def set_launch_tables(tables):
+    """Make the package's launch tables equal to ``tables`` (a :func:`launch_tables` copy)."""
+    from salstm_kernels.triton import lstm_attention as la
+
+    la.GPU_LAUNCH.clear()
+    la.GPU_LAUNCH.update(tables[0])
+    la.BLOCKED_AT_CP64.clear()
+    la.BLOCKED_AT_CP64.update(tables[1])
+
+
+@contextlib.contextmanager
+def launch_tables_kept():
+    """Whatever the block does to the launch tables is undone on exit, failure or not."""
+    saved = launch_tables()
+    try:
+        yield
+    finally:
+        set_launch_tables(saved)
+
+
 @contextlib.contextmanager
 def forced_blocked(on: bool):
     """Route both directions to the channel-blocked kernels at padded C = 64 (the A/B against the
     single-pass ones); the blocked launches stay as shipped (tuned entry or heuristics)."""
     from salstm_kernels.triton import lstm_attention as la
 
-    saved = set(la.BLOCKED_AT_CP64)
-    if on:
-        la.BLOCKED_AT_CP64.update((bwd, gated, fp32) for bwd in (False, True) for gated in (False, True)
-                                  for fp32 in (False, True))
-    try:
+    with launch_tables_kept():
+        if on:
+            la.BLOCKED_AT_CP64.update((bwd, gated, fp32) for bwd in (False, True) for gated in (False, True)
+                                      for fp32 in (False, True))
         yield
-    finally:
-        la.BLOCKED_AT_CP64.clear()
-        la.BLOCKED_AT_CP64.update(saved)
 
 
 def our_kernel_names() -> set:

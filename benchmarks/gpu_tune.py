@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 import time
@@ -49,19 +50,12 @@ def grid(path, smoke):
             for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]
 
 
-class Setting:
-    """Set one (direction, gated, dtype) to a path and launch, restoring the tables on exit."""
-
-    def __init__(self, backward, gated, fp32, path, launch):
-        self.key = (backward, gated, fp32)
-        self.path, self.launch = path, launch
-
-    def __enter__(self):
-        self.saved = tables()
-        apply({self.key: (0.0, self.path, self.launch)})
-
-    def __exit__(self, *exc):
-        restore(self.saved)
+@contextlib.contextmanager
+def setting(key, path, launch):
+    """One ``(backward, gated, fp32)`` set to a path and launch, the tables restored on exit."""
+    with gc.launch_tables_kept():
+        apply({key: (0.0, path, launch)})
+        yield
 
 
 def shipped_setting(key):
@@ -92,12 +86,9 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
             fn = lambda: tk.attention_forward(A_, c_, proj, scale, "linear")  # noqa: E731
         key = (backward, gated, dtype == torch.float32)
         label = f"{'bwd' if backward else 'fwd'} {'LSTM-SA' if gated else 'SA-LSTM'} {gc.dname(dtype)}"
-        saved = tables()
-        restore(({}, set()))  # no table: the single-pass path with the compile-time heuristics
-        try:
+        with gc.launch_tables_kept():
+            gc.set_launch_tables(({}, set()))  # no table: the single-pass path with the heuristics
             heuristic[key] = gc.bench_ms(fn, device)
-        finally:
-            restore(saved)
         path0, launch0 = shipped_setting(key)
         shipped = (gc.bench_ms(fn, device), path0, launch0)
         results = []
@@ -106,7 +97,7 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
                 if elapsed() > budget_s:
                     break
                 try:
-                    with Setting(*key, path, launch):
+                    with setting(key, path, launch):
                         ms = gc.bench_ms(fn, device)
                 except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
                     print(f"  {label} {path} {tuple(launch)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
@@ -120,17 +111,6 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
               f"{tuple(launch0) if launch0 else 'heuristics'}); best of {len(results)}: {top}; {verdict}  "
               f"[{elapsed():.0f}s]", flush=True)
     return best, heuristic
-
-
-def tables():
-    return dict(la.GPU_LAUNCH), set(la.BLOCKED_AT_CP64)
-
-
-def restore(state):
-    la.GPU_LAUNCH.clear()
-    la.GPU_LAUNCH.update(state[0])
-    la.BLOCKED_AT_CP64.clear()
-    la.BLOCKED_AT_CP64.update(state[1])
 
 
 def apply(best):
@@ -179,13 +159,12 @@ def graph_ms(step, device, grads) -> "tuple[float, float]":
 
 
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
-    saved = tables()
-    try:
-        return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
-    finally:  # the package's state as found, whatever failed
-        recurrence.CAT_CONV_DEVICES = set()
-        torch.backends.cudnn.benchmark = False
-        restore(saved)
+    with gc.launch_tables_kept():
+        try:
+            return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
+        finally:  # the package's state as found, whatever failed
+            recurrence.CAT_CONV_DEVICES = set()
+            torch.backends.cudnn.benchmark = False
 
 
 def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
@@ -205,7 +184,7 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
             impls.append(("compile", torch.compile(m_ref), None, False, False))
         for impl, m, state, cat_conv, cudnn_bm in impls:
             if state is not None:
-                restore(state)
+                gc.set_launch_tables(state)
             recurrence.CAT_CONV_DEVICES = {device.type} if cat_conv else set()
             # cuDNN's own algorithm search for the convs (off by default in PyTorch)
             torch.backends.cudnn.benchmark = cudnn_bm
@@ -265,7 +244,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, triton {triton.__version__}, device "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu (Triton interpreter)'}", flush=True)
     tk = providers.kernels("triton")
-    current = tables()  # the package's launch tables as shipped
+    current = gc.launch_tables()  # the package's launch tables as shipped
     if args.cpu_smoke:
         B, C, T, k, sweep_shape, sizes = 1, 40, 2, 3, (6, 5), ((6, 5),)
     else:
@@ -275,7 +254,7 @@ def main() -> int:
     best, heuristic = ({}, {}) if args.no_sweep else sweep(tk, device, B, C, *sweep_shape, dtypes,
                                                            args.sweep_budget_s, args.cpu_smoke)
     apply(best)
-    tuned = tables()
+    tuned = gc.launch_tables()
     print("GPU_LAUNCH = {")
     for (path, bwd, gated, fp32), launch in sorted(tuned[0].items()):
         ms = best[(bwd, gated, fp32)][0] if (bwd, gated, fp32) in best else float("nan")
