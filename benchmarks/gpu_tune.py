@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
 import sys
 import time
@@ -158,6 +159,40 @@ def graph_ms(step, device, grads) -> "tuple[float, float]":
     return ms, err
 
 
+def conv_layouts(device, sizes, dtypes, B, C, k):
+    """The recurrence's convs alone, forward+backward (input, weight grads): NCHW against
+    channels_last (activations and weight), with and without ``cudnn.benchmark``.  Decides whether
+    the fused path should run its convs NHWC (the Triton kernels would then read that ``A``)."""
+    rows = []
+    try:
+        for (H, W), dtype, (cin, what), cl, bm in itertools.product(
+                sizes, dtypes, ((C, "x or h conv Cin=C"), (2 * C, "cat conv Cin=2C")), (False, True), (False, True)):
+            torch.backends.cudnn.benchmark = bm
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(B, cin, H, W, device=device, dtype=dtype, generator=g).contiguous(memory_format=fmt)
+            w = torch.randn(4 * C, cin, k, k, device=device, dtype=dtype, generator=g) / (cin * k * k) ** 0.5
+            w = w.contiguous(memory_format=fmt).requires_grad_()
+            x.requires_grad_()
+            gy = torch.randn(B, 4 * C, H, W, device=device, dtype=dtype, generator=g).contiguous(memory_format=fmt)
+
+            def step():
+                torch.nn.functional.conv2d(x, w, padding=k // 2).backward(gy)
+
+            step()
+            ms = gc.bench_ms(step, device, grad_to_none=[x, w])
+            fwd = gc.bench_ms(lambda: torch.nn.functional.conv2d(x, w, padding=k // 2), device)
+            rows.append(f"{H}x{W} {gc.dname(dtype):8s} {what:18s} {'NHWC' if cl else 'NCHW'} "
+                        f"{'bm' if bm else '  '}  fwd {fwd:7.3f}  fwd+bwd {ms:7.3f} ms")
+            print(rows[-1], flush=True)
+            if not bm and (H, W) == sizes[-1] and cin == C:
+                print("    top kernels, ms/step: " + "; ".join(
+                    f"{n[:60]} {t:.3f}" for n, t in gc.device_time_profile(step, device)[1][:6]), flush=True)
+    finally:
+        torch.backends.cudnn.benchmark = False
+    return rows
+
+
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
     with gc.launch_tables_kept():
         try:
@@ -176,9 +211,15 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
         m_ref, m_tri, x, gy = gc.module_case(factory, device, dtype, B, C, T, k, H, W)
         eager = None
         # (name, module, launch tables, one conv over cat(x_t, h) at t > 0, cudnn.benchmark)
-        impls = [("eager", m_ref, None, False, False), ("triton current", m_tri, current, False, False),
-                 ("triton tuned", m_tri, tuned, False, False), ("tuned, cat conv", m_tri, tuned, True, False),
-                 ("eager, cudnn.bm", m_ref, None, False, True), ("tuned, cudnn.bm", m_tri, tuned, False, True)]
+        # the eager module with channels_last conv weights: its convs then run NHWC (cuDNN follows
+        # the weight's layout), the layout a user would try first for tensor-core convs
+        m_cl = copy.deepcopy(m_ref).to(memory_format=torch.channels_last)
+        impls = [("eager", m_ref, None, False, False), ("triton current", m_tri, current, False, False)]
+        if tuned != current:
+            impls.append(("triton tuned", m_tri, tuned, False, False))
+        impls += [("tuned, cat conv", m_tri, tuned, True, False), ("eager, cudnn.bm", m_ref, None, False, True),
+                  ("tuned, cudnn.bm", m_tri, tuned, False, True), ("eager, ch_last", m_cl, None, False, False),
+                  ("eager, ch_last bm", m_cl, None, False, True)]
         if compile_until_s is not None and elapsed() < compile_until_s:
             torch._dynamo.reset()
             impls.append(("compile", torch.compile(m_ref), None, False, False))
@@ -270,12 +311,15 @@ def main() -> int:
           flush=True)
     print("== modules fwd+bwd: wall ms (do_bench), vs eager, graph-replay ms, vs eager, peak MiB, vs eager ==",
           flush=True)
+    print("== convs alone: NCHW vs channels_last, cudnn.benchmark off / on ==", flush=True)
+    conv_rows = conv_layouts(device, sizes, dtypes, B, C, k)
     rows = modules(device, sizes, dtypes, B, C, T, k, tuned, current,
                    None if args.no_compile else args.compile_until_s)
     print()
     print("=" * 100)
     print(f"SUMMARY B={B} Cin=C={C} T={T} k={k}; columns: case, impl, wall ms, vs eager, graph ms, vs eager, "
           "peak MiB, vs eager, device-time split")
+    print("\n".join(conv_rows))
     print("\n".join(rows))
     return gc.parity_verdict(log)
 
