@@ -100,16 +100,30 @@ def _leaf64(t):
     return t.detach().double().requires_grad_(True)
 
 
-def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0):
+def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torch.contiguous_format):
+    """Every op on ``shape`` against autograd of the float64 spec; ``fmt`` channels_last: all
+    tensors NHWC (the layout of the Triton path's convs on CUDA), outputs checked to keep it."""
     B, C, H, W = shape
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device, dtype)  # noqa: E731
+
+    def rnd(*s, scale=1.0):
+        t = (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+        return t.contiguous(memory_format=fmt)
+
     A, c = rnd(B, 4 * C, H, W, scale=2.0), rnd(B, C, H, W)
     dout, dh, dcn = rnd(B, C, H, W), rnd(B, C, H, W), rnd(B, C, H, W)
-    label = f"op cell B{B} C{C} {H}x{W}"
+    nhwc = fmt == torch.channels_last
+    tag = " NHWC" if nhwc else ""
+
+    def layout_kept(*ts):
+        if not all(t.is_contiguous(memory_format=fmt) for t in ts):
+            raise AssertionError(f"outputs not in the inputs' layout ({fmt})")
+
+    label = f"op cell B{B} C{C} {H}x{W}{tag}"
     try:
         h, c1 = tk.cell_forward(A, c)
         dA, dc = tk.cell_backward(A, c, dh, dcn)
+        layout_kept(h, c1, dA, dc)
         A64, c64 = _leaf64(A), _leaf64(c)
         hr, cr = reference.lstm_cell_ref(A64, c64)
         gr = torch.autograd.grad([hr, cr], [A64, c64], [dh.double(), dcn.double()])
@@ -119,11 +133,12 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0):
         log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
     scale = 1.0 / math.sqrt(H * W)
     for comb, gated in combos:
-        label = f"op attention {combo_name(comb, gated)} B{B} C{C} {H}x{W}"
+        label = f"op attention {combo_name(comb, gated)} B{B} C{C} {H}x{W}{tag}"
         try:
             proj = tuple(p.detach() for p in random_projections(C, dtype, device, generator=g)) if gated else None
             out, h, c1, P = tk.attention_forward(A, c, proj, scale, comb)
             dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dcn, scale, comb)
+            layout_kept(out, h, c1, dA, dc)
             A64, c64 = _leaf64(A), _leaf64(c)
             p64 = tuple(_leaf64(p) for p in proj) if gated else None
             refs = reference.lstm_attention_ref(A64, c64, scale, comb, p64)
@@ -188,10 +203,11 @@ def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
         log.row(label, amp_dtype, [], error=f"{type(e).__name__}: {e}"[:200])
 
 
-def offsets_64bit(log: ParityLog, tk, device):
+def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format):
     """B * 4C * N > 2^31 elements: the second image of A lies past 2^31 (cell + attention forward)."""
     B, C, H, W = 2, 64, 2049, 2049
-    label = f"op 64-bit offsets B{B} C{C} {H}x{W} (B*4C*N={B * 4 * C * H * W:.2e})"
+    label = (f"op 64-bit offsets B{B} C{C} {H}x{W} (B*4C*N={B * 4 * C * H * W:.2e})"
+             + (" NHWC" if fmt == torch.channels_last else ""))
     if torch.cuda.mem_get_info()[0] < 24 * 2**30:
         print(f"SKIP  {label}: needs ~24 GiB free")
         return
@@ -199,8 +215,8 @@ def offsets_64bit(log: ParityLog, tk, device):
         from salstm_kernels.ops import reference_kernels as rk
 
         g = torch.Generator(device=device).manual_seed(0)
-        A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float16, generator=g)
-        c = torch.randn(B, C, H, W, device=device, dtype=torch.float16, generator=g)
+        A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float16, generator=g).contiguous(memory_format=fmt)
+        c = torch.randn(B, C, H, W, device=device, dtype=torch.float16, generator=g).contiguous(memory_format=fmt)
         out, h, c1, P = tk.attention_forward(A, c, None, 1.0 / (H * W), "linear")
         ref = rk.attention_forward(A[-1:], c[-1:], None, 1.0 / (H * W), "linear")
         errs = [(n, scaled_error(x[-1:], r), False) for n, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref)]
@@ -220,7 +236,9 @@ def run_parity(device, smoke: bool) -> ParityLog:
     log = ParityLog()
     print("== parity vs float64 reference (scaled error / tolerance) ==", flush=True)
     if smoke:
-        op_cases = [((1, 8, 5, 3), DTYPES, COMBOS), ((1, 72, 5, 3), (torch.float32,), (("linear", True),))]
+        op_cases = [((1, 8, 5, 3), DTYPES, COMBOS), ((1, 72, 5, 3), (torch.float32,), (("linear", True),)),
+                    ((1, 8, 5, 3), (torch.float32,), COMBOS, torch.channels_last),
+                    ((1, 72, 5, 3), (torch.float32,), (("linear", False),), torch.channels_last)]
         mod_cases = [(d, 3, (8,), 2, 5, 3, dt, True) for d in DESIGNS for dt in (torch.float32,)]
         mod_cases += [("LSTMSA2d(linear)", 3, (8,), 1, 5, 3, torch.bfloat16, False)]
     else:
@@ -234,22 +252,27 @@ def run_parity(device, smoke: bool) -> ParityLog:
             ((2, 128, 17, 15), (torch.float32, torch.bfloat16), COMBOS),
             ((1, 96, 13, 11), (torch.float16,), linear_only),
             ((1, 130, 9, 7), (torch.float32,), (("nonlinear", True),)),
+            # channels_last (NHWC): what the Triton path's convs write on CUDA
+            ((2, 64, 33, 31), (torch.float32, torch.bfloat16), COMBOS, torch.channels_last),
+            ((2, 24, 13, 11), (torch.float16,), linear_only, torch.channels_last),
+            ((2, 128, 17, 15), (torch.float32, torch.bfloat16), linear_only, torch.channels_last),
         ]
         mod_cases = []
         for dt in (torch.float32, torch.bfloat16):
             mod_cases += [(d, 5, (24,), 2, 13, 11, dt, False) for d in DESIGNS]
             mod_cases += [(d, 4, (16, 24), 3, 9, 7, dt, True) for d in ("SALSTM2d(linear)", "LSTMSA2d(linear)")]
         mod_cases += [(d, 5, (24,), 2, 13, 11, torch.float16, True) for d in ("SALSTM2d(linear)", "LSTMSA2d(linear)")]
-    for shape, dtypes, combos in op_cases:
+    for shape, dtypes, combos, *fmt in op_cases:
         for dt in dtypes:
-            op_parity(log, tk, device, shape, dt, combos)
+            op_parity(log, tk, device, shape, dt, combos, fmt=fmt[0] if fmt else torch.contiguous_format)
     for design, cin, hidden, T, H, W, dt, st in mod_cases:
         module_parity(log, device, design, cin, hidden, T, H, W, dt, st)
     if device.type == "cuda":
         for amp_dtype in (torch.bfloat16, torch.float16):
             for design in ("SALSTM2d(linear)", "LSTMSA2d(linear)"):
                 autocast_parity(log, device, design, amp_dtype)
-        offsets_64bit(log, tk, device)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            offsets_64bit(log, tk, device, fmt)
     print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
     return log
 

@@ -5,18 +5,20 @@
     PYTHONPATH=. python benchmarks/gpu_tune.py --cpu-smoke   # tiny shapes, Triton interpreter
 
 1. **Sweep** at ``B=2, C=64, 224x224`` for float32 and bfloat16 (float16 shares bfloat16's
-   setting), SA-LSTM and LSTM-SA, forward and backward apart: the single-pass kernels and the
+   setting; tensors in the layout the modules run in there: channels_last on CUDA), SA-LSTM and LSTM-SA, forward and backward apart: the single-pass kernels and the
    channel-blocked ones (:data:`salstm_kernels.triton.lstm_attention.GPU_LAUNCH` /
    ``BLOCKED_AT_CP64``) over N tile, N splits per SM and warps; ``do_bench`` median per point,
    against the compile-time heuristics and the shipped setting, which stays unless a point beats
    it by 3%.  The resulting tables are printed as the Python literal for ``lstm_attention.py``.
 2. **Parity** of the ops with those tables set (``gpu_check.op_parity``, every dtype).
 3. **Modules** at 112x112 and 224x224, float32 and bfloat16, forward+backward, one row each:
-   eager reference; Triton with the package's tables as shipped ("current") and with the sweep's
-   ("tuned"); tuned plus one conv over ``cat(x_t, h)`` at ``t > 0`` instead of the input and
-   recurrent convs apart (``recurrence.CAT_CONV_DEVICES``); eager and tuned with
-   ``torch.backends.cudnn.benchmark``; ``torch.compile`` of the reference (inductor, compile time
-   printed apart, while the run is under ``--compile-until-s``).  Columns: wall time per step
+   eager reference; Triton as shipped ("triton": channels_last convs, one conv over ``cat(x_t, h)``
+   at ``t > 0``, the shipped launch tables) and with the sweep's tables ("triton tuned"); tuned
+   with NCHW convs, one over ``cat`` or the input and recurrent ones apart (the A/B of
+   ``recurrence.CHANNELS_LAST_CONVS`` / ``CAT_CONV_DEVICES``); ``torch.compile`` of the reference
+   (inductor, compile time printed apart, while the run is under ``--compile-until-s``).  With
+   ``--extra-ab`` also the convs alone NCHW vs channels_last, ``cudnn.benchmark`` rows and the eager
+   module with channels_last weights (measured once; no gain for eager).  Columns: wall time per step
    (``do_bench``: the host's launch work included), device time of one step replayed from a CUDA
    graph (host work excluded), peak memory, the split of device time and the longest kernels
    (profiler).
@@ -73,8 +75,11 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
     """Returns ``{(backward, gated, fp32): (ms, path, launch or None)}``: the sweep's winner, or the
     shipped setting when no point beats it by :data:`MARGIN`; and the heuristics' timings."""
     g = torch.Generator(device=device).manual_seed(0)
-    A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float32, generator=g)
-    c, dout, dh, dcn = (torch.randn(B, C, H, W, device=device, dtype=torch.float32, generator=g) for _ in range(4))
+    # in the layout the modules' convs give the ops on this device (recurrence.CHANNELS_LAST_CONVS)
+    fmt = torch.channels_last if ("triton", device.type) in recurrence.CHANNELS_LAST_CONVS else torch.contiguous_format
+    A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float32, generator=g).contiguous(memory_format=fmt)
+    c, dout, dh, dcn = (torch.randn(B, C, H, W, device=device, dtype=torch.float32, generator=g).contiguous(
+        memory_format=fmt) for _ in range(4))
     scale = 1.0 / (H * W) ** 0.5
     best, heuristic = {}, {}
     for dtype, gated, backward in itertools.product(dtypes, (False, True), (False, True)):
@@ -193,16 +198,17 @@ def conv_layouts(device, sizes, dtypes, B, C, k):
     return rows
 
 
-def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
+def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
+    kept = recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES
     with gc.launch_tables_kept():
         try:
-            return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
+            return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab)
         finally:  # the package's state as found, whatever failed
-            recurrence.CAT_CONV_DEVICES = set()
+            recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES = kept
             torch.backends.cudnn.benchmark = False
 
 
-def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s):
+def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
     rows = []
     nan = float("nan")
     for (H, W), dtype, (label, factory) in itertools.product(
@@ -211,22 +217,32 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s)
         m_ref, m_tri, x, gy = gc.module_case(factory, device, dtype, B, C, T, k, H, W)
         eager = None
         # (name, module, launch tables, one conv over cat(x_t, h) at t > 0, cudnn.benchmark)
-        # the eager module with channels_last conv weights: its convs then run NHWC (cuDNN follows
-        # the weight's layout), the layout a user would try first for tensor-core convs
-        m_cl = copy.deepcopy(m_ref).to(memory_format=torch.channels_last)
-        impls = [("eager", m_ref, None, False, False), ("triton current", m_tri, current, False, False)]
+        # (name, module, launch tables, convs: (channels_last, one conv over cat(x_t, h) at t > 0),
+        #  cudnn.benchmark).  "triton" is the package as shipped; the NCHW rows are the conv forms
+        # it replaced, for the A/B.
+        shipped_convs = (("triton", device.type) in recurrence.CHANNELS_LAST_CONVS,
+                         device.type in recurrence.CAT_CONV_DEVICES)
+        impls = [("eager", m_ref, None, None, False), ("triton", m_tri, current, shipped_convs, False)]
         if tuned != current:
-            impls.append(("triton tuned", m_tri, tuned, False, False))
-        impls += [("tuned, cat conv", m_tri, tuned, True, False), ("eager, cudnn.bm", m_ref, None, False, True),
-                  ("tuned, cudnn.bm", m_tri, tuned, False, True), ("eager, ch_last", m_cl, None, False, False),
-                  ("eager, ch_last bm", m_cl, None, False, True)]
+            impls.append(("triton tuned", m_tri, tuned, shipped_convs, False))
+        impls += [("tuned NCHW cat", m_tri, tuned, (False, True), False),
+                  ("tuned NCHW split", m_tri, tuned, (False, False), False)]
+        if extra_ab:
+            # the eager module with channels_last conv weights: its convs then run NHWC (cuDNN
+            # follows the weight's layout), the layout a user would try first for tensor-core convs
+            m_cl = copy.deepcopy(m_ref).to(memory_format=torch.channels_last)
+            impls += [("eager, cudnn.bm", m_ref, None, None, True), ("tuned, cudnn.bm", m_tri, tuned, shipped_convs, True),
+                      ("eager, ch_last", m_cl, None, None, False)]
         if compile_until_s is not None and elapsed() < compile_until_s:
             torch._dynamo.reset()
-            impls.append(("compile", torch.compile(m_ref), None, False, False))
-        for impl, m, state, cat_conv, cudnn_bm in impls:
+            impls.append(("compile", torch.compile(m_ref), None, None, False))
+        for impl, m, state, convs, cudnn_bm in impls:
             if state is not None:
                 gc.set_launch_tables(state)
-            recurrence.CAT_CONV_DEVICES = {device.type} if cat_conv else set()
+            if convs is not None:
+                channels_last, cat_conv = convs
+                recurrence.CHANNELS_LAST_CONVS = {("triton", device.type)} if channels_last else set()
+                recurrence.CAT_CONV_DEVICES = {device.type} if cat_conv else set()
             # cuDNN's own algorithm search for the convs (off by default in PyTorch)
             torch.backends.cudnn.benchmark = cudnn_bm
             grads = [x, *m.parameters()]
@@ -275,6 +291,9 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
     ap.add_argument("--compile-until-s", type=float, default=420.0,
                     help="no new torch.compile rows after this many seconds of the run")
+    ap.add_argument("--extra-ab", action="store_true",
+                    help="also the convs alone NCHW vs channels_last, cudnn.benchmark rows and the eager "
+                         "module with channels_last weights (measured once: benchmarks/RESULTS.md)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -306,15 +325,18 @@ def main() -> int:
     log = gc.ParityLog()
     shape = (1, 40, 6, 5) if args.cpu_smoke else (2, 64, 37, 41)
     for dtype in gc.DTYPES:
-        gc.op_parity(log, tk, device, shape, dtype, gc.COMBOS)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            gc.op_parity(log, tk, device, shape, dtype, gc.COMBOS, fmt=fmt)
     print(f"parity with the tuned launches: {log.n_pass} PASS, {len(log.failures)} FAIL  [{elapsed():.0f}s]",
           flush=True)
     print("== modules fwd+bwd: wall ms (do_bench), vs eager, graph-replay ms, vs eager, peak MiB, vs eager ==",
           flush=True)
-    print("== convs alone: NCHW vs channels_last, cudnn.benchmark off / on ==", flush=True)
-    conv_rows = conv_layouts(device, sizes, dtypes, B, C, k)
+    conv_rows = []
+    if args.extra_ab:
+        print("== convs alone: NCHW vs channels_last, cudnn.benchmark off / on ==", flush=True)
+        conv_rows = conv_layouts(device, sizes, dtypes, B, C, k)
     rows = modules(device, sizes, dtypes, B, C, T, k, tuned, current,
-                   None if args.no_compile else args.compile_until_s)
+                   None if args.no_compile else args.compile_until_s, args.extra_ab)
     print()
     print("=" * 100)
     print(f"SUMMARY B={B} Cin=C={C} T={T} k={k}; columns: case, impl, wall ms, vs eager, graph ms, vs eager, "

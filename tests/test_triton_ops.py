@@ -31,7 +31,7 @@ else:  # pragma: no cover
     tk = tk_attention = None
 
 import salstm_kernels as sk  # noqa: E402
-from salstm_kernels import ops, reference  # noqa: E402
+from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import reference_kernels as rk  # noqa: E402
 from salstm_kernels.testing import assert_close, grads_of, nan_like, random_projections  # noqa: E402
 
@@ -54,11 +54,16 @@ def nan_alloc(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
-def _inputs(B, C, H, W, dtype, seed=0):
+def _inputs(B, C, H, W, dtype, seed=0, fmt=torch.contiguous_format):
     g = torch.Generator().manual_seed(seed)
-    A = (torch.randn(B, 4 * C, H, W, generator=g, dtype=torch.float64) * 2).to(DEVICE, dtype)
-    c = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    grads = [torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(DEVICE, dtype) for _ in range(3)]
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype).contiguous(
+            memory_format=fmt)
+
+    A = rand(B, 4 * C, H, W, scale=2.0)
+    c = rand(B, C, H, W)
+    grads = [rand(B, C, H, W) for _ in range(3)]
     return A, c, grads, g
 
 
@@ -72,10 +77,21 @@ def _leaf64(t):
 @pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=str)
 @pytest.mark.parametrize("shape", SHAPES + [(1, 130, 3, 5)], ids=str)
 def test_cell_matches_reference(shape, dtype, nan_alloc):
-    A, c, (dh, dc_new, _), _ = _inputs(*shape, dtype)
+    _check_cell(shape, dtype, torch.contiguous_format)
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 7, 9), (1, 130, 3, 5)], ids=str)
+def test_cell_channels_last(shape, nan_alloc):
+    """channels_last A (what a channels_last conv writes): read in place, outputs channels_last."""
+    _check_cell(shape, torch.float32, torch.channels_last)
+
+
+def _check_cell(shape, dtype, fmt):
+    A, c, (dh, dc_new, _), _ = _inputs(*shape, dtype, fmt=fmt)
     h, c1 = tk.cell_forward(A, c)
     dA, dc = tk.cell_backward(A, c, dh, dc_new)
     assert h.dtype == c1.dtype == dA.dtype == dc.dtype == dtype
+    assert all(t.is_contiguous(memory_format=fmt) for t in (h, c1, dA, dc))
     # the same contract in plain PyTorch (the reference kernels on float64 copies, see _f64)
     for name, x, r in zip(("h", "c'"), (h, c1), rk.cell_forward(*_f64(A, c))):
         assert_close(x, r, dtype, name=name)
@@ -102,9 +118,9 @@ def _f64(*ts):
     return tuple(t.detach().double() for t in ts)
 
 
-def _check_attention(shape, dtype, combination, gated, scale=0.3):
+def _check_attention(shape, dtype, combination, gated, scale=0.3, fmt=torch.contiguous_format):
     B, C, H, W = shape
-    A, c, (dout, dh, dc_new), g = _inputs(*shape, dtype, seed=3)
+    A, c, (dout, dh, dc_new), g = _inputs(*shape, dtype, seed=3, fmt=fmt)
     proj = tuple(p.detach() for p in random_projections(C, dtype, DEVICE, generator=g)) if gated else None
 
     out, h, c1, P = tk.attention_forward(A, c, proj, scale, combination)
@@ -112,6 +128,7 @@ def _check_attention(shape, dtype, combination, gated, scale=0.3):
     assert P.shape == (B, C, C)
     dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination)
     assert (dproj is not None) == gated
+    assert all(t.is_contiguous(memory_format=fmt) for t in (out, h, c1, dA, dc)), "outputs in A's layout"
 
     # the reference kernels on float64 copies (see _f64)
     proj_d = _f64(*proj) if gated else None
@@ -148,6 +165,18 @@ def test_attention_fp32(shape, combination, gated, nan_alloc):
 @pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
 def test_attention_low_precision(dtype, combination, gated, nan_alloc):
     _check_attention((2, 24, 7, 9), dtype, combination, gated)
+
+
+@pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("shape", [(2, 24, 7, 9), (2, 72, 3, 7)], ids=["single-pass", "blocked"])
+def test_attention_channels_last(shape, combination, gated, nan_alloc):
+    """channels_last A, c and gradients (the Triton path's conv layout on CUDA) on the single-pass
+    and the channel-blocked kernels: same values, outputs and dA channels_last."""
+    _check_attention(shape, torch.float32, combination, gated, fmt=torch.channels_last)
+
+
+def test_attention_channels_last_fp16(nan_alloc):
+    _check_attention((2, 24, 7, 9), torch.float16, "linear", True, fmt=torch.channels_last)
 
 
 WIDE_SHAPES = [(1, 72, 3, 7), (2, 130, 3, 5)]  # C > 64, not powers of two; N = 21, 15: partial tiles
@@ -397,9 +426,19 @@ MODULES = [
 ]
 
 
+@pytest.fixture(params=["nchw-split", "channels_last-cat"])
+def conv_setup(request, monkeypatch):
+    """The recurrence's conv layout and form on this device: NCHW with the input and recurrent
+    convs apart, or (what CUDA runs) channels_last convs with one conv over cat(x_t, h) at t > 0."""
+    cl = request.param.startswith("channels_last")
+    monkeypatch.setattr(recurrence, "CHANNELS_LAST_CONVS", {("triton", DEVICE)} if cl else set())
+    monkeypatch.setattr(recurrence, "CAT_CONV_DEVICES", {DEVICE} if cl else set())
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 @pytest.mark.parametrize("cls,kw", MODULES, ids=["salstm-linear", "salstm-nonlinear", "lstmsa", "lstm-then-sa", "convlstm"])
 @pytest.mark.parametrize("T,hidden,with_state", [(1, [8], False), (3, [6, 8], True)], ids=["T1", "T3-2layers-state"])
-def test_module_triton_matches_reference(cls, kw, T, hidden, with_state):
+def test_module_triton_matches_reference(cls, kw, T, hidden, with_state, conv_setup):
     torch.manual_seed(T)
     m_ref = cls(4, hidden, 3, backend="reference", **kw).to(DEVICE)
     m_tri = cls(4, hidden, 3, backend="triton", **kw).to(DEVICE)
@@ -414,6 +453,7 @@ def test_module_triton_matches_reference(cls, kw, T, hidden, with_state):
     out_t, st_t = m_tri(x, state, return_state=True)
     outs_r = [out_r] + [t for s in st_r for t in s]
     outs_t = [out_t] + [t for s in st_t for t in s]
+    assert out_t.is_contiguous(memory_format=conv_setup), "the fused ops run in the convs' layout"
     for a, b in zip(outs_t, outs_r):
         assert_close(a, b, torch.float32)
     gys = [torch.randn_like(t) for t in outs_r]

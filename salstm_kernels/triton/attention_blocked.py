@@ -24,7 +24,8 @@ Kernels (grids: ``T`` = N tiles, ``R`` = channel row blocks, ``S`` = N splits):
   (LSTM-SA), the QKV-formation chain rule and the cell backward into ``dA``, ``dc``.
 
 All math and accumulation float32; ``input_precision`` "ieee" for float32 inputs, "tf32" else;
-64-bit offsets; masks for any ``C`` and ``N``.
+64-bit offsets; masks for any ``C`` and ``N``.  ``CL``: every ``(B, C, N)`` tensor (and ``A``) is
+channels_last (channels contiguous per pixel) instead of NCHW; the float32 temporaries follow.
 """
 from __future__ import annotations
 
@@ -37,20 +38,31 @@ from .lstm_cell import (
 
 
 @triton.jit
-def _rows_tile(b, blk, t, C, N, BC: tl.constexpr, BN: tl.constexpr):
-    rows = blk * BC + tl.arange(0, BC)
-    cols = t * BN + tl.arange(0, BN)
-    mask = (rows < C)[:, None] & (cols < N)[None, :]
-    plane = rows[:, None].to(tl.int64) * N + cols[None, :]
-    return rows, cols, mask, b * 4 * C * N + plane, b * C * N + plane
+def _state_offsets(b, rows, cols, C, N, CL: tl.constexpr):
+    """64-bit offsets of channels ``rows`` x pixels ``cols`` of a ``(B, C, N)`` tensor: NCHW, or
+    channels_last with ``CL``."""
+    if CL:
+        return b * C * N + cols[None, :].to(tl.int64) * C + rows[:, None]
+    return b * C * N + rows[:, None].to(tl.int64) * N + cols[None, :]
 
 
 @triton.jit
-def _chunk(ptr, b, kr, cols, C, N):
+def _rows_tile(b, blk, t, C, N, BC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr):
+    """Rows, columns, mask, offsets into ``A`` (gate i) and the state tensors, and ``A``'s gate stride."""
+    rows = blk * BC + tl.arange(0, BC)
+    cols = t * BN + tl.arange(0, BN)
+    mask = (rows < C)[:, None] & (cols < N)[None, :]
+    c_offs = _state_offsets(b, rows, cols, C, N, CL)
+    if CL:  # A (B, N, 4C): a pixel's 4C gate values together
+        return rows, cols, mask, b * 4 * C * N + cols[None, :].to(tl.int64) * (4 * C) + rows[:, None], c_offs, C
+    return rows, cols, mask, c_offs + b * 3 * C * N, c_offs, C * N
+
+
+@triton.jit
+def _chunk(ptr, b, kr, cols, C, N, CL: tl.constexpr):
     """Rows ``kr`` x columns ``cols`` of a ``(B, C, N)`` tensor, float32, zero outside."""
     m = (kr < C)[:, None] & (cols < N)[None, :]
-    offs = b * C * N + kr[:, None].to(tl.int64) * N + cols[None, :]
-    return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return tl.load(ptr + _state_offsets(b, kr, cols, C, N, CL), mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -66,14 +78,14 @@ def _square_block(ptr, ri, rj, C, TRANS: tl.constexpr):
 
 @triton.jit
 def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                 BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                 BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr):
     """``W[rows, :] @ h' + b[rows]`` for q, k, v on one tile, blocked over input channels."""
     pq = tl.zeros((BC, BN), dtype=tl.float32)
     pk = tl.zeros((BC, BN), dtype=tl.float32)
     pv = tl.zeros((BC, BN), dtype=tl.float32)
     for kk in range(0, C, BC):
         kr = kk + tl.arange(0, BC)
-        hk = _chunk(h_ptr, b, kr, cols, C, N)
+        hk = _chunk(h_ptr, b, kr, cols, C, N, CL)
         pq = tl.dot(_square_block(wq_ptr, rows, kr, C, False), hk, pq, input_precision=PREC)
         pk = tl.dot(_square_block(wk_ptr, rows, kr, C, False), hk, pk, input_precision=PREC)
         pv = tl.dot(_square_block(wv_ptr, rows, kr, C, False), hk, pv, input_precision=PREC)
@@ -89,17 +101,17 @@ def qkv_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr,
-    WRITE_STATE: tl.constexpr, PREC: tl.constexpr,
+    WRITE_STATE: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr,
 ):
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, a_offs, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
+    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, CL)
     if GATED:  # projections first: the gate math is not live across their loop (registers)
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC)
+                                  BC, BN, PREC, CL)
     if (not GATED) or COMB != 2:
-        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, C * N, mask)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
     if WRITE_STATE:
         tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -124,7 +136,7 @@ def qkv_rows_kernel(
 @triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS", "NB"])
 def abt_partials_kernel(
     x_ptr, y_ptr, out_ptr, rs_ptr, C, N, tiles_per_split, n_tiles, SPLITS, NB,
-    BC: tl.constexpr, BN: tl.constexpr, ROWSUM: tl.constexpr, PREC: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr, ROWSUM: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr,
 ):
     """``out[b, split, ri, rj] = sum_{n in split} X[b, ri, n] Y[b, rj, n]`` (+ ``rs = sum_n X``)."""
     blk = tl.program_id(0)
@@ -138,8 +150,8 @@ def abt_partials_kernel(
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         cols = t * BN + tl.arange(0, BN)
-        x = _chunk(x_ptr, b, ri, cols, C, N)
-        y = _chunk(y_ptr, b, rj, cols, C, N)
+        x = _chunk(x_ptr, b, ri, cols, C, N, CL)
+        y = _chunk(y_ptr, b, rj, cols, C, N, CL)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=PREC)
         if ROWSUM:
             rs += tl.sum(x, axis=1)
@@ -153,17 +165,17 @@ def abt_partials_kernel(
 
 @triton.jit
 def mm_rows_kernel(m_ptr, x_ptr, o_ptr, C, N, TRANS: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, CL: tl.constexpr):
     """``O[b, rows] = M[b, rows, :] @ X[b]`` (``M[b, :, rows]^T`` with ``TRANS``), ``M (B, C, C)``."""
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, _, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
+    rows, cols, mask, _, c_offs, _ = _rows_tile(b, blk, t, C, N, BC, BN, CL)
     acc = tl.zeros((BC, BN), dtype=tl.float32)
     m_base = m_ptr + b * C * C
     for kk in range(0, C, BC):
         kr = kk + tl.arange(0, BC)
-        acc = tl.dot(_square_block(m_base, rows, kr, C, TRANS), _chunk(x_ptr, b, kr, cols, C, N), acc,
+        acc = tl.dot(_square_block(m_base, rows, kr, C, TRANS), _chunk(x_ptr, b, kr, cols, C, N, CL), acc,
                      input_precision=PREC)
     tl.store(o_ptr + c_offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
@@ -172,18 +184,18 @@ def mm_rows_kernel(m_ptr, x_ptr, o_ptr, C, N, TRANS: tl.constexpr, BC: tl.conste
 def proj_grad_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     dqa_ptr, dka_ptr, dva_ptr, dq_ptr, dk_ptr, dv_ptr, C, N,
-    BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr,
 ):
     """LSTM-SA: ``dq = dQ * fq`` etc. (written); with a combination, ``dQ <- dQ * pq`` in place."""
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, a_offs, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
+    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, CL)
     if COMB != 2:
         # projections first (nothing else live across their loop), then one operand at a time
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC)
-        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, C * N, mask)
+                                  BC, BN, PREC, CL)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         fq, fk = qk_factors(f, g, c_new, h, COMB)
         dQ = tl.load(dqa_ptr + c_offs, mask=mask, other=0.0)
@@ -206,7 +218,7 @@ def attention_bwd_rows_kernel(
     a_ptr, c_ptr, dh_ptr, dcn_ptr, dfq_ptr, dfk_ptr, dfv_ptr, dq_ptr, dk_ptr, dv_ptr,
     wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
+    CL: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     """Total ``dh'``, ``dc'``, ``df``, ``dg`` of a row block, then the cell backward into ``dA``, ``dc``.
 
@@ -216,21 +228,20 @@ def attention_bwd_rows_kernel(
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, a_offs, c_offs = _rows_tile(b, blk, t, C, N, BC, BN)
-    CN = C * N
+    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, CL)
     dh_t = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
     if GATED:  # cross-row term first: the gate math is not live across its loop (registers)
         x = tl.zeros((BC, BN), dtype=tl.float32)
         for kk in range(0, C, BC):
             kr = kk + tl.arange(0, BC)
-            x = tl.dot(_square_block(wq_ptr, rows, kr, C, True), _chunk(dq_ptr, b, kr, cols, C, N), x,
+            x = tl.dot(_square_block(wq_ptr, rows, kr, C, True), _chunk(dq_ptr, b, kr, cols, C, N, CL), x,
                        input_precision=PREC)
-            x = tl.dot(_square_block(wk_ptr, rows, kr, C, True), _chunk(dk_ptr, b, kr, cols, C, N), x,
+            x = tl.dot(_square_block(wk_ptr, rows, kr, C, True), _chunk(dk_ptr, b, kr, cols, C, N, CL), x,
                        input_precision=PREC)
-            x = tl.dot(_square_block(wv_ptr, rows, kr, C, True), _chunk(dv_ptr, b, kr, cols, C, N), x,
+            x = tl.dot(_square_block(wv_ptr, rows, kr, C, True), _chunk(dv_ptr, b, kr, cols, C, N, CL), x,
                        input_precision=PREC)
         dh_t += x
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, CN, mask)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
     i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
     dc_t = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
     df = 0.0
@@ -241,4 +252,4 @@ def attention_bwd_rows_kernel(
         dfv = tl.load(dfv_ptr + c_offs, mask=mask, other=0.0)
         df, dg, dh_t, dc_t = qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh_t, dc_t, COMB)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
-    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, CN, mask, dai, daf, dao, dag, dc)
+    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)

@@ -2,6 +2,11 @@
 
 Forward: ``A (B, 4C, N)`` (gate order i, f, o, g) and ``c (B, C, N)`` -> ``h', c'``.
 Backward: recomputes the gates from ``A`` and ``c`` (nothing else is saved) -> ``dA, dc``.
+
+Layout (:mod:`salstm_kernels.ops.layout`): NCHW, or channels_last when ``A`` is (every state
+tensor and ``dA`` then channels_last too).  Both are "``G`` consecutive values of one gate, then
+the next gate": ``G = C*N`` in NCHW (a gate's plane per image), ``G = C`` channels_last (a gate's
+channels per pixel), so one kernel serves both with ``G`` as an argument.
 Reference: :func:`salstm_kernels.ops.reference_kernels.cell_forward` / ``cell_backward``.
 
 The ``@triton.jit`` helpers here (``tanh``, ``lstm_state``, ``lstm_state_grads``) are shared with
@@ -13,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..ops.layout import layout_of
 
 # --------------------------------------------------------------------------------------------
 # Shared device helpers
@@ -31,7 +38,8 @@ def tanh(x):
 def load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gate_stride, mask):
     """Pre-activations ``(Ai, Af, Ao, Ag)`` and ``c`` as float32.
 
-    ``a_offs`` point at gate ``i`` in ``A``; the other gates are ``gate_stride`` (= C*N) apart.
+    ``a_offs`` point at gate ``i`` in ``A``; the other gates are ``gate_stride`` apart (``C*N`` NCHW,
+    ``C`` channels_last).
     """
     ai = tl.load(a_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
     af = tl.load(a_ptr + gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
@@ -109,17 +117,23 @@ def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels: one program per BLOCK elements of the flattened (B, C, N) state
+# Kernels: one program per BLOCK elements of the state in memory order
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, CN, total, BLOCK: tl.constexpr):
+def _gate_i_offsets(idx, G):
+    """Offset in ``A`` of gate ``i`` for state element ``idx``: each run of ``G`` state values
+    (an image's plane in NCHW, a pixel's channels channels_last) sits in a run of ``4G`` in ``A``."""
+    return idx + (idx // G) * (3 * G)
+
+
+@triton.jit
+def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, G, total, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
-    b = idx // CN
-    a_offs = idx + b * (3 * CN)  # (b, ch, n) of gate i inside (B, 4C, N)
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, CN, mask)
+    a_offs = _gate_i_offsets(idx, G)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask)
     _, _, _, _, c_new, _, h = lstm_state(ai, af, ao, ag, c)
     tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(cn_ptr + idx, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
@@ -136,18 +150,17 @@ def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, CN, total, BLOCK: tl.constexpr,
+def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, G, total, BLOCK: tl.constexpr,
                      HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
-    b = idx // CN
-    a_offs = idx + b * (3 * CN)
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, CN, mask)
+    a_offs = _gate_i_offsets(idx, G)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask)
     i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
     dh = load_optional_grad(dh_ptr, idx, mask, HAS_DH)
     dcn = load_optional_grad(dcn_ptr, idx, mask, HAS_DCN)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
-    store_lstm_grads(da_ptr, dc_ptr, a_offs, idx, CN, mask, dai, daf, dao, dag, dc)
+    store_lstm_grads(da_ptr, dc_ptr, a_offs, idx, G, mask, dai, daf, dao, dag, dc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,45 +192,59 @@ def _block(total: int) -> int:
     return min(_BLOCK, max(16, triton.next_power_of_2(total)))
 
 
-def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor) -> None:
-    """``h', c'`` into given contiguous tensors (any supported dtype, e.g. float32 temporaries)."""
+def dense_layout(A: torch.Tensor, c: torch.Tensor):
+    """``(A, c, fmt, channels_last)``: both dense in the layout the kernels run in -- channels_last
+    when ``A`` is channels_last per image (the provider contract), else NCHW; no copy when they
+    already are."""
+    fmt = layout_of(A) if A.dim() == 4 else torch.contiguous_format
+    return A.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt), fmt, fmt == torch.channels_last
+
+
+def gate_stride(c: torch.Tensor, channels_last: bool) -> int:
+    """Distance between a value of gate ``i`` and the same value of gate ``f`` in ``A``."""
+    return c.shape[1] if channels_last else c[0].numel()
+
+
+def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor,
+                      channels_last: bool = False) -> None:
+    """``h', c'`` into given dense tensors of ``A``'s layout (any supported dtype, e.g. float32
+    temporaries)."""
     total = c.numel()
     if total == 0:
         return
-    CN = total // c.shape[0]
     block = _block(total)
-    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, CN, total, BLOCK=block)
+    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, gate_stride(c, channels_last), total,
+                                                   BLOCK=block)
 
 
 def cell_forward(A: torch.Tensor, c: torch.Tensor):
     check_cell_shapes(A, c)
     check_dtypes(A, c)
-    A, c = A.contiguous(), c.contiguous()
-    h = torch.empty(c.shape, dtype=A.dtype, device=A.device)
-    c_new = torch.empty(c.shape, dtype=A.dtype, device=A.device)
-    cell_forward_into(A, c, h, c_new)
+    A, c, fmt, cl = dense_layout(A, c)
+    h = torch.empty_like(c, dtype=A.dtype)
+    c_new = torch.empty_like(c, dtype=A.dtype)
+    cell_forward_into(A, c, h, c_new, cl)
     return h, c_new
 
 
-def optional_grad(t, dummy: torch.Tensor) -> torch.Tensor:
+def optional_grad(t, dummy: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """A gradient that may be absent (None: no gradient on that output) as a kernel argument: the
-    tensor, contiguous, or ``dummy`` -- never read, the kernel masks its loads with HAS_*."""
-    return dummy if t is None else t.contiguous()
+    tensor, dense in layout ``fmt``, or ``dummy`` -- never read, the kernel masks its loads with HAS_*."""
+    return dummy if t is None else t.contiguous(memory_format=fmt)
 
 
 def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new):
     check_cell_shapes(A, c)
     check_dtypes(A, c, dh, dc_new)
-    A, c = A.contiguous(), c.contiguous()
+    A, c, fmt, cl = dense_layout(A, c)
     has_dh, has_dcn = dh is not None, dc_new is not None
-    dh, dc_new = optional_grad(dh, c), optional_grad(dc_new, c)
+    dh, dc_new = optional_grad(dh, c, fmt), optional_grad(dc_new, c, fmt)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
     total = c.numel()
     if total == 0:
         return dA, dc
-    CN = total // c.shape[0]
     block = _block(total)
-    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, CN, total, BLOCK=block,
-                                                   HAS_DH=has_dh, HAS_DCN=has_dcn)
+    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, gate_stride(c, cl), total,
+                                                   BLOCK=block, HAS_DH=has_dh, HAS_DCN=has_dcn)
     return dA, dc
