@@ -501,20 +501,32 @@ def device_time_split(step, device) -> str:
 
 
 def device_time_profile(step, device, steps=5):
-    """``(split, kernels)``: the split line, and ``[(kernel name, ms per step)]`` longest first."""
+    """``(split, kernels, ops)``: the split line, ``[(kernel name, ms per step)]`` longest first,
+    and ``[(operator, device ms per step)]``: the torch operators whose kernels took that time
+    (children included, so nested operators repeat it), which names what launched a kernel."""
     if device.type != "cuda":
-        return "", []
+        return "", [], []
     from torch.profiler import ProfilerActivity, profile
 
-    ours = our_kernel_names()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         sync(device)
+    return profile_rows(prof.key_averages(), steps, our_kernel_names())
+
+
+def profile_rows(events, steps, ours):
+    """:func:`device_time_profile`'s result from the profiler's averaged events."""
     fused = other = 0.0
     conv = 0.0
-    kernels = []
-    for ev in prof.key_averages():
+    kernels, ops = [], []
+    for ev in events:
+        if ev.device_type != torch.autograd.DeviceType.CUDA:  # an operator on the host
+            total = getattr(ev, "device_time_total", None)
+            total = ev.cuda_time_total if total is None else total
+            if total > 0 and "::" in ev.key:
+                ops.append((ev.key, total / steps / 1e3))
+            continue
         t = getattr(ev, "self_device_time_total", None)
         if t is None:
             t = ev.self_cuda_time_total
@@ -528,10 +540,11 @@ def device_time_profile(step, device, steps=5):
                 conv += t
     total = fused + other
     if total <= 0:
-        return "profiler saw no device time", []
+        return "profiler saw no device time", [], []
     kernels.sort(key=lambda kv: -kv[1])
+    ops.sort(key=lambda kv: -kv[1])
     return (f"device time/step {total / steps / 1e3:.3f} ms: ours {100 * fused / total:.0f}%, "
-            f"conv-like {100 * conv / total:.0f}%, other {100 * (other - conv) / total:.0f}%"), kernels
+            f"conv-like {100 * conv / total:.0f}%, other {100 * (other - conv) / total:.0f}%"), kernels, ops
 
 
 def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):

@@ -12,10 +12,11 @@
    it by 3%.  The resulting tables are printed as the Python literal for ``lstm_attention.py``.
 2. **Parity** of the ops with those tables set (``gpu_check.op_parity``, every dtype).
 3. **Modules** at 112x112 and 224x224, float32 and bfloat16, forward+backward, one row each:
-   eager reference; Triton as shipped ("triton": channels_last convs, one conv over ``cat(x_t, h)``
-   at ``t > 0``, the shipped launch tables) and with the sweep's tables ("triton tuned"); tuned
-   with NCHW convs, one over ``cat`` or the input and recurrent ones apart (the A/B of
-   ``recurrence.CHANNELS_LAST_CONVS`` / ``CAT_CONV_DEVICES``); ``torch.compile`` of the reference
+   eager reference; Triton as shipped ("triton": the package's conv form and launch tables) and
+   with the sweep's tables ("triton tuned"); tuned with each conv form -- channels_last (NHWC) or
+   NCHW convs, one conv over ``cat(x_t, h)`` at ``t > 0`` or the input and recurrent ones apart
+   (the A/B of ``recurrence.CHANNELS_LAST_CONVS`` / ``CAT_CONV_DEVICES``; the shipped form is
+   not repeated when the tables did not change); ``torch.compile`` of the reference
    (inductor, compile time printed apart, while the run is under ``--compile-until-s``).  With
    ``--extra-ab`` also the convs alone NCHW vs channels_last, ``cudnn.benchmark`` rows and the eager
    module with channels_last weights (measured once; no gain for eager).  Columns: wall time per step
@@ -200,15 +201,18 @@ def conv_layouts(device, sizes, dtypes, B, C, k):
 
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
     kept = recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES
+    # the conv form the package ships on this device, read once: the rows below change the sets
+    shipped_convs = (("triton", device.type) in kept[0], device.type in kept[1])
     with gc.launch_tables_kept():
         try:
-            return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab)
+            return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab,
+                            shipped_convs)
         finally:  # the package's state as found, whatever failed
             recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES = kept
             torch.backends.cudnn.benchmark = False
 
 
-def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
+def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab, shipped_convs):
     rows = []
     nan = float("nan")
     for (H, W), dtype, (label, factory) in itertools.product(
@@ -218,15 +222,14 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
         eager = None
         # (name, module, launch tables, one conv over cat(x_t, h) at t > 0, cudnn.benchmark)
         # (name, module, launch tables, convs: (channels_last, one conv over cat(x_t, h) at t > 0),
-        #  cudnn.benchmark).  "triton" is the package as shipped; the NCHW rows are the conv forms
-        # it replaced, for the A/B.
-        shipped_convs = (("triton", device.type) in recurrence.CHANNELS_LAST_CONVS,
-                         device.type in recurrence.CAT_CONV_DEVICES)
+        #  cudnn.benchmark).  "triton" is the package as shipped; then each conv form, for the A/B
+        # (the one the package ships is not run twice unless the sweep changed the tables).
         impls = [("eager", m_ref, None, None, False), ("triton", m_tri, current, shipped_convs, False)]
         if tuned != current:
             impls.append(("triton tuned", m_tri, tuned, shipped_convs, False))
-        impls += [("tuned NCHW cat", m_tri, tuned, (False, True), False),
-                  ("tuned NCHW split", m_tri, tuned, (False, False), False)]
+        impls += [(f"tuned {'NHWC' if cl else 'NCHW'} {'cat' if cat else 'split'}", m_tri, tuned, (cl, cat), False)
+                  for cl, cat in ((True, True), (False, True), (False, False))
+                  if tuned != current or (cl, cat) != shipped_convs]
         if extra_ab:
             # the eager module with channels_last conv weights: its convs then run NHWC (cuDNN
             # follows the weight's layout), the layout a user would try first for tensor-core convs
@@ -263,7 +266,7 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
                 except Exception as e:  # noqa: BLE001
                     print(f"  {case} {impl}: CUDA graph failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     gms, gerr = float("nan"), float("nan")
-                split, kernels = gc.device_time_profile(step, device)
+                split, kernels, top_ops = gc.device_time_profile(step, device)
                 for p in grads:
                     p.grad = None
             except Exception as e:  # noqa: BLE001
@@ -279,6 +282,8 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
             print(rows[-1], flush=True)
             if kernels:
                 print("    top kernels, ms/step: " + "; ".join(f"{n[:60]} {t:.3f}" for n, t in kernels[:8]), flush=True)
+                print("    top operators, device ms/step (children included): "
+                      + "; ".join(f"{n[:50]} {t:.3f}" for n, t in top_ops[:12]), flush=True)
     return rows
 
 

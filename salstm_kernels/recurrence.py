@@ -20,12 +20,12 @@ autocast that is just the common dtype.  Under ``torch.autocast`` the convs run 
 precision, but ``A`` is widened to the state dtype before the cell, so ``h, c`` stay float32 for
 float32 inputs -- the cell state is a running sum over time steps and keeps its precision.
 Any memory layout (sliced, ``channels_last``, expanded) is accepted.  **Conv layout:** with the
-``cpp`` backend on CPU and the ``triton`` backend on CUDA the convs run channels_last
-(:data:`CHANNELS_LAST_CONVS`: oneDNN's and cuDNN's NHWC kernels are the faster ones).  The fused
-ops then run channels_last end to end (:mod:`salstm_kernels.ops.layout`): they read that ``A`` in
-place and return ``h', c'`` and ``dA`` channels_last, which feed the next convs without a layout
-copy; the other pairs get contiguous NCHW ``A``.  The module's outputs are then channels_last too
-(same values; ``.contiguous()`` if NCHW strides matter downstream).  The recurrent conv's output takes the input conv's
+``cpp`` backend on CPU the convs run channels_last (:data:`CHANNELS_LAST_CONVS`: oneDNN's NHWC
+kernels are the faster ones; the ``triton`` backend can opt in on CUDA).  The fused ops then run
+channels_last end to end (:mod:`salstm_kernels.ops.layout`): they read that ``A`` in place and
+return ``h', c'`` and ``dA`` channels_last, which feed the next convs without a layout copy; the
+other pairs get contiguous NCHW ``A``.  The module's outputs are then channels_last too (same
+values; ``.contiguous()`` if NCHW strides matter downstream).  The recurrent conv's output takes the input conv's
 in place (``add_``): one ``(B, 4C, H, W)`` allocation fewer per step.
 """
 from __future__ import annotations
@@ -109,8 +109,8 @@ def split_conv_recurrence(
 #: Device types whose training steps with a previous state run one conv over ``cat(x_t, h)``
 #: instead of the input and recurrent convs apart (same FLOPs; a step without a state -- ``t = 0``
 #: with no initial state -- keeps the input-only conv either way).
-#: CUDA: one Cin+C conv measured 1-24% faster per module step than two convs and an add (H200,
-#: B=2, C=64, T=2, fwd+bwd, CUDA-graph time; largest in bfloat16; ``benchmarks/RESULTS.md``).
+#: CUDA: one Cin+C conv took 1-20% off each module step against two convs and an add (H200,
+#: B=2, C=64, T=2, fwd+bwd, CUDA-graph time; 14-20% in bfloat16; ``benchmarks/RESULTS.md``).
 #: Not CPU: there (cpp, 56x56 fwd+bwd, 2 threads) the split measured 3-6% faster.
 CAT_CONV_DEVICES: Set[str] = {"cuda"}
 
@@ -118,11 +118,15 @@ CAT_CONV_DEVICES: Set[str] = {"cuda"}
 #: ``A`` in place and write ``h', c'``, ``dA`` channels_last too, so no layout copy is made in
 #: either direction.  The other pairs get NCHW.
 #: cpp on CPU: oneDNN's NHWC convolutions are faster than its NCHW ones (56x56, fwd, one thread:
-#: 85.8 -> 80.5 ms per module call).  Triton on CUDA: cuDNN's tensor-core convs are NHWC, so an
-#: NCHW conv adds a transpose each way (``nchwToNhwcKernel`` / ``nhwcToNchwKernel``): on an H200 a
-#: B=2, 64->256, 5x5, 224x224 conv fwd+bwd took 0.694 ms NCHW, 0.509 ms NHWC in bfloat16
-#: (1.257 / 1.038 ms float32).
-CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu"), ("triton", "cuda")}
+#: 85.8 -> 80.5 ms per module call).
+#: Triton on CUDA: the kernels read channels_last too (``CL``), but the pair is not listed yet.
+#: cuDNN's NCHW convs add a transpose each way (``nchwToNhwcKernel`` / ``nhwcToNchwKernel``), and
+#: on an H200 a B=2, 64->256, 5x5, 224x224 conv fwd+bwd took 0.694 ms NCHW against 0.509 ms NHWC
+#: in bfloat16 (1.257 / 1.038 ms float32).  In the one module step measured so far (SA-LSTM,
+#: 112x112, float32) the saved transposes were eaten by a cuDNN ``init_device_work`` kernel and
+#: the layout copies of ``x`` and the upstream gradient: 1.404 ms against 1.375 ms NCHW.  Add
+#: ``("triton", "cuda")`` to opt in; ``benchmarks/gpu_tune.py`` A/Bs it.
+CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 
 
 def _channels_last_convs(x: Tensor, backend: str) -> bool:

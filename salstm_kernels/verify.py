@@ -17,9 +17,15 @@ CUDA float32, float16 and bfloat16.  A provider claims dtypes with an optional m
 :func:`salstm_kernels.ops.providers.supported_dtypes`).
 
 :func:`parity` is also the correctness gate of ``salstm-kernels bench``.
+
+float32 runs with cuDNN's TF32 convolutions off (:func:`exact_float32_convs`): PyTorch allows
+them by default, and cuDNN then picks TF32 or full-precision kernels per shape and memory layout,
+so a float32 comparison would measure that choice (about 1e-4, above the float32 tolerance)
+rather than this package's code.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from dataclasses import asdict, dataclass, field
@@ -165,6 +171,17 @@ def reference_copy(module: nn.Module) -> nn.Module:
     return ref
 
 
+@contextlib.contextmanager
+def exact_float32_convs():
+    """cuDNN convolutions in full float32 (no TF32) inside, the user's setting restored after."""
+    kept = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = kept
+
+
 def parity(run: Runner, module: nn.Module, x: Tensor, state=None, seed: int = 0, ref_module: Optional[nn.Module] = None) -> Parity:
     """Compare ``run`` (using ``module``'s parameters) with the float64 reference, forward and backward.
 
@@ -180,7 +197,8 @@ def parity(run: Runner, module: nn.Module, x: Tensor, state=None, seed: int = 0,
     ref_out, ref_grads, upstream = _forward_backward(module_runner(ref_module), ref_module, x64, state64, None, gen)
     # the backend gets the same upstream gradient, rounded to its dtype (the reference is not re-run)
     try:
-        out, grads, _ = _forward_backward(run, getattr(module, "_orig_mod", module), x, state, upstream, gen)
+        with exact_float32_convs():
+            out, grads, _ = _forward_backward(run, getattr(module, "_orig_mod", module), x, state, upstream, gen)
     except Exception as e:  # noqa: BLE001 -- any failure of the backend is a verification failure
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         return res

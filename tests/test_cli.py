@@ -158,3 +158,25 @@ def test_verify_checks_gradients_not_just_outputs(register_broken):
     rows = verify.run_verify("cpu", quick=True, backends=["broken"], designs=["LSTMSA2d(linear)"])
     assert rows and all(not r.parity.ok for r in rows)
     assert all(r.parity.fwd_err <= r.parity.fwd_tol < r.parity.bwd_tol < r.parity.bwd_err for r in rows)
+
+
+def test_parity_runs_the_backend_with_full_float32_convs():
+    """cuDNN TF32 is off while the backend runs (a float32 comparison must measure this package,
+    not cuDNN's per-shape TF32 choice), and the user's setting is back afterwards."""
+    seen = []
+    m = verify.DESIGNS["SALSTM2d(linear)"](3, [4], 3, "reference")
+    x = torch.randn(1, 2, 3, 5, 4)
+
+    def run(x, state):
+        seen.append(torch.backends.cudnn.allow_tf32)
+        return m(x, state, return_state=True)
+
+    kept = torch.backends.cudnn.allow_tf32
+    try:
+        for user_setting in (True, False):
+            torch.backends.cudnn.allow_tf32 = user_setting
+            assert verify.parity(run, m, x).ok
+            assert torch.backends.cudnn.allow_tf32 is user_setting
+    finally:
+        torch.backends.cudnn.allow_tf32 = kept
+    assert seen == [False, False]

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -31,9 +32,36 @@ def test_gpu_check_cpu_smoke():
 
 
 def test_gpu_tune_cpu_smoke():
-    out = _run("gpu_tune.py", "--no-compile", "--sweep-budget-s", "30")
+    out = _run("gpu_tune.py", "--no-compile", "--sweep-budget-s", "30", "--extra-ab")
     last = out.strip().splitlines()[-1]
     assert last.startswith("parity: ") and " 0 FAIL" in last and not last.startswith("parity: 0 PASS"), last
-    for impl in ("eager", "triton current", "triton tuned", "tuned, cat conv", "tuned, cudnn.bm"):
-        assert impl in out, impl
+    assert " NHWC " in out  # the ops' parity in channels_last too
+    # every conv form's row (the smoke's sweep changes the tables, so none is skipped as shipped)
+    for impl in ("eager", "triton", "triton tuned", "tuned NHWC cat", "tuned NCHW cat", "tuned NCHW split",
+                 "eager, cudnn.bm", "tuned, cudnn.bm", "eager, ch_last"):
+        assert f" {impl} " in out, impl
+    assert "convs alone" in out and "cat conv Cin=2C" in out
     assert "GPU_LAUNCH = {" in out and "BLOCKED_AT_CP64 = " in out
+
+
+def test_profile_rows_attribute_device_time():
+    """The profile parser on stand-in events: kernels split into ours / conv-like / other, and the
+    host operators ranked by the device time of what they launched."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    def ev(key, dev, self_t=0.0, total=0.0):
+        cuda = torch.autograd.DeviceType.CUDA if dev else torch.autograd.DeviceType.CPU
+        return types.SimpleNamespace(key=key, device_type=cuda, self_device_time_total=self_t, device_time_total=total)
+
+    events = [ev("_attention_bwd_kernel", True, 2000.0), ev("sm90_xmma_fprop_implicit_gemm", True, 6000.0),
+              ev("elementwise_kernel", True, 2000.0), ev("aten::copy_", False, total=2000.0),
+              ev("aten::convolution", False, total=6000.0), ev("cudaLaunchKernel", False, total=10.0)]
+    split, kernels, ops = gpu_check.profile_rows(events, 2, {"_attention_bwd_kernel"})
+    assert split == "device time/step 5.000 ms: ours 20%, conv-like 60%, other 20%"
+    assert kernels[0] == ("sm90_xmma_fprop_implicit_gemm", 3.0) and len(kernels) == 3
+    assert ops == [("aten::convolution", 3.0), ("aten::copy_", 1.0)]  # runtime calls are not operators

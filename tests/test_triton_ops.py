@@ -383,8 +383,10 @@ def test_bad_combination_is_rejected():
 # --------------------------------------------------------------------------------------------
 # torch.library registration with the triton provider
 # --------------------------------------------------------------------------------------------
-def test_opcheck_triton_provider():
-    A, c, (d, _, _), g = _inputs(2, 8, 3, 5, torch.float32)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_opcheck_triton_provider(fmt):
+    """Schema, fake kernels (their output strides too, channels_last included) and autograd."""
+    A, c, (d, _, _), g = _inputs(2, 8, 3, 5, torch.float32, fmt=fmt)
     A.requires_grad_(True)
     c.requires_grad_(True)
     opcheck = torch.library.opcheck
