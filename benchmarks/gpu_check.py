@@ -1,13 +1,17 @@
 """One-shot GPU check of the Triton backend: parity first, then speed and memory.
 
     PYTHONPATH=. python benchmarks/gpu_check.py              # CUDA machine (< 8 min on an H100)
+    PYTHONPATH=. python benchmarks/gpu_check.py --skip-bench # parity only: allow 6 min (the
+                                                             # channels_last rows' compiles; a
+                                                             # 240 s limit cut it short once)
     PYTHONPATH=. python benchmarks/gpu_check.py --cpu-smoke  # tiny shapes, Triton interpreter, CPU
 
 1. **Parity** (exit status 1 if any row fails): every Triton op (cell forward/backward, attention
    forward/backward for SA-LSTM linear/nonlinear, LSTM-SA linear/nonlinear, separated "none") and
    every module (:data:`salstm_kernels.verify.DESIGNS`) in float32, bfloat16 and float16, forward
    and all gradients, against the float64 reference (``salstm_kernels.reference``) on the same
-   rounded inputs, with the tolerance table of :mod:`salstm_kernels.testing`.  One line per row:
+   rounded inputs, with the tolerance table of :mod:`salstm_kernels.testing`; the ops also with
+   channels_last tensors (``NHWC`` rows).  One line per row:
    ``PASS``/``FAIL``, worst tensor, scaled error / tolerance.
 2. **Speed** at ``B=2, Cin=C=64, T=2, k=5``, ``112x112`` and ``224x224``, float32 and bfloat16:
    SA-LSTM and LSTM-SA module forward+backward as eager reference (``backend="reference"``),
@@ -102,7 +106,8 @@ def _leaf64(t):
 
 def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torch.contiguous_format):
     """Every op on ``shape`` against autograd of the float64 spec; ``fmt`` channels_last: all
-    tensors NHWC (the layout of the Triton path's convs on CUDA), outputs checked to keep it."""
+    tensors NHWC (what channels_last convs write; the Triton path's opt-in conv layout on CUDA),
+    outputs checked to keep it."""
     B, C, H, W = shape
     g = torch.Generator().manual_seed(seed)
 
@@ -203,27 +208,48 @@ def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
         log.row(label, amp_dtype, [], error=f"{type(e).__name__}: {e}"[:200])
 
 
-def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format):
-    """B * 4C * N > 2^31 elements: the second image of A lies past 2^31 (cell + attention forward)."""
-    B, C, H, W = 2, 64, 2049, 2049
+def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, H=2049, W=2049, backward=False):
+    """``B * 4C * N > 2^31`` elements, float16, C = 64, the last image checked against the
+    reference kernels (float32).  B = 2, 2049x2049: the second image lies past 2^31 (batch
+    offsets).  B = 1, 2900x2900: offsets *within* one image pass 2^31 (gate ``g`` sits 3 C N past
+    gate ``i`` in NCHW), forward and backward."""
+    C = 64
     label = (f"op 64-bit offsets B{B} C{C} {H}x{W} (B*4C*N={B * 4 * C * H * W:.2e})"
-             + (" NHWC" if fmt == torch.channels_last else ""))
-    if torch.cuda.mem_get_info()[0] < 24 * 2**30:
-        print(f"SKIP  {label}: needs ~24 GiB free")
+             + (" NHWC" if fmt == torch.channels_last else "") + (" fwd+bwd" if backward else ""))
+    need_gib = 24 if not backward else 64
+    if torch.cuda.mem_get_info()[0] < need_gib * 2**30:
+        print(f"SKIP  {label}: needs ~{need_gib} GiB free")
         return
     try:
         from salstm_kernels.ops import reference_kernels as rk
 
         g = torch.Generator(device=device).manual_seed(0)
-        A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float16, generator=g).contiguous(memory_format=fmt)
-        c = torch.randn(B, C, H, W, device=device, dtype=torch.float16, generator=g).contiguous(memory_format=fmt)
-        out, h, c1, P = tk.attention_forward(A, c, None, 1.0 / (H * W), "linear")
-        ref = rk.attention_forward(A[-1:], c[-1:], None, 1.0 / (H * W), "linear")
+
+        def rnd(*shape):
+            return torch.randn(*shape, device=device, dtype=torch.float16, generator=g).contiguous(memory_format=fmt)
+
+        A, c = rnd(B, 4 * C, H, W), rnd(B, C, H, W)
+        last = lambda *ts: [t[-1:].float() for t in ts]  # noqa: E731  (the reference in float32)
+        scale = 1.0 / (H * W)
+        out, h, c1, P = tk.attention_forward(A, c, None, scale, "linear")
+        ref = rk.attention_forward(*last(A, c), None, scale, "linear")
         errs = [(n, scaled_error(x[-1:], r), False) for n, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref)]
-        del out, h, c1, P, ref
+        del out, h, c1, ref
+        if backward:
+            dout, dh, dcn = rnd(B, C, H, W), rnd(B, C, H, W), rnd(B, C, H, W)
+            dA, dc, _ = tk.attention_backward(A, c, None, P, dout, dh, dcn, scale, "linear")
+            rdA, rdc, _ = rk.attention_backward(*last(A, c), None, P[-1:], *last(dout, dh, dcn), scale, "linear")
+            errs += [("dA", scaled_error(dA[-1:], rdA), True), ("dc", scaled_error(dc[-1:], rdc), True)]
+            del dA, dc, rdA, rdc
+        del P
         h, c1 = tk.cell_forward(A, c)
-        hr, cr = rk.cell_forward(A[-1:], c[-1:])
+        hr, cr = rk.cell_forward(*last(A, c))
         errs += [("cell h", scaled_error(h[-1:], hr), False), ("cell c'", scaled_error(c1[-1:], cr), False)]
+        del h, c1, hr, cr
+        if backward:
+            dA, dc = tk.cell_backward(A, c, dh, dcn)
+            rdA, rdc = rk.cell_backward(*last(A, c, dh, dcn))
+            errs += [("cell dA", scaled_error(dA[-1:], rdA), True), ("cell dc", scaled_error(dc[-1:], rdc), True)]
         log.row(label, torch.float16, errs)
     except Exception as e:  # noqa: BLE001
         log.row(label, torch.float16, [], error=f"{type(e).__name__}: {e}"[:200])
@@ -252,7 +278,7 @@ def run_parity(device, smoke: bool) -> ParityLog:
             ((2, 128, 17, 15), (torch.float32, torch.bfloat16), COMBOS),
             ((1, 96, 13, 11), (torch.float16,), linear_only),
             ((1, 130, 9, 7), (torch.float32,), (("nonlinear", True),)),
-            # channels_last (NHWC): what the Triton path's convs write on CUDA
+            # channels_last (NHWC): what channels_last convs write (opt-in for the Triton path on CUDA)
             ((2, 64, 33, 31), (torch.float32, torch.bfloat16), COMBOS, torch.channels_last),
             ((2, 24, 13, 11), (torch.float16,), linear_only, torch.channels_last),
             ((2, 128, 17, 15), (torch.float32, torch.bfloat16), linear_only, torch.channels_last),
@@ -273,6 +299,7 @@ def run_parity(device, smoke: bool) -> ParityLog:
                 autocast_parity(log, device, design, amp_dtype)
         for fmt in (torch.contiguous_format, torch.channels_last):
             offsets_64bit(log, tk, device, fmt)
+            offsets_64bit(log, tk, device, fmt, B=1, H=2900, W=2900, backward=True)
     print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
     return log
 

@@ -123,8 +123,8 @@ CAT_CONV_DEVICES: Set[str] = {"cuda"}
 #: cuDNN's NCHW convs add a transpose each way (``nchwToNhwcKernel`` / ``nhwcToNchwKernel``), and
 #: on an H200 a B=2, 64->256, 5x5, 224x224 conv fwd+bwd took 0.694 ms NCHW against 0.509 ms NHWC
 #: in bfloat16 (1.257 / 1.038 ms float32).  In the one module step measured so far (SA-LSTM,
-#: 112x112, float32) the saved transposes were eaten by a cuDNN ``init_device_work`` kernel and
-#: the layout copies of ``x`` and the upstream gradient: 1.404 ms against 1.375 ms NCHW.  Add
+#: 112x112, float32) the saved transposes were eaten by a cuDNN ``init_device_work`` kernel,
+#: layout copies and a slower NHWC ``mm_rows_kernel``: 1.404 ms against 1.375 ms NCHW.  Add
 #: ``("triton", "cuda")`` to opt in; ``benchmarks/gpu_tune.py`` A/Bs it.
 CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 

@@ -173,13 +173,20 @@ def reference_copy(module: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def exact_float32_convs():
-    """cuDNN convolutions in full float32 (no TF32) inside, the user's setting restored after."""
-    kept = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    """cuDNN convolutions in full float32 (no TF32) inside, the user's setting restored after.
+
+    Through ``torch.backends.cudnn.conv.fp32_precision`` where torch has it (reading the legacy
+    ``allow_tf32`` raises there once a user has set the new per-operator flags)."""
+    cudnn = torch.backends.cudnn
+    flags = getattr(cudnn, "conv", None)
+    name, off = ("fp32_precision", "ieee") if hasattr(flags, "fp32_precision") else ("allow_tf32", False)
+    flags = flags if name == "fp32_precision" else cudnn
+    kept = getattr(flags, name)
+    setattr(flags, name, off)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = kept
+        setattr(flags, name, kept)
 
 
 def parity(run: Runner, module: nn.Module, x: Tensor, state=None, seed: int = 0, ref_module: Optional[nn.Module] = None) -> Parity:

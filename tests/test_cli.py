@@ -163,20 +163,25 @@ def test_verify_checks_gradients_not_just_outputs(register_broken):
 def test_parity_runs_the_backend_with_full_float32_convs():
     """cuDNN TF32 is off while the backend runs (a float32 comparison must measure this package,
     not cuDNN's per-shape TF32 choice), and the user's setting is back afterwards."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):  # torch's per-operator flag
+        flags, name, settings, off = conv, "fp32_precision", ("tf32", "ieee"), "ieee"
+    else:
+        flags, name, settings, off = torch.backends.cudnn, "allow_tf32", (True, False), False
     seen = []
     m = verify.DESIGNS["SALSTM2d(linear)"](3, [4], 3, "reference")
     x = torch.randn(1, 2, 3, 5, 4)
 
     def run(x, state):
-        seen.append(torch.backends.cudnn.allow_tf32)
+        seen.append(getattr(flags, name))
         return m(x, state, return_state=True)
 
-    kept = torch.backends.cudnn.allow_tf32
+    kept = getattr(flags, name)
     try:
-        for user_setting in (True, False):
-            torch.backends.cudnn.allow_tf32 = user_setting
+        for user_setting in settings:
+            setattr(flags, name, user_setting)
             assert verify.parity(run, m, x).ok
-            assert torch.backends.cudnn.allow_tf32 is user_setting
+            assert getattr(flags, name) == user_setting
     finally:
-        torch.backends.cudnn.allow_tf32 = kept
-    assert seen == [False, False]
+        setattr(flags, name, kept)
+    assert seen == [off, off]

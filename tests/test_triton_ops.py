@@ -170,9 +170,40 @@ def test_attention_low_precision(dtype, combination, gated, nan_alloc):
 @pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("shape", [(2, 24, 7, 9), (2, 72, 3, 7)], ids=["single-pass", "blocked"])
 def test_attention_channels_last(shape, combination, gated, nan_alloc):
-    """channels_last A, c and gradients (the Triton path's conv layout on CUDA) on the single-pass
-    and the channel-blocked kernels: same values, outputs and dA channels_last."""
+    """channels_last A, c and gradients (what channels_last convs write) on the single-pass and the
+    channel-blocked kernels: same values, outputs and dA channels_last."""
     _check_attention(shape, torch.float32, combination, gated, fmt=torch.channels_last)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+def test_mixed_layouts_follow_A(C, gated, nan_alloc):
+    """A channels_last (here with a batch stride of two images: every other image of a batch),
+    c and the gradients NCHW: the provider brings them to A's layout, outputs follow A."""
+    B, H, W = 2, 5, 7
+    A_all, c, (dout, dh, dc_new), g = _inputs(2 * B, C, H, W, torch.float32, seed=5, fmt=torch.channels_last)
+    A = A_all[::2]
+    c, dout, dh, dc_new = (t[::2].contiguous() for t in (c, dout, dh, dc_new))
+    assert A.stride(0) == 2 * 4 * C * H * W and A.stride(1) == 1 and c.is_contiguous()
+    proj = tuple(p.detach() for p in random_projections(C, torch.float32, DEVICE, generator=g)) if gated else None
+    out, h, c1, P = tk.attention_forward(A, c, proj, 0.3, "linear")
+    dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.3, "linear")
+    hc, cc = tk.cell_forward(A, c)
+    dAc, dcc = tk.cell_backward(A, c, dh, dc_new)
+    for t in (out, h, c1, dA, dc, hc, cc, dAc, dcc):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    proj_d = _f64(*proj) if gated else None
+    ref = rk.attention_forward(*_f64(A, c), proj_d, 0.3, "linear")
+    for name, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref):
+        assert_close(x, r, torch.float32, name=name)
+    rdA, rdc, rdproj = rk.attention_backward(*_f64(A, c), proj_d, ref[3], *_f64(dout, dh, dc_new), 0.3, "linear")
+    for name, x, r in zip(("dA", "dc") + (("dwq", "dbq", "dwk", "dbk", "dwv", "dbv") if gated else ()),
+                          (dA, dc) + (tuple(dproj) if gated else ()), (rdA, rdc) + (tuple(rdproj) if gated else ())):
+        assert_close(x, r, torch.float32, backward=True, name=name)
+    for name, x, r in zip(("cell h", "cell c'"), (hc, cc), rk.cell_forward(*_f64(A, c))):
+        assert_close(x, r, torch.float32, name=name)
+    for name, x, r in zip(("cell dA", "cell dc"), (dAc, dcc), rk.cell_backward(*_f64(A, c, dh, dc_new))):
+        assert_close(x, r, torch.float32, backward=True, name=name)
 
 
 def test_attention_channels_last_fp16(nan_alloc):
@@ -428,13 +459,15 @@ MODULES = [
 ]
 
 
-@pytest.fixture(params=["nchw-split", "channels_last-cat"])
+@pytest.fixture(params=["nchw-split", "nchw-cat", "channels_last-cat"])
 def conv_setup(request, monkeypatch):
     """The recurrence's conv layout and form on this device: NCHW with the input and recurrent
-    convs apart, or (what CUDA runs) channels_last convs with one conv over cat(x_t, h) at t > 0."""
-    cl = request.param.startswith("channels_last")
+    convs apart (CPU's default), NCHW with one conv over cat(x_t, h) at t > 0 (CUDA's default), or
+    channels_last convs (the opt-in on CUDA) with the cat conv."""
+    layout, form = request.param.split("-")
+    cl = layout == "channels_last"
     monkeypatch.setattr(recurrence, "CHANNELS_LAST_CONVS", {("triton", DEVICE)} if cl else set())
-    monkeypatch.setattr(recurrence, "CAT_CONV_DEVICES", {DEVICE} if cl else set())
+    monkeypatch.setattr(recurrence, "CAT_CONV_DEVICES", {DEVICE} if form == "cat" else set())
     return torch.channels_last if cl else torch.contiguous_format
 
 
@@ -465,6 +498,39 @@ def test_module_triton_matches_reference(cls, kw, T, hidden, with_state, conv_se
     g_t = grads_of(outs_t, [x, *m_tri.parameters(), *init], gys)
     for name, a, b in zip(names, g_t, g_r):
         assert_close(a, b, torch.float32, backward=True, name=name)
+
+
+if tk is not None:
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+
+    from salstm_kernels.triton import attention_blocked as _blocked  # noqa: E402
+    from salstm_kernels.triton import lstm_cell as _cell  # noqa: E402
+
+    @triton.jit
+    def _offsets_probe(out_ptr, idx0, G, C, N):
+        """The offset helpers' results for one image of C * N > 2^31 elements (no tensor that
+        size: the arithmetic alone, 32-bit wrap-around included under the interpreter)."""
+        idx = idx0 + tl.arange(0, 16).to(tl.int64)
+        _, _, a_g = _cell.gate_offsets(_cell._gate_i_offsets(idx, G), G)
+        tl.store(out_ptr + tl.arange(0, 16), a_g)
+        b = tl.program_id(0).to(tl.int64)
+        _, _, _, gs = tk_attention._tile_offsets(b, 0, C, N, 16, 16, False)
+        tl.store(out_ptr + 16 + tl.arange(0, 16), gs + tl.zeros((16,), tl.int64))
+        _, _, _, _, _, gs2 = _blocked._rows_tile(b, 0, 0, C, N, 16, 16, False)
+        tl.store(out_ptr + 32 + tl.arange(0, 16), gs2 + tl.zeros((16,), tl.int64))
+
+
+def test_gate_offsets_stay_64_bit_within_one_image():
+    """NCHW gate stride C * N of one image past 2^31 / 3: gate g's offset (i + 3 C N) and the
+    kernels' gate stride are computed in 64 bits (they wrapped to negative in 32)."""
+    G, C, N = 740_000_000, 64, 40_000_000  # 3 G and C N both pass 2^31
+    out = torch.full((48,), -1, dtype=torch.int64, device=DEVICE)
+    idx0 = G + 5  # second image's first elements: idx // G == 1
+    _offsets_probe[(1,)](out, idx0, G, C, N)
+    idx = idx0 + torch.arange(16, dtype=torch.int64)
+    assert torch.equal(out[:16].cpu(), idx + 3 * G + 3 * G)  # gate i (idx + 3 G), then + 3 G
+    assert torch.equal(out[16:].cpu(), torch.full((32,), C * N, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------

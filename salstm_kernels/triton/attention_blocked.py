@@ -55,7 +55,7 @@ def _rows_tile(b, blk, t, C, N, BC: tl.constexpr, BN: tl.constexpr, CL: tl.const
     c_offs = _state_offsets(b, rows, cols, C, N, CL)
     if CL:  # A (B, N, 4C): a pixel's 4C gate values together
         return rows, cols, mask, b * 4 * C * N + cols[None, :].to(tl.int64) * (4 * C) + rows[:, None], c_offs, C
-    return rows, cols, mask, c_offs + b * 3 * C * N, c_offs, C * N
+    return rows, cols, mask, c_offs + b * 3 * C * N, c_offs, (b * 0 + C) * N  # 64-bit stride, as b
 
 
 @triton.jit

@@ -147,7 +147,7 @@ def _tile_offsets(b, t, C, N, CP: tl.constexpr, BN: tl.constexpr, CL: tl.constex
         plane = rows[:, None].to(tl.int64) * N + cols[None, :]
         a_offs = b * 4 * C * N + plane
         c_offs = b * C * N + plane
-        gs = C * N
+        gs = (b * 0 + C) * N  # 64-bit (b is): C * N of one image may pass 2^31
     return mask, a_offs, c_offs, gs
 
 

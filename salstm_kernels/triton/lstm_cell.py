@@ -35,6 +35,16 @@ def tanh(x):
 
 
 @triton.jit
+def gate_offsets(a_offs, gate_stride):
+    """Offsets of gates ``f, o, g`` from the 64-bit offsets ``a_offs`` of gate ``i``: sums onto
+    ``a_offs``, never ``k * gate_stride`` in the stride's 32-bit type (``3 C N`` passes 2^31 for
+    one image of ``C N > 715M``)."""
+    a_f = a_offs + gate_stride
+    a_o = a_f + gate_stride
+    return a_f, a_o, a_o + gate_stride
+
+
+@triton.jit
 def load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gate_stride, mask):
     """Pre-activations ``(Ai, Af, Ao, Ag)`` and ``c`` as float32.
 
@@ -42,9 +52,10 @@ def load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gate_stride, mask):
     ``C`` channels_last).
     """
     ai = tl.load(a_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
-    af = tl.load(a_ptr + gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
-    ao = tl.load(a_ptr + 2 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
-    ag = tl.load(a_ptr + 3 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
+    a_f, a_o, a_g = gate_offsets(a_offs, gate_stride)
+    af = tl.load(a_ptr + a_f, mask=mask, other=0.0).to(tl.float32)
+    ao = tl.load(a_ptr + a_o, mask=mask, other=0.0).to(tl.float32)
+    ag = tl.load(a_ptr + a_g, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
     return ai, af, ao, ag, c
 
@@ -110,9 +121,10 @@ def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf
     """Write ``dA`` (gate rows i, f, o, g ``gate_stride`` apart) and ``dc`` in the outputs' dtypes."""
     ty = da_ptr.dtype.element_ty
     tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
-    tl.store(da_ptr + a_offs + gate_stride, daf.to(ty), mask=mask)
-    tl.store(da_ptr + a_offs + 2 * gate_stride, dao.to(ty), mask=mask)
-    tl.store(da_ptr + a_offs + 3 * gate_stride, dag.to(ty), mask=mask)
+    a_f, a_o, a_g = gate_offsets(a_offs, gate_stride)
+    tl.store(da_ptr + a_f, daf.to(ty), mask=mask)
+    tl.store(da_ptr + a_o, dao.to(ty), mask=mask)
+    tl.store(da_ptr + a_g, dag.to(ty), mask=mask)
     tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)
 
 
@@ -125,7 +137,7 @@ def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf
 def _gate_i_offsets(idx, G):
     """Offset in ``A`` of gate ``i`` for state element ``idx``: each run of ``G`` state values
     (an image's plane in NCHW, a pixel's channels channels_last) sits in a run of ``4G`` in ``A``."""
-    return idx + (idx // G) * (3 * G)
+    return idx + (idx // G) * 3 * G  # left to right from the 64-bit idx: no 32-bit 3 * G
 
 
 @triton.jit
@@ -206,7 +218,7 @@ def gate_stride(c: torch.Tensor, channels_last: bool) -> int:
 
 
 def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor,
-                      channels_last: bool = False) -> None:
+                      channels_last: bool) -> None:
     """``h', c'`` into given dense tensors of ``A``'s layout (any supported dtype, e.g. float32
     temporaries)."""
     total = c.numel()
