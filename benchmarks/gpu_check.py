@@ -211,12 +211,12 @@ def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
 def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, H=2049, W=2049, backward=False):
     """``B * 4C * N > 2^31`` elements, float16, C = 64, the last image checked against the
     reference kernels (float32).  B = 2, 2049x2049: the second image lies past 2^31 (batch
-    offsets).  B = 1, 2900x2900: offsets *within* one image pass 2^31 (gate ``g`` sits 3 C N past
-    gate ``i`` in NCHW), forward and backward."""
+    offsets).  B = 1, 2900x2900: offsets *within* one image pass 2^31.  B = 1, 3400x3400: in NCHW
+    also the gate stride ``3 C N`` (the kernels' 64-bit-stride variant, ``LAYOUT = 2``)."""
     C = 64
     label = (f"op 64-bit offsets B{B} C{C} {H}x{W} (B*4C*N={B * 4 * C * H * W:.2e})"
              + (" NHWC" if fmt == torch.channels_last else "") + (" fwd+bwd" if backward else ""))
-    need_gib = 24 if not backward else 64
+    need_gib = 24 if not backward else (64 if H * W < 3345 ** 2 else 96)
     if torch.cuda.mem_get_info()[0] < need_gib * 2**30:
         print(f"SKIP  {label}: needs ~{need_gib} GiB free")
         return
@@ -300,6 +300,7 @@ def run_parity(device, smoke: bool) -> ParityLog:
         for fmt in (torch.contiguous_format, torch.channels_last):
             offsets_64bit(log, tk, device, fmt)
             offsets_64bit(log, tk, device, fmt, B=1, H=2900, W=2900, backward=True)
+            offsets_64bit(log, tk, device, fmt, B=1, H=3400, W=3400, backward=True)
     print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
     return log
 

@@ -509,16 +509,17 @@ if tk is not None:
 
     @triton.jit
     def _offsets_probe(out_ptr, idx0, G, C, N):
-        """The offset helpers' results for one image of C * N > 2^31 elements (no tensor that
-        size: the arithmetic alone, 32-bit wrap-around included under the interpreter)."""
+        """The offset arithmetic of the ``LAYOUT == 2`` kernels (NCHW, 64-bit gate stride) for one
+        image of C * N > 2^31 elements (no tensor that size: the arithmetic alone, 32-bit
+        wrap-around included under the interpreter)."""
         idx = idx0 + tl.arange(0, 16).to(tl.int64)
-        _, _, a_g = _cell.gate_offsets(_cell._gate_i_offsets(idx, G), G)
-        tl.store(out_ptr + tl.arange(0, 16), a_g)
+        gs = _cell.gate_stride_of(G, 2)
+        tl.store(out_ptr + tl.arange(0, 16), _cell._gate_i_offsets(idx, gs) + 3 * gs)  # gate g, as loaded
         b = tl.program_id(0).to(tl.int64)
-        _, _, _, gs = tk_attention._tile_offsets(b, 0, C, N, 16, 16, False)
-        tl.store(out_ptr + 16 + tl.arange(0, 16), gs + tl.zeros((16,), tl.int64))
-        _, _, _, _, _, gs2 = _blocked._rows_tile(b, 0, 0, C, N, 16, 16, False)
-        tl.store(out_ptr + 32 + tl.arange(0, 16), gs2 + tl.zeros((16,), tl.int64))
+        _, _, _, gs1 = tk_attention._tile_offsets(b, 0, C, N, 16, 16, 2)
+        tl.store(out_ptr + 16 + tl.arange(0, 16), 3 * gs1 + tl.zeros((16,), tl.int64))
+        _, _, _, _, _, gs2 = _blocked._rows_tile(b, 0, 0, C, N, 16, 16, 2)
+        tl.store(out_ptr + 32 + tl.arange(0, 16), 3 * gs2 + tl.zeros((16,), tl.int64))
 
 
 def test_gate_offsets_stay_64_bit_within_one_image():
@@ -530,7 +531,21 @@ def test_gate_offsets_stay_64_bit_within_one_image():
     _offsets_probe[(1,)](out, idx0, G, C, N)
     idx = idx0 + torch.arange(16, dtype=torch.int64)
     assert torch.equal(out[:16].cpu(), idx + 3 * G + 3 * G)  # gate i (idx + 3 G), then + 3 G
-    assert torch.equal(out[16:].cpu(), torch.full((32,), C * N, dtype=torch.int64))
+    assert torch.equal(out[16:].cpu(), torch.full((32,), 3 * C * N, dtype=torch.int64))
+
+
+def test_layout_code_picks_64_bit_gate_strides_only_where_needed():
+    """``dense_layout``'s LAYOUT: NCHW 32-bit below 3 C N = 2^31 per image, 64-bit from there,
+    channels_last (gate stride C) at any size.  Meta tensors: no memory."""
+    from salstm_kernels.triton.lstm_cell import LAYOUTS, dense_layout
+
+    def code(C, H, W, fmt=torch.contiguous_format):
+        A = torch.empty(1, 4 * C, H, W, device="meta").contiguous(memory_format=fmt)
+        return dense_layout(A, torch.empty(1, C, H, W, device="meta"))[3]
+
+    assert code(64, 3344, 3344) == LAYOUTS["nchw"]  # 3 * 64 * 3344^2 < 2^31
+    assert code(64, 3345, 3345) == LAYOUTS["nchw_wide"]
+    assert code(64, 3345, 3345, torch.channels_last) == LAYOUTS["channels_last"]
 
 
 # --------------------------------------------------------------------------------------------

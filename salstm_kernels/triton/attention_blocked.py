@@ -24,8 +24,9 @@ Kernels (grids: ``T`` = N tiles, ``R`` = channel row blocks, ``S`` = N splits):
   (LSTM-SA), the QKV-formation chain rule and the cell backward into ``dA``, ``dc``.
 
 All math and accumulation float32; ``input_precision`` "ieee" for float32 inputs, "tf32" else;
-64-bit offsets; masks for any ``C`` and ``N``.  ``CL``: every ``(B, C, N)`` tensor (and ``A``) is
-channels_last (channels contiguous per pixel) instead of NCHW; the float32 temporaries follow.
+64-bit offsets; masks for any ``C`` and ``N``.  ``LAYOUT`` (``lstm_cell.LAYOUTS``): NCHW, every
+``(B, C, N)`` tensor (and ``A``) channels_last (channels contiguous per pixel; the float32
+temporaries follow), or NCHW with a 64-bit gate stride.
 """
 from __future__ import annotations
 
@@ -38,31 +39,39 @@ from .lstm_cell import (
 
 
 @triton.jit
-def _state_offsets(b, rows, cols, C, N, CL: tl.constexpr):
+def _state_offsets(b, rows, cols, C, N, LAYOUT: tl.constexpr):
     """64-bit offsets of channels ``rows`` x pixels ``cols`` of a ``(B, C, N)`` tensor: NCHW, or
-    channels_last with ``CL``."""
-    if CL:
+    channels_last with ``LAYOUT == 1`` (``lstm_cell.LAYOUTS``)."""
+    if LAYOUT == 1:
         return b * C * N + cols[None, :].to(tl.int64) * C + rows[:, None]
     return b * C * N + rows[:, None].to(tl.int64) * N + cols[None, :]
 
 
 @triton.jit
-def _rows_tile(b, blk, t, C, N, BC: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr):
+def _rows_tile(b, blk, t, C, N, BC: tl.constexpr, BN: tl.constexpr, LAYOUT: tl.constexpr):
     """Rows, columns, mask, offsets into ``A`` (gate i) and the state tensors, and ``A``'s gate stride."""
     rows = blk * BC + tl.arange(0, BC)
     cols = t * BN + tl.arange(0, BN)
     mask = (rows < C)[:, None] & (cols < N)[None, :]
-    c_offs = _state_offsets(b, rows, cols, C, N, CL)
-    if CL:  # A (B, N, 4C): a pixel's 4C gate values together
-        return rows, cols, mask, b * 4 * C * N + cols[None, :].to(tl.int64) * (4 * C) + rows[:, None], c_offs, C
-    return rows, cols, mask, c_offs + b * 3 * C * N, c_offs, (b * 0 + C) * N  # 64-bit stride, as b
+    c_offs = _state_offsets(b, rows, cols, C, N, LAYOUT)
+    # one return: the compiler types every return statement, even in a branch it drops
+    if LAYOUT == 1:  # A (B, N, 4C): a pixel's 4C gate values together
+        a_offs = b * 4 * C * N + cols[None, :].to(tl.int64) * (4 * C) + rows[:, None]
+        gs = C
+    elif LAYOUT == 2:  # 64-bit gate stride, as b is
+        a_offs = c_offs + b * 3 * C * N
+        gs = (b * 0 + C) * N
+    else:
+        a_offs = c_offs + b * 3 * C * N
+        gs = C * N
+    return rows, cols, mask, a_offs, c_offs, gs
 
 
 @triton.jit
-def _chunk(ptr, b, kr, cols, C, N, CL: tl.constexpr):
+def _chunk(ptr, b, kr, cols, C, N, LAYOUT: tl.constexpr):
     """Rows ``kr`` x columns ``cols`` of a ``(B, C, N)`` tensor, float32, zero outside."""
     m = (kr < C)[:, None] & (cols < N)[None, :]
-    return tl.load(ptr + _state_offsets(b, kr, cols, C, N, CL), mask=m, other=0.0).to(tl.float32)
+    return tl.load(ptr + _state_offsets(b, kr, cols, C, N, LAYOUT), mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -78,14 +87,14 @@ def _square_block(ptr, ri, rj, C, TRANS: tl.constexpr):
 
 @triton.jit
 def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                 BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr):
+                 BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr):
     """``W[rows, :] @ h' + b[rows]`` for q, k, v on one tile, blocked over input channels."""
     pq = tl.zeros((BC, BN), dtype=tl.float32)
     pk = tl.zeros((BC, BN), dtype=tl.float32)
     pv = tl.zeros((BC, BN), dtype=tl.float32)
     for kk in range(0, C, BC):
         kr = kk + tl.arange(0, BC)
-        hk = _chunk(h_ptr, b, kr, cols, C, N, CL)
+        hk = _chunk(h_ptr, b, kr, cols, C, N, LAYOUT)
         pq = tl.dot(_square_block(wq_ptr, rows, kr, C, False), hk, pq, input_precision=PREC)
         pk = tl.dot(_square_block(wk_ptr, rows, kr, C, False), hk, pk, input_precision=PREC)
         pv = tl.dot(_square_block(wv_ptr, rows, kr, C, False), hk, pv, input_precision=PREC)
@@ -101,15 +110,15 @@ def qkv_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr,
-    WRITE_STATE: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr,
+    WRITE_STATE: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, CL)
+    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     if GATED:  # projections first: the gate math is not live across their loop (registers)
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC, CL)
+                                  BC, BN, PREC, LAYOUT)
     if (not GATED) or COMB != 2:
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
@@ -136,7 +145,7 @@ def qkv_rows_kernel(
 @triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS", "NB"])
 def abt_partials_kernel(
     x_ptr, y_ptr, out_ptr, rs_ptr, C, N, tiles_per_split, n_tiles, SPLITS, NB,
-    BC: tl.constexpr, BN: tl.constexpr, ROWSUM: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr, ROWSUM: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     """``out[b, split, ri, rj] = sum_{n in split} X[b, ri, n] Y[b, rj, n]`` (+ ``rs = sum_n X``)."""
     blk = tl.program_id(0)
@@ -150,8 +159,8 @@ def abt_partials_kernel(
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         cols = t * BN + tl.arange(0, BN)
-        x = _chunk(x_ptr, b, ri, cols, C, N, CL)
-        y = _chunk(y_ptr, b, rj, cols, C, N, CL)
+        x = _chunk(x_ptr, b, ri, cols, C, N, LAYOUT)
+        y = _chunk(y_ptr, b, rj, cols, C, N, LAYOUT)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=PREC)
         if ROWSUM:
             rs += tl.sum(x, axis=1)
@@ -165,17 +174,17 @@ def abt_partials_kernel(
 
 @triton.jit
 def mm_rows_kernel(m_ptr, x_ptr, o_ptr, C, N, TRANS: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr,
-                   PREC: tl.constexpr, CL: tl.constexpr):
+                   PREC: tl.constexpr, LAYOUT: tl.constexpr):
     """``O[b, rows] = M[b, rows, :] @ X[b]`` (``M[b, :, rows]^T`` with ``TRANS``), ``M (B, C, C)``."""
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, _, c_offs, _ = _rows_tile(b, blk, t, C, N, BC, BN, CL)
+    rows, cols, mask, _, c_offs, _ = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     acc = tl.zeros((BC, BN), dtype=tl.float32)
     m_base = m_ptr + b * C * C
     for kk in range(0, C, BC):
         kr = kk + tl.arange(0, BC)
-        acc = tl.dot(_square_block(m_base, rows, kr, C, TRANS), _chunk(x_ptr, b, kr, cols, C, N, CL), acc,
+        acc = tl.dot(_square_block(m_base, rows, kr, C, TRANS), _chunk(x_ptr, b, kr, cols, C, N, LAYOUT), acc,
                      input_precision=PREC)
     tl.store(o_ptr + c_offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
@@ -184,17 +193,17 @@ def mm_rows_kernel(m_ptr, x_ptr, o_ptr, C, N, TRANS: tl.constexpr, BC: tl.conste
 def proj_grad_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     dqa_ptr, dka_ptr, dva_ptr, dq_ptr, dk_ptr, dv_ptr, C, N,
-    BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr, CL: tl.constexpr,
+    BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     """LSTM-SA: ``dq = dQ * fq`` etc. (written); with a combination, ``dQ <- dQ * pq`` in place."""
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, CL)
+    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     if COMB != 2:
         # projections first (nothing else live across their loop), then one operand at a time
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC, CL)
+                                  BC, BN, PREC, LAYOUT)
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         fq, fk = qk_factors(f, g, c_new, h, COMB)
@@ -218,7 +227,7 @@ def attention_bwd_rows_kernel(
     a_ptr, c_ptr, dh_ptr, dcn_ptr, dfq_ptr, dfk_ptr, dfv_ptr, dq_ptr, dk_ptr, dv_ptr,
     wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    CL: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
+    LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     """Total ``dh'``, ``dc'``, ``df``, ``dg`` of a row block, then the cell backward into ``dA``, ``dc``.
 
@@ -228,17 +237,17 @@ def attention_bwd_rows_kernel(
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, CL)
+    rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     dh_t = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
     if GATED:  # cross-row term first: the gate math is not live across its loop (registers)
         x = tl.zeros((BC, BN), dtype=tl.float32)
         for kk in range(0, C, BC):
             kr = kk + tl.arange(0, BC)
-            x = tl.dot(_square_block(wq_ptr, rows, kr, C, True), _chunk(dq_ptr, b, kr, cols, C, N, CL), x,
+            x = tl.dot(_square_block(wq_ptr, rows, kr, C, True), _chunk(dq_ptr, b, kr, cols, C, N, LAYOUT), x,
                        input_precision=PREC)
-            x = tl.dot(_square_block(wk_ptr, rows, kr, C, True), _chunk(dk_ptr, b, kr, cols, C, N, CL), x,
+            x = tl.dot(_square_block(wk_ptr, rows, kr, C, True), _chunk(dk_ptr, b, kr, cols, C, N, LAYOUT), x,
                        input_precision=PREC)
-            x = tl.dot(_square_block(wv_ptr, rows, kr, C, True), _chunk(dv_ptr, b, kr, cols, C, N, CL), x,
+            x = tl.dot(_square_block(wv_ptr, rows, kr, C, True), _chunk(dv_ptr, b, kr, cols, C, N, LAYOUT), x,
                        input_precision=PREC)
         dh_t += x
     ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)

@@ -132,13 +132,14 @@ def _splits(A: torch.Tensor, per_sm: float, work_per_split: int) -> int:
 
 
 @triton.jit
-def _tile_offsets(b, t, C, N, CP: tl.constexpr, BN: tl.constexpr, CL: tl.constexpr):
+def _tile_offsets(b, t, C, N, CP: tl.constexpr, BN: tl.constexpr, LAYOUT: tl.constexpr):
     """The ``(CP, BN)`` tile's mask, 64-bit offsets into ``A`` (gate i) and ``c``, and the gate
-    stride of ``A``; NCHW, or channels_last with ``CL`` (channels contiguous per pixel)."""
+    stride of ``A``; ``LAYOUT`` (``lstm_cell.LAYOUTS``): NCHW, channels_last (channels contiguous
+    per pixel), or NCHW with a 64-bit gate stride."""
     rows = tl.arange(0, CP)
     cols = t * BN + tl.arange(0, BN)
     mask = (rows < C)[:, None] & (cols < N)[None, :]
-    if CL:
+    if LAYOUT == 1:
         pix = cols[None, :].to(tl.int64)
         a_offs = b * 4 * C * N + pix * (4 * C) + rows[:, None]
         c_offs = b * C * N + pix * C + rows[:, None]
@@ -147,7 +148,10 @@ def _tile_offsets(b, t, C, N, CP: tl.constexpr, BN: tl.constexpr, CL: tl.constex
         plane = rows[:, None].to(tl.int64) * N + cols[None, :]
         a_offs = b * 4 * C * N + plane
         c_offs = b * C * N + plane
-        gs = (b * 0 + C) * N  # 64-bit (b is): C * N of one image may pass 2^31
+        if LAYOUT == 2:
+            gs = (b * 0 + C) * N  # 64-bit, as b is
+        else:
+            gs = C * N
     return mask, a_offs, c_offs, gs
 
 
@@ -188,7 +192,7 @@ def _cell_qk_scores_kernel(
     a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    CL: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -201,7 +205,7 @@ def _cell_qk_scores_kernel(
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
-        mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, CL)
+        mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -225,11 +229,11 @@ def _cell_qk_scores_kernel(
 def _attention_out_kernel(
     h_ptr, p_ptr, wv_ptr, bv_ptr, o_ptr, C, N,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    CL: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    mask, _, c_offs, _ = _tile_offsets(b, t, C, N, CP, BN, CL)
+    mask, _, c_offs, _ = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
     h = tl.load(h_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
     if GATED:
         v = _project(_load_square(wv_ptr, C, CP), _load_vec(bv_ptr, C, CP), h, PREC)
@@ -253,7 +257,7 @@ def _scores_grad_kernel(
     a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    CL: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     """Per-split partials of ``dP = dO V^T`` (``V`` recomputed from ``A`` and ``c``)."""
     split = tl.program_id(0)
@@ -265,7 +269,7 @@ def _scores_grad_kernel(
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
-        mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, CL)
+        mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
         _, _, _, _, _, _, h = lstm_state(ai, af, ao, ag, c)
         h = tl.where(mask, h, 0.0)
@@ -288,7 +292,7 @@ def _attention_bwd_kernel(
     da_ptr, dc_ptr, dw_ptr, db_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    CL: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
+    LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
 ):
     """``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``, QKV chain rule, then ``dA``, ``dc``.
 
@@ -314,7 +318,7 @@ def _attention_bwd_kernel(
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
-        mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, CL)
+        mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         h = tl.where(mask, h, 0.0)
@@ -466,7 +470,7 @@ def _prepare_projections(projections, C: int, device):
 def attention_forward(A, c, projections, scale, combination):
     check_cell_shapes(A, c)
     check_dtypes(A, c)
-    A, c, fmt, cl = dense_layout(A, c)
+    A, c, fmt, layout = dense_layout(A, c)
     B, C = c.shape[:2]
     N = c[0, 0].numel() if B and C else 0
     proj = _prepare_projections(projections, C, A.device)
@@ -477,11 +481,11 @@ def attention_forward(A, c, projections, scale, combination):
         P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
         return out, h, c_new, P
     if not _single_pass(C, False, gated, A.dtype):
-        return _forward_blocked(A, c, proj, scale, comb, cl, out, h, c_new)
+        return _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new)
     plan = _Plan(A, B, C, N, backward=False, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
-    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), CL=cl,
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), LAYOUT=layout,
                 num_warps=plan.num_warps)
     _cell_qk_scores_kernel[(plan.splits, B)](
         A, c, h, c_new, wq, bq, wk, bk, partials, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta
@@ -495,7 +499,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     # h (the forward's h') is not used: the backward kernels recompute it with the gates.
     check_cell_shapes(A, c)
     check_dtypes(A, c, dout, dh, dc_new)
-    A, c, fmt, cl = dense_layout(A, c)
+    A, c, fmt, layout = dense_layout(A, c)
     has = dict(HAS_DH=dh is not None, HAS_DCN=dc_new is not None)
     dout, dh, dc_new = dout.contiguous(memory_format=fmt), optional_grad(dh, c, fmt), optional_grad(dc_new, c, fmt)
     B, C = c.shape[:2]
@@ -510,10 +514,10 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         return dA, dc, dproj
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
     if not _single_pass(C, True, gated, A.dtype):
-        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, cl, has, dA, dc)
+        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc)
     plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
-    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), CL=cl,
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), LAYOUT=layout,
                 num_warps=plan.num_warps)
     grid = (plan.splits, B)
     dp_partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
@@ -579,21 +583,21 @@ class _BlockedPlan:
         self.num_warps = tuned.num_warps if tuned else 8
 
 
-def _abt(plan, X, Y, C, N, prec, cl, rowsum=False):
+def _abt(plan, X, Y, C, N, prec, layout, rowsum=False):
     """``sum_n X Y^T`` per image as (B, C, C) float32 (and ``sum_n X`` (B, C)), fixed-order split sums."""
     B = X.shape[0]
     out = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=X.device)
     rs = torch.empty(B, plan.splits, C, dtype=torch.float32, device=X.device) if rowsum else out
     blocked.abt_partials_kernel[plan.red_grid](
         X, Y, out, rs, C, N, plan.tiles_per_split, plan.n_tiles_red, plan.splits, plan.NB,
-        BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, CL=cl, num_warps=plan.num_warps,
+        BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
     )
     return (out.sum(dim=1), rs.sum(dim=1)) if rowsum else out.sum(dim=1)
 
 
-def _mm(plan, M, X, out, C, N, prec, cl, trans=False):
+def _mm(plan, M, X, out, C, N, prec, layout, trans=False):
     blocked.mm_rows_kernel[plan.rows_grid](M, X, out, C, N, TRANS=trans, BC=plan.BC, BN=plan.BN, PREC=prec,
-                                           CL=cl, num_warps=plan.num_warps)
+                                           LAYOUT=layout, num_warps=plan.num_warps)
     return out
 
 
@@ -601,7 +605,7 @@ def _fp32_like(c):
     return torch.empty_like(c, dtype=torch.float32)  # c's layout: one offset scheme per kernel
 
 
-def _forward_blocked(A, c, proj, scale, comb, cl, out, h, c_new):
+def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new):
     """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty; writes the outputs attention_forward allocated."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
@@ -612,20 +616,20 @@ def _forward_blocked(A, c, proj, scale, comb, cl, out, h, c_new):
     Q, K = _fp32_like(c), _fp32_like(c)
     V = _fp32_like(c) if gated else h
     if gated:  # the projections read h' of every channel block: write it first
-        cell_forward_into(A, c, h, c_new, cl)
+        cell_forward_into(A, c, h, c_new, layout)
     blocked.qkv_rows_kernel[plan.rows_grid](
         A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, h, c_new, C, N,
-        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, CL=cl,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
         num_warps=plan.num_warps,
     )
-    S = _abt(plan, Q, K, C, N, prec, cl)
+    S = _abt(plan, Q, K, C, N, prec, layout)
     del Q, K
     P = torch.softmax(S * scale, dim=-1).contiguous()
-    _mm(plan, P, V, out, C, N, prec, cl)
+    _mm(plan, P, V, out, C, N, prec, layout)
     return out, h, c_new, P
 
 
-def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, cl, has, dA, dc):
+def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc):
     """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; writes the dA, dc attention_backward allocated."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
@@ -638,35 +642,35 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, cl, has, dA,
     Q, K = _fp32_like(c), _fp32_like(c)
     V = _fp32_like(c) if gated else h32
     if gated:
-        cell_forward_into(A, c, h32, c32, cl)
+        cell_forward_into(A, c, h32, c32, layout)
     blocked.qkv_rows_kernel[plan.rows_grid](
         A, c, h32, wq, bq, wk, bk, wv, bv, Q, K, V, h32, c32, C, N,
-        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, CL=cl,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
         num_warps=plan.num_warps,
     )
     del c32
-    dP = _abt(plan, dout, V, C, N, prec, cl)
+    dP = _abt(plan, dout, V, C, N, prec, layout)
     del V
     if not gated:
         del h32  # only the projection gradients read it again: at most 4 (B, C, N) float32 live
     dS = (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
-    dQ = _mm(plan, dS, K, _fp32_like(c), C, N, prec, cl)
-    dK = _mm(plan, dS, Q, _fp32_like(c), C, N, prec, cl, trans=True)
+    dQ = _mm(plan, dS, K, _fp32_like(c), C, N, prec, layout)
+    dK = _mm(plan, dS, Q, _fp32_like(c), C, N, prec, layout, trans=True)
     del Q, K
-    dV = _mm(plan, P, dout, _fp32_like(c), C, N, prec, cl, trans=True)
+    dV = _mm(plan, P, dout, _fp32_like(c), C, N, prec, layout, trans=True)
     dproj = None
     if gated:
         dq, dk, dv = _fp32_like(c), _fp32_like(c), _fp32_like(c)
         blocked.proj_grad_rows_kernel[plan.rows_grid](
             A, c, h32, wq, bq, wk, bk, wv, bv, dQ, dK, dV, dq, dk, dv, C, N,
-            BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, CL=cl, num_warps=plan.num_warps,
+            BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
-        grads = [_abt(plan, d, h32, C, N, prec, cl, rowsum=True) for d in (dq, dk, dv)]
+        grads = [_abt(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)]
         dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
         A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, C, N,
-        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, CL=cl, num_warps=plan.num_warps, **has,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps, **has,
     )
     return dA, dc, dproj

@@ -35,27 +35,16 @@ def tanh(x):
 
 
 @triton.jit
-def gate_offsets(a_offs, gate_stride):
-    """Offsets of gates ``f, o, g`` from the 64-bit offsets ``a_offs`` of gate ``i``: sums onto
-    ``a_offs``, never ``k * gate_stride`` in the stride's 32-bit type (``3 C N`` passes 2^31 for
-    one image of ``C N > 715M``)."""
-    a_f = a_offs + gate_stride
-    a_o = a_f + gate_stride
-    return a_f, a_o, a_o + gate_stride
-
-
-@triton.jit
 def load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gate_stride, mask):
     """Pre-activations ``(Ai, Af, Ao, Ag)`` and ``c`` as float32.
 
     ``a_offs`` point at gate ``i`` in ``A``; the other gates are ``gate_stride`` apart (``C*N`` NCHW,
-    ``C`` channels_last).
+    ``C`` channels_last; a 64-bit scalar where ``3 * gate_stride`` passes 2^31, see :data:`LAYOUTS`).
     """
     ai = tl.load(a_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
-    a_f, a_o, a_g = gate_offsets(a_offs, gate_stride)
-    af = tl.load(a_ptr + a_f, mask=mask, other=0.0).to(tl.float32)
-    ao = tl.load(a_ptr + a_o, mask=mask, other=0.0).to(tl.float32)
-    ag = tl.load(a_ptr + a_g, mask=mask, other=0.0).to(tl.float32)
+    af = tl.load(a_ptr + gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
+    ao = tl.load(a_ptr + 2 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
+    ag = tl.load(a_ptr + 3 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
     return ai, af, ao, ag, c
 
@@ -121,10 +110,9 @@ def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf
     """Write ``dA`` (gate rows i, f, o, g ``gate_stride`` apart) and ``dc`` in the outputs' dtypes."""
     ty = da_ptr.dtype.element_ty
     tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
-    a_f, a_o, a_g = gate_offsets(a_offs, gate_stride)
-    tl.store(da_ptr + a_f, daf.to(ty), mask=mask)
-    tl.store(da_ptr + a_o, dao.to(ty), mask=mask)
-    tl.store(da_ptr + a_g, dag.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + gate_stride, daf.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + 2 * gate_stride, dao.to(ty), mask=mask)
+    tl.store(da_ptr + a_offs + 3 * gate_stride, dag.to(ty), mask=mask)
     tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)
 
 
@@ -134,16 +122,27 @@ def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf
 
 
 @triton.jit
-def _gate_i_offsets(idx, G):
-    """Offset in ``A`` of gate ``i`` for state element ``idx``: each run of ``G`` state values
-    (an image's plane in NCHW, a pixel's channels channels_last) sits in a run of ``4G`` in ``A``."""
-    return idx + (idx // G) * 3 * G  # left to right from the 64-bit idx: no 32-bit 3 * G
+def gate_stride_of(G, LAYOUT: tl.constexpr):
+    """The gate stride as the kernels compute with it: 64-bit for ``LAYOUT == 2`` (see :data:`LAYOUTS`)."""
+    if LAYOUT == 2:
+        gs = G.to(tl.int64)
+    else:
+        gs = G
+    return gs  # one return: the compiler types every return statement, even in a branch it drops
 
 
 @triton.jit
-def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, G, total, BLOCK: tl.constexpr):
+def _gate_i_offsets(idx, G):
+    """Offset in ``A`` of gate ``i`` for state element ``idx``: each run of ``G`` state values
+    (an image's plane in NCHW, a pixel's channels channels_last) sits in a run of ``4G`` in ``A``."""
+    return idx + (idx // G) * (3 * G)
+
+
+@triton.jit
+def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, G, total, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
+    G = gate_stride_of(G, LAYOUT)
     a_offs = _gate_i_offsets(idx, G)
     ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask)
     _, _, _, _, c_new, _, h = lstm_state(ai, af, ao, ag, c)
@@ -163,9 +162,10 @@ def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
 
 @triton.jit
 def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, G, total, BLOCK: tl.constexpr,
-                     HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+                     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
+    G = gate_stride_of(G, LAYOUT)
     a_offs = _gate_i_offsets(idx, G)
     ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask)
     i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
@@ -204,38 +204,48 @@ def _block(total: int) -> int:
     return min(_BLOCK, max(16, triton.next_power_of_2(total)))
 
 
+#: The kernels' ``LAYOUT`` constexpr: the tensors' layout, and the width of the NCHW gate stride.
+#: 0: NCHW; 1: channels_last (gate stride ``C``); 2: NCHW with a 64-bit gate stride -- one image's
+#: ``3 C N`` passes 2^31, which 32-bit gate offsets would wrap.  2 is its own variant because
+#: 64-bit strides everywhere cost registers (sm_90: more spills in the single-pass backward).
+LAYOUTS = {"nchw": 0, "channels_last": 1, "nchw_wide": 2}
+
+
 def dense_layout(A: torch.Tensor, c: torch.Tensor):
-    """``(A, c, fmt, channels_last)``: both dense in the layout the kernels run in -- channels_last
-    when ``A`` is channels_last per image (the provider contract), else NCHW; no copy when they
-    already are."""
+    """``(A, c, fmt, layout)``: both dense in the layout the kernels run in -- channels_last when
+    ``A`` is channels_last per image (the provider contract), else NCHW; no copy when they already
+    are -- and the kernels' ``LAYOUT`` code for them (:data:`LAYOUTS`)."""
     fmt = layout_of(A) if A.dim() == 4 else torch.contiguous_format
-    return A.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt), fmt, fmt == torch.channels_last
+    A, c = A.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt)
+    if fmt == torch.channels_last:
+        return A, c, fmt, LAYOUTS["channels_last"]
+    wide = c.dim() > 0 and 3 * c[0].numel() >= 2**31
+    return A, c, fmt, LAYOUTS["nchw_wide" if wide else "nchw"]
 
 
-def gate_stride(c: torch.Tensor, channels_last: bool) -> int:
+def gate_stride(c: torch.Tensor, layout: int) -> int:
     """Distance between a value of gate ``i`` and the same value of gate ``f`` in ``A``."""
-    return c.shape[1] if channels_last else c[0].numel()
+    return c.shape[1] if layout == LAYOUTS["channels_last"] else c[0].numel()
 
 
-def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor,
-                      channels_last: bool) -> None:
+def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor, layout: int) -> None:
     """``h', c'`` into given dense tensors of ``A``'s layout (any supported dtype, e.g. float32
-    temporaries)."""
+    temporaries); ``layout`` from :func:`dense_layout`."""
     total = c.numel()
     if total == 0:
         return
     block = _block(total)
-    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, gate_stride(c, channels_last), total,
-                                                   BLOCK=block)
+    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, gate_stride(c, layout), total,
+                                                   BLOCK=block, LAYOUT=layout)
 
 
 def cell_forward(A: torch.Tensor, c: torch.Tensor):
     check_cell_shapes(A, c)
     check_dtypes(A, c)
-    A, c, fmt, cl = dense_layout(A, c)
+    A, c, fmt, layout = dense_layout(A, c)
     h = torch.empty_like(c, dtype=A.dtype)
     c_new = torch.empty_like(c, dtype=A.dtype)
-    cell_forward_into(A, c, h, c_new, cl)
+    cell_forward_into(A, c, h, c_new, layout)
     return h, c_new
 
 
@@ -248,7 +258,7 @@ def optional_grad(t, dummy: torch.Tensor, fmt: torch.memory_format) -> torch.Ten
 def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new):
     check_cell_shapes(A, c)
     check_dtypes(A, c, dh, dc_new)
-    A, c, fmt, cl = dense_layout(A, c)
+    A, c, fmt, layout = dense_layout(A, c)
     has_dh, has_dcn = dh is not None, dc_new is not None
     dh, dc_new = optional_grad(dh, c, fmt), optional_grad(dc_new, c, fmt)
     dA = torch.empty_like(A)
@@ -257,6 +267,6 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new):
     if total == 0:
         return dA, dc
     block = _block(total)
-    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, gate_stride(c, cl), total,
-                                                   BLOCK=block, HAS_DH=has_dh, HAS_DCN=has_dcn)
+    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, gate_stride(c, layout), total,
+                                                   BLOCK=block, LAYOUT=layout, HAS_DH=has_dh, HAS_DCN=has_dcn)
     return dA, dc

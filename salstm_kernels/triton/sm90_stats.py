@@ -4,8 +4,8 @@ single-pass (C <= 64) backward kernels, each with the state gradients given and 
 (HAS_DH / HAS_DCN False: a branch the interpreter runs but does not compile), and the single-pass
 kernels with the tiles and warps of the shipped ``GPU_LAUNCH`` table (lines ``shipped ...``).
 
-    PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats             # NCHW tensors
-    SM90_CL=1 PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats   # channels_last tensors
+    PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats                 # NCHW tensors
+    SM90_LAYOUT=1 PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats   # channels_last tensors
 
 ``C`` is a runtime argument of every blocked kernel, so one binary per (kernel, dtype, combination,
 gated) serves every ``C``; the on-chip footprint depends only on ``BLOCK_C`` and the N tiles.
@@ -29,14 +29,15 @@ from .lstm_attention import BLOCK_C
 
 SMEM_LIMIT = 227 * 1024
 DTYPES = tuple(os.environ.get("SM90_DTYPES", "fp32,bf16,fp16").split(","))
-CHANNELS_LAST = os.environ.get("SM90_CL", "0") == "1"
+#: The kernels' ``LAYOUT`` (``lstm_cell.LAYOUTS``): 0 NCHW, 1 channels_last, 2 NCHW 64-bit gate stride.
+LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
 _TY = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 _PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 
 
 def _compile(fn, ptr_types, consts, num_warps):
-    if "CL" in fn.arg_names:  # the tensors' layout: NCHW, or channels_last with SM90_CL=1
-        consts = {"CL": CHANNELS_LAST, **consts}
+    if "LAYOUT" in fn.arg_names:  # the tensors' layout (SM90_LAYOUT)
+        consts = {"LAYOUT": LAYOUT, **consts}
     sig = {}
     for name in fn.arg_names:
         if name in consts:
