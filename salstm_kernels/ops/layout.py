@@ -5,7 +5,8 @@ pixel contiguous, any batch stride: what a channels_last conv writes, or one ste
 time-major one).  The ``(B, C, H, W)`` tensors an op returns (``h'``, ``c'``, ``out``, ``dc``) and
 ``dA`` are in that layout, on every backend, and the fake kernels promise the same strides; the
 ``(B, C, H, W)`` inputs are brought to it at the op boundary (no copy when they already are).  The
-``cpp`` recurrence runs channels_last end to end this way; the others see NCHW.
+``cpp`` recurrence runs channels_last end to end this way (so can the ``triton`` one on CUDA, opt-in:
+``recurrence.CHANNELS_LAST_CONVS``); the ``cpp`` and ``triton`` kernels read such an ``A`` in place.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ One file per op, each holding its kernels and launch code (Liger-Kernel layout):
   separated baseline), and its backward.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set
-before Triton is first imported).  Supports float32 / float16 / bfloat16 (float32 math); float64
+before Triton is first imported).  NCHW or channels_last tensors, read and written in place (the
+kernels' ``LAYOUT``, :data:`.lstm_cell.LAYOUTS`).  Supports float32 / float16 / bfloat16 (float32 math); float64
 raises ``TypeError`` (use the ``reference`` backend for gradcheck).  Triton is imported only here.
 """
 import torch

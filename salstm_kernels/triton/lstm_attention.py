@@ -1,6 +1,8 @@
 """Triton SA-LSTM / LSTM-SA last step: cell + QKV formation + channel attention, and its backward.
 
-Shapes (NCHW flattened): ``A (B, 4C, N)`` conv output (gate order i, f, o, g), ``c (B, C, N)``.
+Shapes (NCHW flattened): ``A (B, 4C, N)`` conv output (gate order i, f, o, g), ``c (B, C, N)``;
+or every tensor channels_last (``LAYOUT``, :data:`.lstm_cell.LAYOUTS`: the tile offsets change, the
+math does not).
 Tokens of the attention are the ``C`` channels, features the ``N`` pixels, so every score matrix is
 a tiny ``C x C`` per image and the work is streaming passes over ``N``.
 
