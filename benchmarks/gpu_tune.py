@@ -17,8 +17,8 @@
    eager reference; Triton as shipped ("triton": the package's conv form and launch tables) and
    with the sweep's tables ("triton tuned"); tuned with each conv form -- channels_last (NHWC) or
    NCHW convs, one conv over ``cat(x_t, h)`` at ``t > 0`` or the input and recurrent ones apart
-   (the A/B of ``recurrence.CHANNELS_LAST_CONVS`` / ``CAT_CONV_DEVICES``; the shipped form is
-   not repeated when the tables did not change); ``torch.compile`` of the reference
+   (the A/B of ``recurrence.CHANNELS_LAST_CONVS`` / ``CAT_CONV_DEVICES``; the shipped form has
+   its row already, "triton" / "triton tuned"); ``torch.compile`` of the reference
    (inductor, compile time printed apart, while the run is under ``--compile-until-s``).  With
    ``--extra-ab`` also the convs alone NCHW vs channels_last, ``cudnn.benchmark`` rows and the eager
    module with channels_last weights (measured once; no gain for eager).  Columns: wall time per step
@@ -78,8 +78,8 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
     """Returns ``{(backward, gated, fp32): (ms, path, launch or None)}``: the sweep's winner, or the
     shipped setting when no point beats it by :data:`MARGIN`; and the heuristics' timings."""
     g = torch.Generator(device=device).manual_seed(0)
-    # in the layout the modules' convs give the ops on this device (recurrence.CHANNELS_LAST_CONVS)
-    fmt = torch.channels_last if ("triton", device.type) in recurrence.CHANNELS_LAST_CONVS else torch.contiguous_format
+    # in the layout the modules' convs give the ops on this device
+    fmt = torch.channels_last if recurrence.channels_last_convs("triton", device.type) else torch.contiguous_format
     A = torch.randn(B, 4 * C, H, W, device=device, dtype=torch.float32, generator=g).contiguous(memory_format=fmt)
     c, dout, dh, dcn = (torch.randn(B, C, H, W, device=device, dtype=torch.float32, generator=g).contiguous(
         memory_format=fmt) for _ in range(4))
@@ -205,7 +205,7 @@ def conv_layouts(device, sizes, dtypes, B, C, k):
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
     kept = recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark
     # the conv form the package ships on this device, read once: the rows below change the sets
-    shipped_convs = (("triton", device.type) in kept[0], device.type in kept[1])
+    shipped_convs = (recurrence.channels_last_convs("triton", device.type), device.type in kept[1])
     with gc.launch_tables_kept():
         try:
             return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab,

@@ -25,8 +25,8 @@ kernels are the faster ones; the ``triton`` backend can opt in on CUDA).  The fu
 channels_last end to end (:mod:`salstm_kernels.ops.layout`): they read that ``A`` in place and
 return ``h', c'`` and ``dA`` channels_last, which feed the next convs without a layout copy; the
 other pairs get contiguous NCHW ``A``.  The module's outputs are then channels_last too (same
-values; ``.contiguous()`` if NCHW strides matter downstream).  The recurrent conv's output takes the input conv's
-in place (``add_``): one ``(B, 4C, H, W)`` allocation fewer per step.
+values; ``.contiguous()`` if NCHW strides matter downstream).  The recurrent conv's output takes
+the input conv's in place (``add_``): one ``(B, 4C, H, W)`` allocation fewer per step.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def split_conv_recurrence(
     states: List[State] = []
     last = None
     n_layers = len(convs)
-    cl = _channels_last_convs(x, backend)
+    cl = channels_last_convs(backend, x.device.type)
     fmt = torch.channels_last if cl else torch.contiguous_format
     batched = T > 1 and not (torch.is_grad_enabled()
                              and (x.requires_grad or any(p.requires_grad for conv in convs for p in conv.parameters())))
@@ -119,7 +119,7 @@ CAT_CONV_DEVICES: Set[str] = {"cuda"}
 #: either direction.  The other pairs get NCHW.
 #: cpp on CPU: oneDNN's NHWC convolutions are faster than its NCHW ones (56x56, fwd, one thread:
 #: 85.8 -> 80.5 ms per module call).
-#: Triton on CUDA: the kernels read channels_last too (``CL``), but the pair is not listed yet.
+#: Triton on CUDA: the kernels read channels_last too (``LAYOUT``), but the pair is not listed yet.
 #: cuDNN's NCHW convs add a transpose each way (``nchwToNhwcKernel`` / ``nhwcToNchwKernel``), and
 #: on an H200 a B=2, 64->256, 5x5, 224x224 conv fwd+bwd took 0.694 ms NCHW against 0.509 ms NHWC
 #: in bfloat16 (1.257 / 1.038 ms float32).  In the one module step measured so far (SA-LSTM,
@@ -129,8 +129,9 @@ CAT_CONV_DEVICES: Set[str] = {"cuda"}
 CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 
 
-def _channels_last_convs(x: Tensor, backend: str) -> bool:
-    return (backend, x.device.type) in CHANNELS_LAST_CONVS
+def channels_last_convs(backend: str, device_type: str) -> bool:
+    """Whether ``backend``'s recurrence runs its convs (and so its fused ops) channels_last there."""
+    return (backend, device_type) in CHANNELS_LAST_CONVS
 
 
 def widen_to_state_dtype(A: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:

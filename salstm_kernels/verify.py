@@ -18,10 +18,10 @@ CUDA float32, float16 and bfloat16.  A provider claims dtypes with an optional m
 
 :func:`parity` is also the correctness gate of ``salstm-kernels bench``.
 
-float32 runs with cuDNN's TF32 convolutions off (:func:`exact_float32_convs`): PyTorch allows
-them by default, and cuDNN then picks TF32 or full-precision kernels per shape and memory layout,
-so a float32 comparison would measure that choice (about 1e-4, above the float32 tolerance)
-rather than this package's code.
+The backend runs with cuDNN's TF32 convolutions off (:func:`exact_float32_convs`; it matters for
+float32): PyTorch allows them by default, and cuDNN then picks TF32 or full-precision kernels per
+shape and memory layout, so a float32 comparison would measure that choice (about 1e-4, above the
+float32 tolerance) rather than this package's code.
 """
 from __future__ import annotations
 
@@ -177,10 +177,11 @@ def exact_float32_convs():
 
     Through ``torch.backends.cudnn.conv.fp32_precision`` where torch has it (reading the legacy
     ``allow_tf32`` raises there once a user has set the new per-operator flags)."""
-    cudnn = torch.backends.cudnn
-    flags = getattr(cudnn, "conv", None)
-    name, off = ("fp32_precision", "ieee") if hasattr(flags, "fp32_precision") else ("allow_tf32", False)
-    flags = flags if name == "fp32_precision" else cudnn
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):
+        flags, name, off = conv, "fp32_precision", "ieee"
+    else:
+        flags, name, off = torch.backends.cudnn, "allow_tf32", False
     kept = getattr(flags, name)
     setattr(flags, name, off)
     try:

@@ -88,6 +88,12 @@ def test_cell_channels_last(shape, nan_alloc):
 
 def _check_cell(shape, dtype, fmt):
     A, c, (dh, dc_new, _), _ = _inputs(*shape, dtype, fmt=fmt)
+    _check_cell_on(A, c, dh, dc_new, dtype, fmt)
+
+
+def _check_cell_on(A, c, dh, dc_new, dtype, fmt):
+    """The cell forward and backward on these tensors against the reference kernels and the spec;
+    the outputs must be in layout ``fmt``.  Returns them."""
     h, c1 = tk.cell_forward(A, c)
     dA, dc = tk.cell_backward(A, c, dh, dc_new)
     assert h.dtype == c1.dtype == dA.dtype == dc.dtype == dtype
@@ -105,6 +111,7 @@ def _check_cell(shape, dtype, fmt):
     g_ref = grads_of([h_ref, c_ref], [A64, c64], [dh.double(), dc_new.double()])
     for name, x, r in zip(("dA", "dc"), (dA, dc), g_ref):
         assert_close(x, r, dtype, backward=True, name=name + " vs spec")
+    return h, c1, dA, dc
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,10 +126,16 @@ def _f64(*ts):
 
 
 def _check_attention(shape, dtype, combination, gated, scale=0.3, fmt=torch.contiguous_format):
-    B, C, H, W = shape
     A, c, (dout, dh, dc_new), g = _inputs(*shape, dtype, seed=3, fmt=fmt)
-    proj = tuple(p.detach() for p in random_projections(C, dtype, DEVICE, generator=g)) if gated else None
+    proj = tuple(p.detach() for p in random_projections(shape[1], dtype, DEVICE, generator=g)) if gated else None
+    _check_attention_on(A, c, proj, dout, dh, dc_new, dtype, combination, scale, fmt)
 
+
+def _check_attention_on(A, c, proj, dout, dh, dc_new, dtype, combination, scale, fmt):
+    """The attention op forward and backward on these tensors against the reference kernels and
+    the spec; the outputs must be in layout ``fmt``.  Returns them (no ``P``, no projection grads)."""
+    B, C = c.shape[:2]
+    gated = proj is not None
     out, h, c1, P = tk.attention_forward(A, c, proj, scale, combination)
     assert out.dtype == h.dtype == c1.dtype == dtype and P.dtype == torch.float32
     assert P.shape == (B, C, C)
@@ -153,6 +166,7 @@ def _check_attention(shape, dtype, combination, gated, scale=0.3, fmt=torch.cont
     spec = grads_of(list(outs), leaves, [dout.double(), dh.double(), dc_new.double()])
     for name, x, r in zip(names, got, spec):
         assert_close(x, r, dtype, backward=True, name=name + " vs spec")
+    return out, h, c1, dA, dc
 
 
 @pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
@@ -186,24 +200,11 @@ def test_mixed_layouts_follow_A(C, gated, nan_alloc):
     c, dout, dh, dc_new = (t[::2].contiguous() for t in (c, dout, dh, dc_new))
     assert A.stride(0) == 2 * 4 * C * H * W and A.stride(1) == 1 and c.is_contiguous()
     proj = tuple(p.detach() for p in random_projections(C, torch.float32, DEVICE, generator=g)) if gated else None
-    out, h, c1, P = tk.attention_forward(A, c, proj, 0.3, "linear")
-    dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.3, "linear")
-    hc, cc = tk.cell_forward(A, c)
-    dAc, dcc = tk.cell_backward(A, c, dh, dc_new)
-    for t in (out, h, c1, dA, dc, hc, cc, dAc, dcc):
-        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    proj_d = _f64(*proj) if gated else None
-    ref = rk.attention_forward(*_f64(A, c), proj_d, 0.3, "linear")
-    for name, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref):
-        assert_close(x, r, torch.float32, name=name)
-    rdA, rdc, rdproj = rk.attention_backward(*_f64(A, c), proj_d, ref[3], *_f64(dout, dh, dc_new), 0.3, "linear")
-    for name, x, r in zip(("dA", "dc") + (("dwq", "dbq", "dwk", "dbk", "dwv", "dbv") if gated else ()),
-                          (dA, dc) + (tuple(dproj) if gated else ()), (rdA, rdc) + (tuple(rdproj) if gated else ())):
-        assert_close(x, r, torch.float32, backward=True, name=name)
-    for name, x, r in zip(("cell h", "cell c'"), (hc, cc), rk.cell_forward(*_f64(A, c))):
-        assert_close(x, r, torch.float32, name=name)
-    for name, x, r in zip(("cell dA", "cell dc"), (dAc, dcc), rk.cell_backward(*_f64(A, c, dh, dc_new))):
-        assert_close(x, r, torch.float32, backward=True, name=name)
+    cl = torch.channels_last
+    outs = _check_attention_on(A, c, proj, dout, dh, dc_new, torch.float32, "linear", 0.3, cl)
+    outs += _check_cell_on(A, c, dh, dc_new, torch.float32, cl)
+    for t in outs:
+        assert t.is_contiguous(memory_format=cl) and not t.is_contiguous()
 
 
 def test_attention_channels_last_fp16(nan_alloc):

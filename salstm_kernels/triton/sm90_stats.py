@@ -33,6 +33,16 @@ DTYPES = tuple(os.environ.get("SM90_DTYPES", "fp32,bf16,fp16").split(","))
 #: The kernels' ``LAYOUT`` (``lstm_cell.LAYOUTS``): 0 NCHW, 1 channels_last, 2 NCHW 64-bit gate stride.
 LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
 _TY = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+#: Every pointer argument name of the kernels (a kernel takes the ones it has).
+_PTR_NAMES = ("a_ptr", "c_ptr", "h_ptr", "cn_ptr", "o_ptr", "hsrc_ptr", "do_ptr", "dh_ptr", "dcn_ptr", "da_ptr",
+              "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr")
+
+
+def _all_ptrs(dt):
+    """Every tensor of a kernel in storage type ``dt``."""
+    return {n: dt for n in _PTR_NAMES}
+
+
 _PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 
 
@@ -113,9 +123,7 @@ def shipped_single_pass():
             if dt not in DTYPES:
                 continue
             prec = "ieee" if dt == "fp32" else "tf32"
-            a = {"a_ptr": dt, "c_ptr": dt, "h_ptr": dt, "cn_ptr": dt, "do_ptr": dt, "dh_ptr": dt, "dcn_ptr": dt,
-                 "da_ptr": dt, "dc_ptr": dt, "o_ptr": dt,
-                 **{p: dt for p in ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr")}}
+            a = _all_ptrs(dt)
             consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec)
             # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
             has = dict(HAS_DH=True, HAS_DCN=True)
@@ -130,9 +138,7 @@ def each_kernel():
     """One bfloat16 variant of every kernel in every ``LAYOUT`` (``--each-kernel``): a quick check
     that all of them compile -- the interpreter accepts code the compiler rejects."""
     prec = "tf32"
-    ptrs = {n: "bf16" for n in ("a_ptr", "c_ptr", "do_ptr", "dh_ptr", "dcn_ptr", "da_ptr", "dc_ptr", "h_ptr",
-                                 "cn_ptr", "o_ptr", "hsrc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr",
-                                 "bv_ptr")}
+    ptrs = _all_ptrs("bf16")
     single = dict(CP=32, BN=16, COMB=0, GATED=True, PREC=prec)
     kernels = [
         (sp._cell_qk_scores_kernel, single), (sp._attention_out_kernel, single),
