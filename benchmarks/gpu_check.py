@@ -42,7 +42,7 @@ if SMOKE:
 import torch  # noqa: E402
 
 import salstm_kernels as sk  # noqa: E402
-from salstm_kernels import ops, reference  # noqa: E402
+from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import providers  # noqa: E402
 from salstm_kernels.testing import random_projections, scaled_error, tolerance  # noqa: E402
 from salstm_kernels.verify import DESIGNS, module_runner, parity  # noqa: E402
@@ -158,8 +158,14 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torc
             log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
 
 
-def module_parity(log: ParityLog, device, design, cin, hidden, T, H, W, dtype, with_state, seed=0):
-    label = f"module {design} B2 T{T} Cin{cin} C{'x'.join(map(str, hidden))} {H}x{W}" + (" state" if with_state else "")
+def module_parity(log: ParityLog, device, design, cin, hidden, T, H, W, dtype, with_state, seed=0, nhwc=False):
+    """One module against the float64 reference; ``nhwc``: with channels_last convs (the Triton
+    path's opt-in, ``recurrence.CHANNELS_LAST_CONVS``) instead of the shipped layout."""
+    label = (f"module {design} B2 T{T} Cin{cin} C{'x'.join(map(str, hidden))} {H}x{W}" + (" state" if with_state else "")
+             + (" NHWC convs" if nhwc else ""))
+    kept = recurrence.CHANNELS_LAST_CONVS
+    if nhwc:
+        recurrence.CHANNELS_LAST_CONVS = kept | {("triton", device.type)}
     try:
         torch.manual_seed(seed)
         m = DESIGNS[design](cin, list(hidden), 3, "triton").to(device=device, dtype=dtype)
@@ -175,6 +181,8 @@ def module_parity(log: ParityLog, device, design, cin, hidden, T, H, W, dtype, w
             log.row(label, dtype, [(res.fwd_worst, res.fwd_err, False), (res.bwd_worst, res.bwd_err, True)])
     except Exception as e:  # noqa: BLE001
         log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
+    finally:
+        recurrence.CHANNELS_LAST_CONVS = kept
 
 
 def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
@@ -267,6 +275,7 @@ def run_parity(device, smoke: bool) -> ParityLog:
                     ((1, 72, 5, 3), (torch.float32,), (("linear", False),), torch.channels_last)]
         mod_cases = [(d, 3, (8,), 2, 5, 3, dt, True) for d in DESIGNS for dt in (torch.float32,)]
         mod_cases += [("LSTMSA2d(linear)", 3, (8,), 1, 5, 3, torch.bfloat16, False)]
+        mod_cases += [("SALSTM2d(linear)", 3, (8,), 2, 5, 3, torch.float32, True, True)]
     else:
         linear_only = (("linear", False), ("linear", True))
         op_cases = [
@@ -288,11 +297,15 @@ def run_parity(device, smoke: bool) -> ParityLog:
             mod_cases += [(d, 5, (24,), 2, 13, 11, dt, False) for d in DESIGNS]
             mod_cases += [(d, 4, (16, 24), 3, 9, 7, dt, True) for d in ("SALSTM2d(linear)", "LSTMSA2d(linear)")]
         mod_cases += [(d, 5, (24,), 2, 13, 11, torch.float16, True) for d in ("SALSTM2d(linear)", "LSTMSA2d(linear)")]
+        # channels_last convs: run 4's three float32 failures here were TF32-sized (verify now turns
+        # cuDNN TF32 off for the backend); these rows test that with the NHWC kernels end to end
+        mod_cases += [(d, 5, (24,), 2, 13, 11, dt, False, True) for dt in (torch.float32, torch.bfloat16)
+                      for d in ("SALSTM2d(linear)", "LSTMSA2d(linear)")]
     for shape, dtypes, combos, *fmt in op_cases:
         for dt in dtypes:
             op_parity(log, tk, device, shape, dt, combos, fmt=fmt[0] if fmt else torch.contiguous_format)
-    for design, cin, hidden, T, H, W, dt, st in mod_cases:
-        module_parity(log, device, design, cin, hidden, T, H, W, dt, st)
+    for design, cin, hidden, T, H, W, dt, st, *nhwc in mod_cases:
+        module_parity(log, device, design, cin, hidden, T, H, W, dt, st, nhwc=bool(nhwc and nhwc[0]))
     if device.type == "cuda":
         for amp_dtype in (torch.bfloat16, torch.float16):
             for design in ("SALSTM2d(linear)", "LSTMSA2d(linear)"):

@@ -18,7 +18,9 @@
    with the sweep's tables ("triton tuned"); tuned with each conv form -- channels_last (NHWC) or
    NCHW convs, one conv over ``cat(x_t, h)`` at ``t > 0`` or the input and recurrent ones apart
    (the A/B of ``recurrence.CHANNELS_LAST_CONVS`` / ``CAT_CONV_DEVICES``; the shipped form has
-   its row already, "triton" / "triton tuned"); ``torch.compile`` of the reference
+   its row already, "triton" / "triton tuned"); the shipped form with the conv bias added by
+   PyTorch after each conv instead of folded into the fused ops ("tuned, conv bias": the A/B of
+   the triton provider's ``FOLDS_BIAS``); ``torch.compile`` of the reference
    (inductor, compile time printed apart, while the run is under ``--compile-until-s``).  With
    ``--extra-ab`` also the convs alone NCHW vs channels_last, ``cudnn.benchmark`` rows and the eager
    module with channels_last weights (measured once; no gain for eager).  Columns: wall time per step
@@ -203,7 +205,9 @@ def conv_layouts(device, sizes, dtypes, B, C, k):
 
 
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
-    kept = recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark
+    tk = providers.kernels("triton")
+    kept = (recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark,
+            tk.FOLDS_BIAS)
     # the conv form the package ships on this device, read once: the rows below change the sets
     shipped_convs = (recurrence.channels_last_convs("triton", device.type), device.type in kept[1])
     with gc.launch_tables_kept():
@@ -211,10 +215,12 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, 
             return _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab,
                             shipped_convs)
         finally:  # the package's state as found, whatever failed
-            recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark = kept
+            (recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark,
+             tk.FOLDS_BIAS) = kept
 
 
 def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab, shipped_convs):
+    tk = providers.kernels("triton")
     rows = []
     nan = float("nan")
     for (H, W), dtype, (label, factory) in itertools.product(
@@ -223,23 +229,28 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
         m_ref, m_tri, x, gy = gc.module_case(factory, device, dtype, B, C, T, k, H, W)
         eager = None
         # (name, module, launch tables, convs: (channels_last, one conv over cat(x_t, h) at t > 0),
-        #  cudnn.benchmark).  "triton" is the package as shipped, "triton tuned" the same with the
-        # sweep's tables; then the other conv forms with the tuned tables, for the A/B.
-        impls = [("eager", m_ref, None, None, False), ("triton", m_tri, current, shipped_convs, False)]
+        #  cudnn.benchmark, conv bias folded into the fused ops).  "triton" is the package as
+        #  shipped, "triton tuned" the same with the sweep's tables; then the other conv forms with
+        #  the tuned tables, and the shipped form with the bias added by PyTorch after each conv.
+        impls = [("eager", m_ref, None, None, False, None), ("triton", m_tri, current, shipped_convs, False, True)]
         if tuned != current:
-            impls.append(("triton tuned", m_tri, tuned, shipped_convs, False))
-        impls += [(f"tuned {'NHWC' if cl else 'NCHW'} {'cat' if cat else 'split'}", m_tri, tuned, (cl, cat), False)
+            impls.append(("triton tuned", m_tri, tuned, shipped_convs, False, True))
+        impls += [(f"tuned {'NHWC' if cl else 'NCHW'} {'cat' if cat else 'split'}", m_tri, tuned, (cl, cat), False, True)
                   for cl, cat in ((True, True), (False, True), (False, False)) if (cl, cat) != shipped_convs]
+        impls.append(("tuned, conv bias", m_tri, tuned, shipped_convs, False, False))
         if extra_ab:
             # the eager module with channels_last conv weights: its convs then run NHWC (cuDNN
             # follows the weight's layout), the layout a user would try first for tensor-core convs
             m_cl = copy.deepcopy(m_ref).to(memory_format=torch.channels_last)
-            impls += [("eager, cudnn.bm", m_ref, None, None, True), ("tuned, cudnn.bm", m_tri, tuned, shipped_convs, True),
-                      ("eager, ch_last", m_cl, None, None, False)]
+            impls += [("eager, cudnn.bm", m_ref, None, None, True, None),
+                      ("tuned, cudnn.bm", m_tri, tuned, shipped_convs, True, True),
+                      ("eager, ch_last", m_cl, None, None, False, None)]
         if compile_until_s is not None and elapsed() < compile_until_s:
             torch._dynamo.reset()
-            impls.append(("compile", torch.compile(m_ref), None, None, False))
-        for impl, m, state, convs, cudnn_bm in impls:
+            impls.append(("compile", torch.compile(m_ref), None, None, False, None))
+        for impl, m, state, convs, cudnn_bm, fold in impls:
+            # the conv bias folded into the fused ops (the package's FOLDS_BIAS) or added by PyTorch
+            tk.FOLDS_BIAS = True if fold is None else fold
             if state is not None:
                 gc.set_launch_tables(state)
             if convs is not None:

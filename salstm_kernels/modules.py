@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from .backends import resolve_backend
-from .recurrence import split_conv_recurrence, widen_to_state_dtype
+from .recurrence import bias_in, split_conv_recurrence, widen_to_state_dtype
 from .validation import check_input, check_kernel_size, check_matches_parameters, check_state
 
 State = Tuple[Tensor, Tensor]
@@ -173,11 +173,12 @@ class _AttentionMixin:
     def _forward_fused(self, x, state, backend):
         if x.shape[0] == 0:  # B = 0: no empty kernel launches
             return self._forward_empty(x, state)
-        states, (A, c) = split_conv_recurrence(x, self.convs(), state, backend, stop_before_last=True)
+        states, (A, c, bias) = split_conv_recurrence(x, self.convs(), state, backend, stop_before_last=True)
         out_dtype = A.dtype  # the attention matmuls' dtype (the autocast dtype under autocast)
         A, c = widen_to_state_dtype(A, c)  # the cell runs in the state dtype
         proj = self._projection_tensors(A.dtype) or (None,) * 6
-        out, h, c_new, _ = ops.lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend)
+        out, h, c_new, _ = ops.lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend,
+                                              bias_in(bias, A))
         states[-1] = (h, c_new)
         return out.to(out_dtype), states
 

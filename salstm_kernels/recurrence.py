@@ -11,7 +11,10 @@ input channels.  So per layer:
   RSS growth 44.6 -> 35.5 MB per step, eager 41.4 MB; same fwd+bwd speed measured).
 
 The gates and state update go through the fused ``lstm_cell`` op; the last step of the last layer is
-left to the caller (it feeds the fused attention op).  Parameters stay the single upstream
+left to the caller (it feeds the fused attention op).  **Conv bias:** where the backend's kernels fold
+it (``providers.FOLDS_BIAS``: Triton) the convs run without their bias and the fused ops add it as
+they read ``A``.  PyTorch adds a cuDNN conv's bias in a separate broadcast kernel, a read and write
+of the whole ``(B, 4C, H, W)`` output per conv; its gradient (``dA`` summed) is the same either way.  Parameters stay the single upstream
 ``conv.weight`` / ``conv.bias``: the split is a view, so gradients land in the same tensors.
 
 **State dtype** (the same rule the reference gets from PyTorch's type promotion): the states start
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .ops.layout import layout_of, nhwc_images
+from .ops.providers import backend_folds_bias
 
 State = Tuple[Tensor, Tensor]
 
@@ -52,8 +56,9 @@ def split_conv_recurrence(
     """Run the stacked ConvLSTM over ``x (B, T, Cin, H, W)`` with the fused cell op.
 
     Returns ``(states, last)``.  With ``stop_before_last`` the last layer's last step is not
-    computed: ``last = (A, c_prev)`` is its conv output and previous cell state, and ``states[-1]``
-    holds the state *before* that step.  Otherwise ``last`` is ``None`` and ``states`` are final.
+    computed: ``last = (A, c_prev, bias)`` is its conv output, previous cell state and the conv bias
+    still to add (None when the conv added it; see the module docstring), and ``states[-1]`` holds the
+    state *before* that step.  Otherwise ``last`` is ``None`` and ``states`` are final.
     """
     B, T, _, H, W = x.shape
     inputs = list(x.unbind(1))  # layer l's input per step: x, then layer l-1's h'
@@ -61,11 +66,13 @@ def split_conv_recurrence(
     last = None
     n_layers = len(convs)
     cl = channels_last_convs(backend, x.device.type)
+    fold = backend_folds_bias(backend)
     fmt = torch.channels_last if cl else torch.contiguous_format
     batched = T > 1 and not (torch.is_grad_enabled()
                              and (x.requires_grad or any(p.requires_grad for conv in convs for p in conv.parameters())))
     for layer, conv in enumerate(convs):
         weight, bias = conv.weight, conv.bias
+        conv_bias, cell_bias = (None, bias) if fold else (bias, None)
         C = weight.shape[0] // 4
         cin = weight.shape[1] - C
         pad = conv.padding
@@ -78,17 +85,22 @@ def split_conv_recurrence(
             h, c = None, x.new_zeros(B, C, H, W).contiguous(memory_format=fmt)  # x's dtype, as reference.zero_state
         outputs = []
         if batched:  # no graph: one input conv over all T steps (time-major), slices are blocks
-            A_in = F.conv2d(torch.cat(inputs).contiguous(memory_format=fmt), w_x, bias, padding=pad).split(B)
+            A_in = F.conv2d(torch.cat(inputs).contiguous(memory_format=fmt), w_x, conv_bias, padding=pad).split(B)
         for t in range(T):
             if h is not None and not batched and x.device.type in CAT_CONV_DEVICES:
                 # one conv over cat(x_t, h): the upstream formulation, used where one Cin+C conv
-                # measured faster than two convs and an add.  Both parts in the conv layout
-                # first: cat keeps it, so there is one copy, not two.
-                xh = torch.cat([inputs[t].contiguous(memory_format=fmt),
-                                h.to(inputs[t].dtype).contiguous(memory_format=fmt)], dim=1)
-                A = F.conv2d(xh, weight, bias, padding=pad)
+                # measured faster than two convs and an add.  cat reads x_t in place (a strided
+                # slice of x), so each part is copied once; channels_last: cat along the channels
+                # of (B, H, W, C) views writes the NHWC buffer directly.
+                x_t, h_t = inputs[t], h.to(inputs[t].dtype)
+                if cl:
+                    xh = torch.cat([x_t.permute(0, 2, 3, 1), h_t.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
+                else:
+                    xh = torch.cat([x_t, h_t], dim=1)
+                A = F.conv2d(xh, weight, conv_bias, padding=pad)
             else:
-                A = A_in[t] if batched else F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, bias, padding=pad)
+                A = A_in[t] if batched else F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, conv_bias,
+                                                     padding=pad)
                 if h is not None:
                     # In place into the recurrent conv's output (its backward saves only the
                     # conv's inputs): one (B, 4C, H, W) allocation fewer per step.
@@ -96,10 +108,10 @@ def split_conv_recurrence(
             if not cl:
                 A = A.contiguous()
             if stop_before_last and layer == n_layers - 1 and t == T - 1:
-                last = (A, c)  # the caller widens A (see module docstring)
+                last = (A, c, cell_bias)  # the caller widens A (see module docstring)
                 break
             A, c = widen_to_state_dtype(A, c)
-            h, c = ops.lstm_cell(A, c, backend)
+            h, c = ops.lstm_cell(A, c, backend, bias_in(cell_bias, A))
             outputs.append(h)
         states.append((h if h is not None else torch.zeros_like(c), c))
         inputs = outputs
@@ -132,6 +144,12 @@ CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 def channels_last_convs(backend: str, device_type: str) -> bool:
     """Whether ``backend``'s recurrence runs its convs (and so its fused ops) channels_last there."""
     return (backend, device_type) in CHANNELS_LAST_CONVS
+
+
+def bias_in(bias: Optional[Tensor], A: Tensor) -> Optional[Tensor]:
+    """The folded conv bias in ``A``'s dtype, as the fused ops take it (a float32 parameter under
+    autocast or after widening; the cast is differentiable, so its gradient reaches the parameter)."""
+    return None if bias is None else bias.to(A.dtype)
 
 
 def widen_to_state_dtype(A: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:

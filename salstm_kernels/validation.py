@@ -115,8 +115,9 @@ def _check_tensor(op: str, name: str, t, expected: Tuple[int, ...], ref: Optiona
             raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {ref_name}'s dtype {ref.dtype}")
 
 
-def check_lstm_cell_args(A, c, op: str = "lstm_cell") -> None:
-    """``A (B, 4C, H, W)`` and ``c (B, C, H, W)``: 4-D, same dtype and device, non-empty."""
+def check_lstm_cell_args(A, c, op: str = "lstm_cell", bias=None) -> None:
+    """``A (B, 4C, H, W)`` and ``c (B, C, H, W)``: 4-D, same dtype and device, non-empty; the conv
+    ``bias`` None or ``(4C,)`` with ``A``'s dtype and device."""
     if not isinstance(c, Tensor):
         raise TypeError(f"{op}: c must be a torch.Tensor, got {type(c).__name__}")
     if not isinstance(A, Tensor):
@@ -133,10 +134,12 @@ def check_lstm_cell_args(A, c, op: str = "lstm_cell") -> None:
     B, C, H, W = c.shape
     _check_tensor(op, "A", A, (B, 4 * C, H, W), None, "")
     _check_tensor(op, "c", c, (B, C, H, W), A, "A")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, (4 * C,), A, "A")
 
 
 def check_lstm_attention_args(A, c, wq=None, bq=None, wk=None, bk=None, wv=None, bv=None,
-                              scale: float = 1.0, combination: str = "linear") -> None:
+                              scale: float = 1.0, combination: str = "linear", bias=None) -> None:
     """Boundary checks of ``lstm_attention(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend)``.
 
     ``A (B, 4C, H, W)``, ``c (B, C, H, W)`` (same dtype and device, non-empty); the projections all
@@ -144,7 +147,7 @@ def check_lstm_attention_args(A, c, wq=None, bq=None, wk=None, bk=None, wv=None,
     ``combination`` "linear" / "nonlinear" / "none" (the last needs projections); ``scale`` finite.
     """
     op = "lstm_attention"
-    check_lstm_cell_args(A, c, op)
+    check_lstm_cell_args(A, c, op, bias)
     from .reference import COMBINATIONS
 
     if combination not in COMBINATIONS:

@@ -30,6 +30,7 @@ def test_gpu_check_cpu_smoke():
     last = out.strip().splitlines()[-1]
     assert last.startswith("parity: ") and " 0 FAIL" in last and not last.startswith("parity: 0 PASS"), last
     assert "triton blocked" in out and "SUMMARY" in out  # the forced-blocked A/B and the table ran
+    assert "PASS  module SALSTM2d(linear) B2 T2 Cin3 C8 5x3 state NHWC convs" in out
 
 
 def test_gpu_tune_cpu_smoke():
@@ -40,8 +41,8 @@ def test_gpu_tune_cpu_smoke():
     # one row per implementation and conv form; on CPU the shipped form is NCHW split ("triton")
     rows = {m.group(1).strip() for m in re.finditer(r"^SA-LSTM 6x5 float32 +(\S.*?\S) +\d+\.\d+ ", out, re.M)}
     tuned = {"triton tuned"} if "new winner" in out else set()  # the sweep changed the tables
-    assert rows == {"eager", "triton", "tuned NHWC cat", "tuned NCHW cat", "eager, cudnn.bm", "tuned, cudnn.bm",
-                    "eager, ch_last"} | tuned, rows
+    assert rows == {"eager", "triton", "tuned NHWC cat", "tuned NCHW cat", "tuned, conv bias", "eager, cudnn.bm",
+                    "tuned, cudnn.bm", "eager, ch_last"} | tuned, rows
     assert "convs alone" in out and "cat conv Cin=2C" in out
     assert "GPU_LAUNCH = {" in out and "BLOCKED_AT_CP64 = " in out
 

@@ -52,6 +52,37 @@ def test_attention_provider_matches_autograd_of_reference(shape, dtype, combinat
         assert_close(a, b, dtype, backward=True, name=name)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_bias_is_added_for_providers_that_do_not_fold_it(backend):
+    """Providers without ``FOLDS_BIAS`` get ``A + bias`` from the op layer: outputs and every
+    gradient (the bias's included) match the spec on ``A + bias``."""
+    if backend == "cpp":
+        pytest.importorskip("salstm_kernels._C")
+    A, c, g = _inputs(2, 8, 5, 3, torch.float32, seed=5)
+    bias = torch.randn(32, generator=g).requires_grad_()
+    proj = random_projections(8, generator=g)
+    Ab = A + bias.view(1, -1, 1, 1)
+    for outs, outs_ref in ((ops.lstm_cell(A, c, backend, bias), reference.lstm_cell_ref(Ab, c)),
+                           (ops.lstm_attention(A, c, *proj, 0.3, "linear", backend, bias)[:3],
+                            reference.lstm_attention_ref(Ab, c, 0.3, "linear", proj))):
+        for x, r in zip(outs, outs_ref):
+            assert_close(x, r, torch.float32)
+        gys = [torch.randn_like(t) for t in outs]
+        for name, x, r in zip(("dA", "dc", "dbias"), grads_of(list(outs), [A, c, bias], gys),
+                              grads_of(list(outs_ref), [A, c, bias], gys)):
+            assert_close(x, r, torch.float32, backward=True, name=name)
+
+
+@pytest.mark.parametrize("bad,match", [(torch.zeros(31), r"bias must have shape \(32,\)"),
+                                       (torch.zeros(32, dtype=torch.float64), "bias has dtype")])
+def test_bad_bias_is_rejected_with_its_name(bad, match):
+    A, c, g = _inputs(1, 8, 3, 3, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.lstm_cell(A, c, "reference", bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.lstm_attention(A, c, *(None,) * 6, 0.5, "linear", "reference", bad)
+
+
 def test_partial_projections_rejected():
     A, c, g = _inputs(1, 8, 3, 3, torch.float32)
     wq, bq, *_ = random_projections(8)

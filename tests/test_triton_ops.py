@@ -413,6 +413,106 @@ def test_bad_combination_is_rejected():
 
 
 # --------------------------------------------------------------------------------------------
+# the conv bias folded into the kernels (FOLDS_BIAS): A + bias as the reference sees it
+# --------------------------------------------------------------------------------------------
+def _biased64(A, bias):
+    return A.detach().double() + bias.detach().double().view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cell_folds_the_conv_bias(dtype, fmt, nan_alloc):
+    """The cell kernels with a bias give the reference on ``A + bias`` (per-gate, per-channel: the
+    bias is large next to A, so a wrong channel or gate index shows); ``dA`` is unchanged by it."""
+    A, c, (dh, dc_new, _), g = _inputs(2, 24, 7, 9, dtype, fmt=fmt)
+    bias = (torch.randn(96, generator=g, dtype=torch.float64) * 3).to(DEVICE, dtype)
+    h, c1 = tk.cell_forward(A, c, bias=bias)
+    dA, dc = tk.cell_backward(A, c, dh, dc_new, bias=bias)
+    assert all(t.is_contiguous(memory_format=fmt) for t in (h, c1, dA, dc))
+    Ab = _biased64(A, bias)
+    for name, x, r in zip(("h", "c'"), (h, c1), rk.cell_forward(Ab, *_f64(c))):
+        assert_close(x, r, dtype, name=name)
+    for name, x, r in zip(("dA", "dc"), (dA, dc), rk.cell_backward(Ab, *_f64(c, dh, dc_new))):
+        assert_close(x, r, dtype, backward=True, name=name)
+    h0, _ = tk.cell_forward(A, c)
+    assert (h0 - h).abs().max() > 0.1, "the bias must change the output"
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("combination,gated", [("linear", False), ("nonlinear", True), ("none", True)],
+                         ids=["linear", "gated-nonlinear", "none"])
+@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+def test_attention_folds_the_conv_bias(C, combination, gated, fmt, nan_alloc):
+    """Every attention kernel that reads ``A`` (single-pass and channel-blocked, forward and
+    backward) adds the bias; against the reference kernels on ``A + bias``."""
+    A, c, (dout, dh, dc_new), g = _inputs(2, C, 5, 7, torch.float32, seed=11, fmt=fmt)
+    bias = (torch.randn(4 * C, generator=g, dtype=torch.float64) * 3).to(DEVICE, torch.float32)
+    proj = tuple(p.detach() for p in random_projections(C, torch.float32, DEVICE, generator=g)) if gated else None
+    out, h, c1, P = tk.attention_forward(A, c, proj, 0.3, combination, bias=bias)
+    dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.3, combination, bias=bias)
+    Ab = _biased64(A, bias)
+    proj_d = _f64(*proj) if gated else None
+    ref = rk.attention_forward(Ab, *_f64(c), proj_d, 0.3, combination)
+    for name, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref):
+        assert_close(x, r, torch.float32, name=name)
+    rgrads = rk.attention_backward(Ab, *_f64(c), proj_d, ref[3], *_f64(dout, dh, dc_new), 0.3, combination)
+    got = [dA, dc] + (list(dproj) if gated else [])
+    want = [rgrads[0], rgrads[1]] + (list(rgrads[2]) if gated else [])
+    for x, r in zip(got, want):
+        assert_close(x, r, torch.float32, backward=True)
+
+
+def test_ops_bias_gradient_through_triton_provider():
+    """``ops.lstm_cell`` / ``ops.lstm_attention`` with a bias: the bias gradient (``dA`` summed over
+    batch and pixels) and every other gradient against autograd of the spec on ``A + bias``."""
+    A, c, (dout, dh, dc_new), g = _inputs(2, 24, 7, 9, torch.float32, seed=13)
+    bias = torch.randn(96, generator=g).to(DEVICE)
+    proj = random_projections(24, torch.float32, DEVICE, generator=g)
+    leaves = [t.requires_grad_(True) for t in (A, c, bias)]
+    Ab = A + bias.view(1, -1, 1, 1)
+    pairs = [
+        (ops.lstm_cell(A, c, "triton", bias), reference.lstm_cell_ref(Ab, c), [dh, dc_new]),
+        (ops.lstm_attention(A, c, *proj, 0.2, "linear", "triton", bias)[:3],
+         reference.lstm_attention_ref(Ab, c, 0.2, "linear", proj), [dout, dh, dc_new]),
+    ]
+    for outs, outs_ref, gys in pairs:
+        for x, r in zip(outs, outs_ref):
+            assert_close(x, r, torch.float32)
+        for name, x, r in zip(("dA", "dc", "dbias"), grads_of(list(outs), leaves, gys),
+                              grads_of(list(outs_ref), leaves, gys)):
+            assert_close(x, r, torch.float32, backward=True, name=name)
+
+
+def test_triton_recurrence_runs_its_convs_without_bias(monkeypatch):
+    """The triton recurrence hands every conv bias to the fused ops (each conv runs with
+    ``bias=None``), in training and in the batched no-grad path, with the reference's numbers."""
+    import torch.nn.functional as F
+
+    seen = []
+    conv2d = F.conv2d
+
+    def spy(x, w, b=None, *args, **kwargs):
+        seen.append(b)
+        return conv2d(x, w, b, *args, **kwargs)
+
+    torch.manual_seed(0)
+    m_ref = sk.LSTMSA2d(4, [6, 8], 3, backend="reference").to(DEVICE)
+    m_tri = sk.LSTMSA2d(4, [6, 8], 3, backend="triton").to(DEVICE)
+    m_tri.load_state_dict(m_ref.state_dict())
+    x = torch.randn(2, 3, 4, 5, 7, device=DEVICE)
+    with torch.no_grad():
+        want = m_ref(x)
+    monkeypatch.setattr(F, "conv2d", spy)
+    with torch.no_grad():
+        assert_close(m_tri(x), want, torch.float32, name="no-grad")
+    assert seen and all(b is None for b in seen)
+    out = m_tri(x)
+    out.backward(torch.ones_like(out))
+    assert m_tri.convs()[0].bias.grad is not None and m_tri.convs()[1].bias.grad is not None
+    assert all(b is None for b in seen)
+
+
+# --------------------------------------------------------------------------------------------
 # torch.library registration with the triton provider
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
@@ -422,17 +522,22 @@ def test_opcheck_triton_provider(fmt):
     A.requires_grad_(True)
     c.requires_grad_(True)
     opcheck = torch.library.opcheck
+    bias = torch.randn(32, generator=g).to(DEVICE).requires_grad_(True)
     opcheck(torch.ops.salstm_kernels.lstm_cell.default, (A, c, "triton"))
+    opcheck(torch.ops.salstm_kernels.lstm_cell.default, (A, c, "triton", bias))
     proj = random_projections(8, torch.float32, DEVICE, generator=g)
     for args, comb in ((proj, "linear"), ((None,) * 6, "nonlinear"), (proj, "none")):
         opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *args, 0.3, comb, "triton"))
-    opcheck(torch.ops.salstm_kernels.lstm_cell_backward.default, (A.detach(), c.detach(), d, d, "triton"))
+        opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *args, 0.3, comb, "triton", bias))
+    for extra in ((), (bias.detach(),)):
+        opcheck(torch.ops.salstm_kernels.lstm_cell_backward.default, (A.detach(), c.detach(), d, d, "triton", *extra))
     P = torch.softmax(torch.randn(2, 8, 8, generator=g), -1).to(DEVICE)
     for args in ([p.detach() for p in proj], (None,) * 6):
-        opcheck(
-            torch.ops.salstm_kernels.lstm_attention_backward.default,
-            (A.detach(), c.detach(), *args, P, d, d, d, 0.3, "linear", "triton"),
-        )
+        for extra in ((), (None, bias.detach())):
+            opcheck(
+                torch.ops.salstm_kernels.lstm_attention_backward.default,
+                (A.detach(), c.detach(), *args, P, d, d, d, 0.3, "linear", "triton", *extra),
+            )
 
 
 def test_ops_autograd_through_triton_provider():

@@ -2,7 +2,8 @@
 
 From the conv output ``A`` and the previous cell state ``c``: gates, ``c'``, ``h'``, the QKV of
 paper eq. 4 (gating learned per-pixel projections of ``h'`` for LSTM-SA), and channel attention
-``softmax(Q K^T * scale) V``.  Returns ``(out, h', c', P)``; ``P (B, C, C)`` float32 is the softmax,
+``softmax(Q K^T * scale) V``; ``bias`` (optional) is the bias of the conv that produced ``A``, folded
+in as in :mod:`.lstm_cell`.  Returns ``(out, h', c', P)``; ``P (B, C, C)`` float32 is the softmax,
 kept for backward (it is tiny: C x C per image).  Reference:
 :func:`salstm_kernels.reference.lstm_attention_ref`.
 """
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ..validation import check_lstm_attention_args
 from .layout import empty_in, layout_of
-from .providers import kernels, state_grads_for
+from .providers import bias_grad, bias_kwargs, biased, kernels, state_grads_for
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
 
@@ -44,19 +45,23 @@ def lstm_attention(
     scale: float,
     combination: str,
     backend: str,
+    bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None."""
+    """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None, conv ``bias (4C,)`` or None."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
-    check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination)
+    check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination, bias)
     fmt = layout_of(A)
-    out, h, c_new, P = kernels(backend).attention_forward(A, c.contiguous(memory_format=fmt), proj, scale, combination)
+    prov = kernels(backend)
+    A, bias = biased(prov, A, bias)
+    out, h, c_new, P = prov.attention_forward(A, c.contiguous(memory_format=fmt), proj, scale, combination,
+                                              **bias_kwargs(bias))
     return (*(t.contiguous(memory_format=fmt) for t in (out, h, c_new)), P)
 
 
 @lstm_attention.register_fake
-def _(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend):
+def _(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend, bias=None):
     _projections(wq, bq, wk, bk, wv, bv)
-    check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination)
+    check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination, bias)
     B, C = c.shape[:2]
     fmt = layout_of(A)
     return (empty_in(c.shape, A, fmt), empty_in(c.shape, A, fmt), empty_in(c.shape, A, fmt),
@@ -81,6 +86,7 @@ def lstm_attention_backward(
     combination: str,
     backend: str,
     h: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. ``A, c`` and the six projection tensors (empty tensors when absent).
     ``h``: the forward's ``h'``, which a provider may use instead of recomputing it; ``dh`` /
@@ -88,16 +94,17 @@ def lstm_attention_backward(
     proj = _projections(wq, bq, wk, bk, wv, bv)
     fmt = layout_of(A)
     prov = kernels(backend)
+    A, bias = biased(prov, A, bias)
     c, dout = c.contiguous(memory_format=fmt), dout.contiguous(memory_format=fmt)
     dh, dc_new = state_grads_for(prov, c, fmt, dh, dc_new)
-    dA, dc, dproj = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h)
+    dA, dc, dproj = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(bias))
     if dproj is None:
         dproj = tuple(A.new_empty(0) for _ in range(6))
     return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj)
 
 
 @lstm_attention_backward.register_fake
-def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h=None):
+def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h=None, bias=None):
     proj = (wq, bq, wk, bk, wv, bv)
     dproj = [A.new_empty(0) if p is None else torch.empty_like(p) for p in proj]
     fmt = layout_of(A)
@@ -105,10 +112,10 @@ def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, bac
 
 
 def _setup_context(ctx, inputs, output):
-    A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend = inputs
+    A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend, bias = inputs
     # P, and h' for providers that read it in backward (an output, but saving it keeps it alive).
     h = output[1] if getattr(kernels(backend), "USES_FORWARD_H", False) else None
-    ctx.save_for_backward(A, c, wq, bq, wk, bk, wv, bv, output[3], h)
+    ctx.save_for_backward(A, c, wq, bq, wk, bk, wv, bv, output[3], h, bias)
     ctx.scale, ctx.combination, ctx.backend = scale, combination, backend
     # Outputs that got no gradient arrive as None (not as zero tensors, which the engine would
     # allocate and the op would then convert to A's layout): the cpp provider reads None as zero.
@@ -117,14 +124,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dh, dc_new, dP):
-    A, c, wq, bq, wk, bk, wv, bv, P, h = ctx.saved_tensors
+    A, c, wq, bq, wk, bk, wv, bv, P, h, bias = ctx.saved_tensors
     dout = torch.zeros_like(c) if dout is None else dout
     grads = lstm_attention_backward(
-        A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h
+        A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h, bias
     )
     dA, dc = grads[0], grads[1]
     dproj = tuple(grads[2:]) if ctx.gated else (None,) * 6
-    return (dA, dc, *dproj, None, None, None)
+    dbias = bias_grad(dA, bias) if bias is not None and ctx.needs_input_grad[11] else None
+    return (dA, dc, *dproj, None, None, None, dbias)
 
 
 lstm_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,7 +1,9 @@
 """``salstm_kernels::lstm_cell``: ConvLSTM gates + state update from the conv output.
 
-Forward: ``h', c' = cell(A, c)``.  Backward recomputes the gates from ``A`` and ``c`` (only the
-inputs are saved).  Reference: :func:`salstm_kernels.reference.lstm_cell_ref`.
+Forward: ``h', c' = cell(A + bias, c)``.  Backward recomputes the gates from ``A`` and ``c`` (only
+the inputs are saved).  ``bias`` (optional, ``(4C,)``) is the bias of the conv that produced ``A``,
+run without it: the kernels add it as they read ``A`` (``providers.FOLDS_BIAS``), which saves the
+broadcast add PyTorch runs after a cuDNN conv.  Reference: :func:`salstm_kernels.reference.lstm_cell_ref`.
 """
 from __future__ import annotations
 
@@ -12,54 +14,59 @@ from torch import Tensor
 
 from ..validation import check_lstm_cell_args
 from .layout import empty_in, layout_of
-from .providers import kernels, state_grads_for
+from .providers import bias_grad, bias_kwargs, biased, kernels, state_grads_for
 
 
 @torch.library.custom_op("salstm_kernels::lstm_cell", mutates_args=())
-def lstm_cell(A: Tensor, c: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """``A (B, 4C, H, W)``, ``c (B, C, H, W)`` -> ``(h', c')``, both ``(B, C, H, W)``."""
-    check_lstm_cell_args(A, c)
+def lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``A (B, 4C, H, W)``, ``c (B, C, H, W)`` (, conv ``bias (4C,)``) -> ``(h', c')``, both ``(B, C, H, W)``."""
+    check_lstm_cell_args(A, c, bias=bias)
     fmt = layout_of(A)
-    h, c_new = kernels(backend).cell_forward(A, c.contiguous(memory_format=fmt))
+    prov = kernels(backend)
+    A, bias = biased(prov, A, bias)
+    h, c_new = prov.cell_forward(A, c.contiguous(memory_format=fmt), **bias_kwargs(bias))
     return h.contiguous(memory_format=fmt), c_new.contiguous(memory_format=fmt)
 
 
 @lstm_cell.register_fake
-def _(A, c, backend):
-    check_lstm_cell_args(A, c)
+def _(A, c, backend, bias=None):
+    check_lstm_cell_args(A, c, bias=bias)
     fmt = layout_of(A)
     return empty_in(c.shape, A, fmt), empty_in(c.shape, A, fmt)
 
 
 @torch.library.custom_op("salstm_kernels::lstm_cell_backward", mutates_args=())
 def lstm_cell_backward(
-    A: Tensor, c: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str
+    A: Tensor, c: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str, bias: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:
-    """Gradients of :func:`lstm_cell` w.r.t. ``A`` and ``c`` (in ``A``'s layout); ``dh`` / ``dc_new``
-    None means no gradient arrived on that output."""
+    """Gradients of :func:`lstm_cell` w.r.t. ``A`` and ``c`` (in ``A``'s layout; ``dA`` is also the
+    gradient of ``A + bias``); ``dh`` / ``dc_new`` None means no gradient arrived on that output."""
     fmt = layout_of(A)
     prov = kernels(backend)
-    dA, dc = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new))
+    A, bias = biased(prov, A, bias)
+    dA, dc = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new),
+                                **bias_kwargs(bias))
     return dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt)
 
 
 @lstm_cell_backward.register_fake
-def _(A, c, dh, dc_new, backend):
+def _(A, c, dh, dc_new, backend, bias=None):
     fmt = layout_of(A)
     return empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt)
 
 
 def _setup_context(ctx, inputs, output):
-    A, c, backend = inputs
-    ctx.save_for_backward(A, c)
+    A, c, backend, bias = inputs
+    ctx.save_for_backward(A, c, bias)
     ctx.backend = backend
     ctx.set_materialize_grads(False)  # no-gradient outputs arrive as None (see lstm_attention.py)
 
 
 def _backward(ctx, dh, dc_new):
-    A, c = ctx.saved_tensors
-    dA, dc = lstm_cell_backward(A, c, dh, dc_new, ctx.backend)
-    return dA, dc, None
+    A, c, bias = ctx.saved_tensors
+    dA, dc = lstm_cell_backward(A, c, dh, dc_new, ctx.backend, bias)
+    dbias = bias_grad(dA, bias) if bias is not None and ctx.needs_input_grad[3] else None
+    return dA, dc, None, dbias
 
 
 lstm_cell.register_autograd(_backward, setup_context=_setup_context)

@@ -17,6 +17,10 @@ computes NCHW still gives correct results, with copies; the ``cpp`` provider run
 ``OPTIONAL_STATE_GRADS`` (optional attribute, default False)
     when True, the backward functions accept ``None`` for ``dh`` / ``dc_new`` (no gradient arrived
     on that output) and read it as zero without a zero tensor; otherwise the op layer passes zeros.
+``FOLDS_BIAS`` (optional attribute, default False)
+    when True, every function above takes a trailing ``bias=None``: the ``(4C,)`` bias of the conv
+    that produced ``A``, which then ran without it; the kernels add it as they load ``A`` (no
+    separate pass over ``A``).  Otherwise the op layer adds it to ``A`` first (:func:`biased`).
 ``supported_dtypes(device_type) -> tuple of torch.dtype`` (optional; default: all four float types)
     the input dtypes the provider computes; others raise a clear ``TypeError``.
 ``attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None)``
@@ -59,6 +63,35 @@ def state_grads_for(provider: ModuleType, like: torch.Tensor, fmt: torch.memory_
     keep_none = getattr(provider, "OPTIONAL_STATE_GRADS", False)
     return tuple((None if keep_none else torch.zeros_like(like, memory_format=fmt)) if g is None
                  else g.contiguous(memory_format=fmt) for g in grads)
+
+
+def bias_kwargs(bias) -> dict:
+    """The trailing ``bias`` argument of a folding provider's functions (none when there is no bias)."""
+    return {} if bias is None else {"bias": bias}
+
+
+def folds_bias(provider: ModuleType) -> bool:
+    return getattr(provider, "FOLDS_BIAS", False)
+
+
+@torch.compiler.assume_constant_result
+def backend_folds_bias(backend: str) -> bool:
+    """Whether ``backend``'s kernels fold the conv bias (a constant to ``torch.compile``, which
+    cannot trace the provider import)."""
+    return folds_bias(kernels(backend))
+
+
+def biased(provider: ModuleType, A: torch.Tensor, bias):
+    """``(A, bias)`` as ``provider`` takes them: unchanged where it folds the bias, else ``A + bias``
+    (in ``A``'s layout) and no bias."""
+    if bias is None or folds_bias(provider):
+        return A, bias
+    return A + bias.view(1, -1, *([1] * (A.dim() - 2))), None
+
+
+def bias_grad(dA: torch.Tensor, bias):
+    """The folded bias's gradient: ``dA`` summed over batch and pixels (float32 accumulation)."""
+    return dA.sum(dim=[0, *range(2, dA.dim())], dtype=torch.float32).to(bias.dtype)
 
 
 def supported_dtypes(backend: str, device_type: str) -> Tuple[torch.dtype, ...]:

@@ -20,6 +20,8 @@ __all__ = ["cell_forward", "cell_backward", "attention_forward", "attention_back
 
 # The backward kernels read dh = None / dc_new = None as zero (masked loads): no zero tensors.
 OPTIONAL_STATE_GRADS = True
+# The kernels add a conv bias given to the ops as they load A (providers.py, FOLDS_BIAS).
+FOLDS_BIAS = True
 
 
 def supported_dtypes(device_type: str):

@@ -108,9 +108,9 @@ def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
 @triton.jit
 def qkv_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-    q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, C, N,
+    q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, bias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr,
-    WRITE_STATE: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr,
+    WRITE_STATE: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     blk = tl.program_id(1)
@@ -120,7 +120,8 @@ def qkv_rows_kernel(
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
                                   BC, BN, PREC, LAYOUT)
     if (not GATED) or COMB != 2:
-        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C,
+                                             HAS_BIAS)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
     if WRITE_STATE:
         tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -192,8 +193,9 @@ def mm_rows_kernel(m_ptr, x_ptr, o_ptr, C, N, TRANS: tl.constexpr, BC: tl.conste
 @triton.jit
 def proj_grad_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-    dqa_ptr, dka_ptr, dva_ptr, dq_ptr, dk_ptr, dv_ptr, C, N,
+    dqa_ptr, dka_ptr, dva_ptr, dq_ptr, dk_ptr, dv_ptr, bias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """LSTM-SA: ``dq = dQ * fq`` etc. (written); with a combination, ``dQ <- dQ * pq`` in place."""
     t = tl.program_id(0)
@@ -204,7 +206,8 @@ def proj_grad_rows_kernel(
         # projections first (nothing else live across their loop), then one operand at a time
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
                                   BC, BN, PREC, LAYOUT)
-        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C,
+                                             HAS_BIAS)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         fq, fk = qk_factors(f, g, c_new, h, COMB)
         dQ = tl.load(dqa_ptr + c_offs, mask=mask, other=0.0)
@@ -225,9 +228,10 @@ def proj_grad_rows_kernel(
 @triton.jit
 def attention_bwd_rows_kernel(
     a_ptr, c_ptr, dh_ptr, dcn_ptr, dfq_ptr, dfk_ptr, dfv_ptr, dq_ptr, dk_ptr, dv_ptr,
-    wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, C, N,
+    wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, bias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """Total ``dh'``, ``dc'``, ``df``, ``dg`` of a row block, then the cell backward into ``dA``, ``dc``.
 
@@ -250,7 +254,7 @@ def attention_bwd_rows_kernel(
             x = tl.dot(_square_block(wv_ptr, rows, kr, C, True), _chunk(dv_ptr, b, kr, cols, C, N, LAYOUT), x,
                        input_precision=PREC)
         dh_t += x
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C, HAS_BIAS)
     i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
     dc_t = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
     df = 0.0

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from . import attention_blocked as blocked
 from .lstm_cell import (
-    cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, load_lstm_inputs, lstm_state,
+    bias_args, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, load_lstm_inputs, lstm_state,
     lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads, store_lstm_grads,
 )
 
@@ -158,6 +158,12 @@ def _tile_offsets(b, t, C, N, CP: tl.constexpr, BN: tl.constexpr, LAYOUT: tl.con
 
 
 @triton.jit
+def _ch(CP: tl.constexpr):
+    """The tile's channel of each row, shaped to broadcast over the pixels (for the folded bias)."""
+    return tl.arange(0, CP)[:, None]
+
+
+@triton.jit
 def _load_square(ptr, C, CP: tl.constexpr):
     """A ``(C, C)`` row-major matrix as a zero-padded ``(CP, CP)`` float32 tile."""
     rows = tl.arange(0, CP)
@@ -191,10 +197,10 @@ def _project(w, bias, h, PREC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS"])
 def _cell_qk_scores_kernel(
-    a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr,
+    a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr, bias_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    LAYOUT: tl.constexpr,
+    LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -208,7 +214,7 @@ def _cell_qk_scores_kernel(
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
-        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, _ch(CP), C, HAS_BIAS)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         tl.store(h_ptr + c_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(cn_ptr + c_offs, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
@@ -256,10 +262,10 @@ def _attention_out_kernel(
 
 @triton.jit(do_not_specialize=["tiles_per_split", "n_tiles", "SPLITS"])
 def _scores_grad_kernel(
-    a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr,
+    a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr, bias_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    LAYOUT: tl.constexpr,
+    LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
 ):
     """Per-split partials of ``dP = dO V^T`` (``V`` recomputed from ``A`` and ``c``)."""
     split = tl.program_id(0)
@@ -272,7 +278,7 @@ def _scores_grad_kernel(
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
-        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, _ch(CP), C, HAS_BIAS)
         _, _, _, _, _, _, h = lstm_state(ai, af, ao, ag, c)
         h = tl.where(mask, h, 0.0)
         if GATED:
@@ -291,10 +297,11 @@ def _scores_grad_kernel(
 def _attention_bwd_kernel(
     a_ptr, c_ptr, do_ptr, dh_ptr, dcn_ptr, p_ptr, ds_ptr,
     wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-    da_ptr, dc_ptr, dw_ptr, db_ptr,
+    da_ptr, dc_ptr, dw_ptr, db_ptr, bias_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``, QKV chain rule, then ``dA``, ``dc``.
 
@@ -321,7 +328,7 @@ def _attention_bwd_kernel(
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         mask, a_offs, c_offs, gs = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
-        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask)
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, _ch(CP), C, HAS_BIAS)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         h = tl.where(mask, h, 0.0)
         # ---- Q, K, V as in the forward
@@ -469,9 +476,9 @@ def _prepare_projections(projections, C: int, device):
     return tuple(out)
 
 
-def attention_forward(A, c, projections, scale, combination):
+def attention_forward(A, c, projections, scale, combination, bias=None):
     check_cell_shapes(A, c)
-    check_dtypes(A, c)
+    check_dtypes(A, c, bias)
     A, c, fmt, layout = dense_layout(A, c)
     B, C = c.shape[:2]
     N = c[0, 0].numel() if B and C else 0
@@ -482,25 +489,27 @@ def attention_forward(A, c, projections, scale, combination):
     if B == 0 or C == 0 or N == 0:
         P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
         return out, h, c_new, P
+    b, has_bias = bias_args(bias, A)
     if not _single_pass(C, False, gated, A.dtype):
-        return _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new)
+        return _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias)
     plan = _Plan(A, B, C, N, backward=False, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), LAYOUT=layout,
                 num_warps=plan.num_warps)
     _cell_qk_scores_kernel[(plan.splits, B)](
-        A, c, h, c_new, wq, bq, wk, bk, partials, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta
+        A, c, h, c_new, wq, bq, wk, bk, partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
+        HAS_BIAS=has_bias, **meta
     )
     P = torch.softmax(partials.sum(dim=1) * scale, dim=-1).contiguous()
     _attention_out_kernel[(plan.n_tiles, B)](h, P, wv, bv, out, C, N, **meta)
     return out, h, c_new, P
 
 
-def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None):
+def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None, bias=None):
     # h (the forward's h') is not used: the backward kernels recompute it with the gates.
     check_cell_shapes(A, c)
-    check_dtypes(A, c, dout, dh, dc_new)
+    check_dtypes(A, c, dout, dh, dc_new, bias)
     A, c, fmt, layout = dense_layout(A, c)
     has = dict(HAS_DH=dh is not None, HAS_DCN=dc_new is not None)
     dout, dh, dc_new = dout.contiguous(memory_format=fmt), optional_grad(dh, c, fmt), optional_grad(dc_new, c, fmt)
@@ -515,8 +524,9 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
         return dA, dc, dproj
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
+    b, has["HAS_BIAS"] = bias_args(bias, A)
     if not _single_pass(C, True, gated, A.dtype):
-        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc)
+        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, b)
     plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), LAYOUT=layout,
@@ -524,7 +534,8 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     grid = (plan.splits, B)
     dp_partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
     _scores_grad_kernel[grid](
-        A, c, dout, wv, bv, dp_partials, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta
+        A, c, dout, wv, bv, dp_partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
+        HAS_BIAS=has["HAS_BIAS"], **meta
     )
     dP = dp_partials.sum(dim=1)
     dS = (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
@@ -534,7 +545,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     else:
         dw = db = A  # dummies: never written when not GATED
     _attention_bwd_kernel[grid](
-        A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db,
+        A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b,
         C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta, **has
     )
     dproj = None
@@ -607,7 +618,7 @@ def _fp32_like(c):
     return torch.empty_like(c, dtype=torch.float32)  # c's layout: one offset scheme per kernel
 
 
-def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new):
+def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
     """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty; writes the outputs attention_forward allocated."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
@@ -618,11 +629,12 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new):
     Q, K = _fp32_like(c), _fp32_like(c)
     V = _fp32_like(c) if gated else h
     if gated:  # the projections read h' of every channel block: write it first
-        cell_forward_into(A, c, h, c_new, layout)
+        cell_forward_into(A, c, h, c_new, layout, bias)
+    b, has_bias = bias_args(bias, A)
     blocked.qkv_rows_kernel[plan.rows_grid](
-        A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, h, c_new, C, N,
+        A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, h, c_new, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
-        num_warps=plan.num_warps,
+        HAS_BIAS=has_bias, num_warps=plan.num_warps,
     )
     S = _abt(plan, Q, K, C, N, prec, layout)
     del Q, K
@@ -631,8 +643,9 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new):
     return out, h, c_new, P
 
 
-def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc):
-    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; writes the dA, dc attention_backward allocated."""
+def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, b):
+    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; writes the dA, dc attention_backward
+    allocated.  ``b``: the folded conv bias (``has["HAS_BIAS"]``) or a dummy."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
@@ -644,11 +657,11 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     Q, K = _fp32_like(c), _fp32_like(c)
     V = _fp32_like(c) if gated else h32
     if gated:
-        cell_forward_into(A, c, h32, c32, layout)
+        cell_forward_into(A, c, h32, c32, layout, b if has["HAS_BIAS"] else None)
     blocked.qkv_rows_kernel[plan.rows_grid](
-        A, c, h32, wq, bq, wk, bk, wv, bv, Q, K, V, h32, c32, C, N,
+        A, c, h32, wq, bq, wk, bk, wv, bv, Q, K, V, h32, c32, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
-        num_warps=plan.num_warps,
+        HAS_BIAS=has["HAS_BIAS"], num_warps=plan.num_warps,
     )
     del c32
     dP = _abt(plan, dout, V, C, N, prec, layout)
@@ -664,15 +677,16 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     if gated:
         dq, dk, dv = _fp32_like(c), _fp32_like(c), _fp32_like(c)
         blocked.proj_grad_rows_kernel[plan.rows_grid](
-            A, c, h32, wq, bq, wk, bk, wv, bv, dQ, dK, dV, dq, dk, dv, C, N,
-            BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
+            A, c, h32, wq, bq, wk, bk, wv, bv, dQ, dK, dV, dq, dk, dv, b, C, N,
+            BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"],
+            num_warps=plan.num_warps,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
         grads = [_abt(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)]
         dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
-        A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, C, N,
+        A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps, **has,
     )
     return dA, dc, dproj

@@ -35,16 +35,25 @@ def tanh(x):
 
 
 @triton.jit
-def load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gate_stride, mask):
+def load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gate_stride, mask, bias_ptr, ch, C, HAS_BIAS: tl.constexpr):
     """Pre-activations ``(Ai, Af, Ao, Ag)`` and ``c`` as float32.
 
     ``a_offs`` point at gate ``i`` in ``A``; the other gates are ``gate_stride`` apart (``C*N`` NCHW,
     ``C`` channels_last; a 64-bit scalar where ``3 * gate_stride`` passes 2^31, see :data:`LAYOUTS`).
+    ``HAS_BIAS``: ``A`` came from a conv run without its bias; the bias ``(4C,)`` (gate order i, f,
+    o, g) is added here, at channels ``ch`` (shaped to broadcast against the tile) -- this saves the
+    separate broadcast add PyTorch runs after a cuDNN conv (a read and write of ``A``).
     """
     ai = tl.load(a_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
     af = tl.load(a_ptr + gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
     ao = tl.load(a_ptr + 2 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
     ag = tl.load(a_ptr + 3 * gate_stride + a_offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bm = ch < C
+        ai += tl.load(bias_ptr + ch, mask=bm, other=0.0).to(tl.float32)
+        af += tl.load(bias_ptr + C + ch, mask=bm, other=0.0).to(tl.float32)
+        ao += tl.load(bias_ptr + 2 * C + ch, mask=bm, other=0.0).to(tl.float32)
+        ag += tl.load(bias_ptr + 3 * C + ch, mask=bm, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
     return ai, af, ao, ag, c
 
@@ -139,12 +148,21 @@ def _gate_i_offsets(idx, G):
 
 
 @triton.jit
-def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, G, total, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
+def _channel(idx, G, PIX):
+    """Channel of state element ``idx``: ``G`` values per gate run, ``PIX`` pixels per channel in it
+    (NCHW: ``G = C N``, ``PIX = N``; channels_last: ``G = C``, ``PIX = 1``)."""
+    return (idx % G) // PIX
+
+
+@triton.jit
+def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, bias_ptr, G, PIX, total, BLOCK: tl.constexpr,
+                     LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     G = gate_stride_of(G, LAYOUT)
     a_offs = _gate_i_offsets(idx, G)
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask, bias_ptr, _channel(idx, G, PIX),
+                                         G // PIX, HAS_BIAS)
     _, _, _, _, c_new, _, h = lstm_state(ai, af, ao, ag, c)
     tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(cn_ptr + idx, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
@@ -161,13 +179,15 @@ def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, G, total, BLOCK: tl.constexpr,
-                     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_ptr, G, PIX, total, BLOCK: tl.constexpr,
+                     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr,
+                     HAS_BIAS: tl.constexpr = False):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     G = gate_stride_of(G, LAYOUT)
     a_offs = _gate_i_offsets(idx, G)
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask, bias_ptr, _channel(idx, G, PIX),
+                                         G // PIX, HAS_BIAS)
     i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
     dh = load_optional_grad(dh_ptr, idx, mask, HAS_DH)
     dcn = load_optional_grad(dcn_ptr, idx, mask, HAS_DCN)
@@ -228,24 +248,46 @@ def gate_stride(c: torch.Tensor, layout: int) -> int:
     return c.shape[1] if layout == LAYOUTS["channels_last"] else c[0].numel()
 
 
-def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor, layout: int) -> None:
+def _pixels_per_channel_run(c: torch.Tensor, layout: int) -> int:
+    """``PIX`` of :func:`_channel`: consecutive state values of one channel in memory."""
+    return 1 if layout == LAYOUTS["channels_last"] else c[0, 0].numel()
+
+
+def check_bias(bias, A: torch.Tensor) -> None:
+    """The folded conv bias: ``(4C,)`` with ``A``'s dtype and device (the op layer checks it with
+    its argument names; this guards direct provider calls)."""
+    if bias is not None and (tuple(bias.shape) != (A.shape[1],) or bias.dtype != A.dtype or bias.device != A.device):
+        raise ValueError(f"bias must be ({A.shape[1]},) {A.dtype} on {A.device}, got {tuple(bias.shape)} "
+                         f"{bias.dtype} on {bias.device}")
+
+
+def bias_args(bias, A: torch.Tensor):
+    """``(bias tensor or a never-read dummy, HAS_BIAS)`` for a kernel launch."""
+    check_bias(bias, A)
+    return (A, False) if bias is None else (bias.contiguous(), True)
+
+
+def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor, layout: int,
+                      bias=None) -> None:
     """``h', c'`` into given dense tensors of ``A``'s layout (any supported dtype, e.g. float32
-    temporaries); ``layout`` from :func:`dense_layout`."""
+    temporaries); ``layout`` from :func:`dense_layout`; ``bias`` the conv bias folded in (or None)."""
     total = c.numel()
     if total == 0:
         return
     block = _block(total)
-    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, gate_stride(c, layout), total,
-                                                   BLOCK=block, LAYOUT=layout)
+    b, has_bias = bias_args(bias, A)
+    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, b, gate_stride(c, layout),
+                                                   _pixels_per_channel_run(c, layout), total,
+                                                   BLOCK=block, LAYOUT=layout, HAS_BIAS=has_bias)
 
 
-def cell_forward(A: torch.Tensor, c: torch.Tensor):
+def cell_forward(A: torch.Tensor, c: torch.Tensor, bias=None):
     check_cell_shapes(A, c)
-    check_dtypes(A, c)
+    check_dtypes(A, c, bias)
     A, c, fmt, layout = dense_layout(A, c)
     h = torch.empty_like(c, dtype=A.dtype)
     c_new = torch.empty_like(c, dtype=A.dtype)
-    cell_forward_into(A, c, h, c_new, layout)
+    cell_forward_into(A, c, h, c_new, layout, bias)
     return h, c_new
 
 
@@ -255,9 +297,9 @@ def optional_grad(t, dummy: torch.Tensor, fmt: torch.memory_format) -> torch.Ten
     return dummy if t is None else t.contiguous(memory_format=fmt)
 
 
-def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new):
+def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
     check_cell_shapes(A, c)
-    check_dtypes(A, c, dh, dc_new)
+    check_dtypes(A, c, dh, dc_new, bias)
     A, c, fmt, layout = dense_layout(A, c)
     has_dh, has_dcn = dh is not None, dc_new is not None
     dh, dc_new = optional_grad(dh, c, fmt), optional_grad(dc_new, c, fmt)
@@ -267,6 +309,8 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new):
     if total == 0:
         return dA, dc
     block = _block(total)
-    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, gate_stride(c, layout), total,
-                                                   BLOCK=block, LAYOUT=layout, HAS_DH=has_dh, HAS_DCN=has_dcn)
+    b, has_bias = bias_args(bias, A)
+    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, b, gate_stride(c, layout),
+                                                   _pixels_per_channel_run(c, layout), total, BLOCK=block,
+                                                   LAYOUT=layout, HAS_DH=has_dh, HAS_DCN=has_dcn, HAS_BIAS=has_bias)
     return dA, dc

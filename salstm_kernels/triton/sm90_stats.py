@@ -13,6 +13,7 @@ gated) serves every ``C``; the on-chip footprint depends only on ``BLOCK_C`` and
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -35,7 +36,7 @@ LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
 _TY = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 #: Every pointer argument name of the kernels (a kernel takes the ones it has).
 _PTR_NAMES = ("a_ptr", "c_ptr", "h_ptr", "cn_ptr", "o_ptr", "hsrc_ptr", "do_ptr", "dh_ptr", "dcn_ptr", "da_ptr",
-              "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr")
+              "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "bias_ptr")
 
 
 def _all_ptrs(dt):
@@ -49,6 +50,9 @@ _PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "b
 def _compile(fn, ptr_types, consts, num_warps):
     if "LAYOUT" in fn.arg_names:  # the tensors' layout (SM90_LAYOUT)
         consts = {"LAYOUT": LAYOUT, **consts}
+    # constexprs left out take their defaults, as a launch without them does (not runtime ints)
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty},
+              **consts}
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -132,6 +136,9 @@ def shipped_single_pass():
                        else ((sp._cell_qk_scores_kernel, consts), (sp._attention_out_kernel, consts)))
             for fn, kconsts in kernels:
                 yield (f"{fn.fn.__name__.strip('_')} {tag}", fn, a, kconsts, launch.num_warps)
+                if "HAS_BIAS" in fn.arg_names:  # what the modules launch: the conv bias folded in
+                    yield (f"{fn.fn.__name__.strip('_')} {tag} +bias", fn, a, {**kconsts, "HAS_BIAS": True},
+                           launch.num_warps)
 
 
 def each_kernel():
@@ -153,7 +160,8 @@ def each_kernel():
     ]
     for layout in cl.LAYOUTS.values():
         for fn, consts in kernels:
-            yield f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}", fn, ptrs, {**consts, "LAYOUT": layout}, 4
+            has_bias = {"HAS_BIAS": True} if "HAS_BIAS" in fn.arg_names else {}  # the folded conv bias
+            yield f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}", fn, ptrs, {**consts, "LAYOUT": layout, **has_bias}, 4
 
 
 def main() -> int:
