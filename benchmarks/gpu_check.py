@@ -238,26 +238,37 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
 
         A, c = rnd(B, 4 * C, H, W), rnd(B, C, H, W)
         last = lambda *ts: [t[-1:].float() for t in ts]  # noqa: E731  (the reference in float32)
+
+        def tail(t):
+            """The last image's last 8 pixel rows of every channel: the highest offsets of each
+            channel (both layouts) and of each gate.  The errors are computed there only: the
+            float64 copies and mask indices of whole 3e9-element tensors ran out of memory."""
+            return t[-1:, :, -8:, :] if t.dim() == 4 else t[-1:]
+
+        def err(x, r):
+            return scaled_error(tail(x), tail(r))
+
         scale = 1.0 / (H * W)
         out, h, c1, P = tk.attention_forward(A, c, None, scale, "linear")
         ref = rk.attention_forward(*last(A, c), None, scale, "linear")
-        errs = [(n, scaled_error(x[-1:], r), False) for n, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref)]
+        errs = [(n, err(x, r), False) for n, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref)]
         del out, h, c1, ref
         if backward:
             dout, dh, dcn = rnd(B, C, H, W), rnd(B, C, H, W), rnd(B, C, H, W)
             dA, dc, _ = tk.attention_backward(A, c, None, P, dout, dh, dcn, scale, "linear")
             rdA, rdc, _ = rk.attention_backward(*last(A, c), None, P[-1:], *last(dout, dh, dcn), scale, "linear")
-            errs += [("dA", scaled_error(dA[-1:], rdA), True), ("dc", scaled_error(dc[-1:], rdc), True)]
-            del dA, dc, rdA, rdc
+            errs += [("dA", err(dA, rdA), True), ("dc", err(dc, rdc), True)]
+            del dA, dc, rdA, rdc, dout
         del P
+        # the cell is pointwise: its reference runs on the compared rows alone
         h, c1 = tk.cell_forward(A, c)
-        hr, cr = rk.cell_forward(*last(A, c))
-        errs += [("cell h", scaled_error(h[-1:], hr), False), ("cell c'", scaled_error(c1[-1:], cr), False)]
+        hr, cr = rk.cell_forward(*(tail(t).float() for t in (A, c)))
+        errs += [("cell h", err(h, hr), False), ("cell c'", err(c1, cr), False)]
         del h, c1, hr, cr
         if backward:
             dA, dc = tk.cell_backward(A, c, dh, dcn)
-            rdA, rdc = rk.cell_backward(*last(A, c, dh, dcn))
-            errs += [("cell dA", scaled_error(dA[-1:], rdA), True), ("cell dc", scaled_error(dc[-1:], rdc), True)]
+            rdA, rdc = rk.cell_backward(*(tail(t).float() for t in (A, c, dh, dcn)))
+            errs += [("cell dA", err(dA, rdA), True), ("cell dc", err(dc, rdc), True)]
         log.row(label, torch.float16, errs)
     except Exception as e:  # noqa: BLE001
         log.row(label, torch.float16, [], error=f"{type(e).__name__}: {e}"[:200])
@@ -265,10 +276,15 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
         torch.cuda.empty_cache()
 
 
-def run_parity(device, smoke: bool) -> ParityLog:
+def run_parity(device, smoke: bool, only_64bit: bool = False) -> ParityLog:
     tk = providers.kernels("triton")
     log = ParityLog()
     print("== parity vs float64 reference (scaled error / tolerance) ==", flush=True)
+    if only_64bit:
+        if device.type == "cuda":
+            _offset_cases(log, tk, device)
+        print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
+        return log
     if smoke:
         op_cases = [((1, 8, 5, 3), DTYPES, COMBOS), ((1, 72, 5, 3), (torch.float32,), (("linear", True),)),
                     ((1, 8, 5, 3), (torch.float32,), COMBOS, torch.channels_last),
@@ -310,12 +326,16 @@ def run_parity(device, smoke: bool) -> ParityLog:
         for amp_dtype in (torch.bfloat16, torch.float16):
             for design in ("SALSTM2d(linear)", "LSTMSA2d(linear)"):
                 autocast_parity(log, device, design, amp_dtype)
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            offsets_64bit(log, tk, device, fmt)
-            offsets_64bit(log, tk, device, fmt, B=1, H=2900, W=2900, backward=True)
-            offsets_64bit(log, tk, device, fmt, B=1, H=3400, W=3400, backward=True)
+        _offset_cases(log, tk, device)
     print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
     return log
+
+
+def _offset_cases(log: ParityLog, tk, device):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        offsets_64bit(log, tk, device, fmt)
+        offsets_64bit(log, tk, device, fmt, B=1, H=2900, W=2900, backward=True)
+        offsets_64bit(log, tk, device, fmt, B=1, H=3400, W=3400, backward=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -686,6 +706,7 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--only-64bit", action="store_true", help="parity: the > 2^31-element offset cases only")
     ap.add_argument("--budget-s", type=float, default=360.0,
                     help="torch.compile rows still pending after this many seconds are skipped")
     args = ap.parse_args()
@@ -703,7 +724,7 @@ def main() -> int:
     log = ParityLog()
     if not args.skip_parity:
         try:
-            log = run_parity(device, args.cpu_smoke)
+            log = run_parity(device, args.cpu_smoke, args.only_64bit)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             log.failures.append("parity section crashed")
