@@ -131,13 +131,13 @@ CAT_CONV_DEVICES: Set[str] = {"cuda"}
 #: either direction.  The other pairs get NCHW.
 #: cpp on CPU: oneDNN's NHWC convolutions are faster than its NCHW ones (56x56, fwd, one thread:
 #: 85.8 -> 80.5 ms per module call).
-#: Triton on CUDA: the kernels read channels_last too (``LAYOUT``), but the pair is not listed yet.
+#: Triton on CUDA: the kernels read channels_last too (``LAYOUT``), but the pair is not listed.
 #: cuDNN's NCHW convs add a transpose each way (``nchwToNhwcKernel`` / ``nhwcToNchwKernel``), and
 #: on an H200 a B=2, 64->256, 5x5, 224x224 conv fwd+bwd took 0.694 ms NCHW against 0.509 ms NHWC
-#: in bfloat16 (1.257 / 1.038 ms float32).  In the one module step measured so far (SA-LSTM,
-#: 112x112, float32) the saved transposes were eaten by a cuDNN ``init_device_work`` kernel,
-#: layout copies and a slower NHWC ``mm_rows_kernel``: 1.404 ms against 1.375 ms NCHW.  Add
-#: ``("triton", "cuda")`` to opt in; ``benchmarks/gpu_tune.py`` A/Bs it.
+#: in bfloat16 (1.257 / 1.038 ms float32).  Whole module steps (B=2, C=64, T=2, 112 and 224,
+#: ``benchmarks/RESULTS.md``, third session): NHWC was 3-11% faster in bfloat16, equal (SA-LSTM) or
+#: 10-12% slower (LSTM-SA) in float32, and raised peak memory in every case (bfloat16 SA-LSTM 224:
+#: 367 against 275 MiB).  Add ``("triton", "cuda")`` to opt in; ``benchmarks/gpu_tune.py`` A/Bs it.
 CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 
 
