@@ -217,8 +217,8 @@ def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
 
 
 def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, H=2049, W=2049, backward=False):
-    """``B * 4C * N > 2^31`` elements, float16, C = 64, the last image checked against the
-    reference kernels (float32).  B = 2, 2049x2049: the second image lies past 2^31 (batch
+    """``B * 4C * N > 2^31`` elements, float16, C = 64, with a conv bias folded in (as the modules
+    run), the last image checked against the reference kernels (float32) on ``A + bias``.  B = 2, 2049x2049: the second image lies past 2^31 (batch
     offsets).  B = 1, 2900x2900: offsets *within* one image pass 2^31.  B = 1, 3400x3400: in NCHW
     also the gate stride ``3 C N`` (the kernels' 64-bit-stride variant, ``LAYOUT = 2``)."""
     C = 64
@@ -237,6 +237,9 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
             return torch.randn(*shape, device=device, dtype=torch.float16, generator=g).contiguous(memory_format=fmt)
 
         A, c = rnd(B, 4 * C, H, W), rnd(B, C, H, W)
+        # the conv bias, folded in as the modules launch the kernels (HAS_BIAS); the reference adds it
+        bias = torch.randn(4 * C, device=device, dtype=torch.float16, generator=g)
+        biased = lambda a: a.float() + bias.float().view(1, -1, 1, 1)  # noqa: E731
         last = lambda *ts: [t[-1:].float() for t in ts]  # noqa: E731  (the reference in float32)
 
         def tail(t):
@@ -249,25 +252,26 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
             return scaled_error(tail(x), tail(r))
 
         scale = 1.0 / (H * W)
-        out, h, c1, P = tk.attention_forward(A, c, None, scale, "linear")
-        ref = rk.attention_forward(*last(A, c), None, scale, "linear")
+        out, h, c1, P = tk.attention_forward(A, c, None, scale, "linear", bias=bias)
+        ref = rk.attention_forward(biased(A[-1:]), *last(c), None, scale, "linear")
         errs = [(n, err(x, r), False) for n, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref)]
         del out, h, c1, ref
         if backward:
             dout, dh, dcn = rnd(B, C, H, W), rnd(B, C, H, W), rnd(B, C, H, W)
-            dA, dc, _ = tk.attention_backward(A, c, None, P, dout, dh, dcn, scale, "linear")
-            rdA, rdc, _ = rk.attention_backward(*last(A, c), None, P[-1:], *last(dout, dh, dcn), scale, "linear")
+            dA, dc, _ = tk.attention_backward(A, c, None, P, dout, dh, dcn, scale, "linear", bias=bias)
+            rdA, rdc, _ = rk.attention_backward(biased(A[-1:]), *last(c), None, P[-1:], *last(dout, dh, dcn), scale,
+                                                "linear")
             errs += [("dA", err(dA, rdA), True), ("dc", err(dc, rdc), True)]
             del dA, dc, rdA, rdc, dout
         del P
         # the cell is pointwise: its reference runs on the compared rows alone
-        h, c1 = tk.cell_forward(A, c)
-        hr, cr = rk.cell_forward(*(tail(t).float() for t in (A, c)))
+        h, c1 = tk.cell_forward(A, c, bias=bias)
+        hr, cr = rk.cell_forward(biased(tail(A)), tail(c).float())
         errs += [("cell h", err(h, hr), False), ("cell c'", err(c1, cr), False)]
         del h, c1, hr, cr
         if backward:
-            dA, dc = tk.cell_backward(A, c, dh, dcn)
-            rdA, rdc = rk.cell_backward(*(tail(t).float() for t in (A, c, dh, dcn)))
+            dA, dc = tk.cell_backward(A, c, dh, dcn, bias=bias)
+            rdA, rdc = rk.cell_backward(biased(tail(A)), *(tail(t).float() for t in (c, dh, dcn)))
             errs += [("cell dA", err(dA, rdA), True), ("cell dc", err(dc, rdc), True)]
         log.row(label, torch.float16, errs)
     except Exception as e:  # noqa: BLE001

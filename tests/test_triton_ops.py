@@ -502,14 +502,37 @@ def test_triton_recurrence_runs_its_convs_without_bias(monkeypatch):
     x = torch.randn(2, 3, 4, 5, 7, device=DEVICE)
     with torch.no_grad():
         want = m_ref(x)
+    out_ref = m_ref(x)
+    gy = torch.randn_like(out_ref)
+    out_ref.backward(gy)
     monkeypatch.setattr(F, "conv2d", spy)
     with torch.no_grad():
         assert_close(m_tri(x), want, torch.float32, name="no-grad")
     assert seen and all(b is None for b in seen)
     out = m_tri(x)
-    out.backward(torch.ones_like(out))
-    assert m_tri.convs()[0].bias.grad is not None and m_tri.convs()[1].bias.grad is not None
+    assert_close(out, out_ref, torch.float32, name="training")
+    out.backward(gy)
+    for conv_t, conv_r in zip(m_tri.convs(), m_ref.convs()):
+        assert_close(conv_t.bias.grad, conv_r.bias.grad, torch.float32, backward=True, name="bias grad")
     assert all(b is None for b in seen)
+
+
+@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+def test_64_bit_gate_stride_variant_folds_the_bias(C, monkeypatch, nan_alloc):
+    """``LAYOUT = 2`` (NCHW, 64-bit gate stride: only images past 2^31 / 3 elements pick it) with a
+    bias, forced on small tensors: the same numbers as the reference on ``A + bias``."""
+    real, forced = _cell.dense_layout, []
+
+    def wide(A, c):
+        A, c, fmt, layout = real(A, c)
+        forced.append(layout == _cell.LAYOUTS["nchw"])
+        return A, c, fmt, (_cell.LAYOUTS["nchw_wide"] if layout == _cell.LAYOUTS["nchw"] else layout)
+
+    monkeypatch.setattr(_cell, "dense_layout", wide)
+    monkeypatch.setattr(tk_attention, "dense_layout", wide)
+    test_cell_folds_the_conv_bias(torch.float32, torch.contiguous_format, None)
+    test_attention_folds_the_conv_bias(C, "linear", True, torch.contiguous_format, None)
+    assert len(forced) >= 4 and all(forced)
 
 
 # --------------------------------------------------------------------------------------------
