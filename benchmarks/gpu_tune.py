@@ -249,8 +249,8 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
             torch._dynamo.reset()
             impls.append(("compile", torch.compile(m_ref), None, None, False, None))
         for impl, m, state, convs, cudnn_bm, fold in impls:
-            # the conv bias folded into the fused ops (the package's FOLDS_BIAS) or added by PyTorch
-            tk.FOLDS_BIAS = True if fold is None else fold
+            if fold is not None:  # the conv bias folded into the fused ops (FOLDS_BIAS) or added by PyTorch
+                tk.FOLDS_BIAS = fold
             if state is not None:
                 gc.set_launch_tables(state)
             if convs is not None:

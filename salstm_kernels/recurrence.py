@@ -11,11 +11,13 @@ input channels.  So per layer:
   RSS growth 44.6 -> 35.5 MB per step, eager 41.4 MB; same fwd+bwd speed measured).
 
 The gates and state update go through the fused ``lstm_cell`` op; the last step of the last layer is
-left to the caller (it feeds the fused attention op).  **Conv bias:** where the backend's kernels fold
-it (``providers.FOLDS_BIAS``: Triton) the convs run without their bias and the fused ops add it as
-they read ``A``.  PyTorch adds a cuDNN conv's bias in a separate broadcast kernel, a read and write
-of the whole ``(B, 4C, H, W)`` output per conv; its gradient (``dA`` summed) is the same either way.  Parameters stay the single upstream
+left to the caller (it feeds the fused attention op).  Parameters stay the single upstream
 ``conv.weight`` / ``conv.bias``: the split is a view, so gradients land in the same tensors.
+
+**Conv bias:** where the backend's kernels fold it (``providers.FOLDS_BIAS``: Triton) the convs run
+without their bias and the fused ops add it as they read ``A``.  PyTorch adds a cuDNN conv's bias in
+a separate broadcast kernel, a read and write of the whole ``(B, 4C, H, W)`` output per conv; the
+bias gradient (``dA`` summed) is the same either way.
 
 **State dtype** (the same rule the reference gets from PyTorch's type promotion): the states start
 in ``x``'s dtype (or the given state's) and the cell runs in ``promote_types(state, A)``.  Outside

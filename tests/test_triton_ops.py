@@ -424,6 +424,10 @@ def _biased64(A, bias):
 def test_cell_folds_the_conv_bias(dtype, fmt, nan_alloc):
     """The cell kernels with a bias give the reference on ``A + bias`` (per-gate, per-channel: the
     bias is large next to A, so a wrong channel or gate index shows); ``dA`` is unchanged by it."""
+    _check_cell_bias(dtype, fmt)
+
+
+def _check_cell_bias(dtype, fmt):
     A, c, (dh, dc_new, _), g = _inputs(2, 24, 7, 9, dtype, fmt=fmt)
     bias = (torch.randn(96, generator=g, dtype=torch.float64) * 3).to(DEVICE, dtype)
     h, c1 = tk.cell_forward(A, c, bias=bias)
@@ -445,6 +449,10 @@ def test_cell_folds_the_conv_bias(dtype, fmt, nan_alloc):
 def test_attention_folds_the_conv_bias(C, combination, gated, fmt, nan_alloc):
     """Every attention kernel that reads ``A`` (single-pass and channel-blocked, forward and
     backward) adds the bias; against the reference kernels on ``A + bias``."""
+    _check_attention_bias(C, combination, gated, fmt)
+
+
+def _check_attention_bias(C, combination, gated, fmt):
     A, c, (dout, dh, dc_new), g = _inputs(2, C, 5, 7, torch.float32, seed=11, fmt=fmt)
     bias = (torch.randn(4 * C, generator=g, dtype=torch.float64) * 3).to(DEVICE, torch.float32)
     proj = tuple(p.detach() for p in random_projections(C, torch.float32, DEVICE, generator=g)) if gated else None
@@ -530,8 +538,8 @@ def test_64_bit_gate_stride_variant_folds_the_bias(C, monkeypatch, nan_alloc):
 
     monkeypatch.setattr(_cell, "dense_layout", wide)
     monkeypatch.setattr(tk_attention, "dense_layout", wide)
-    test_cell_folds_the_conv_bias(torch.float32, torch.contiguous_format, None)
-    test_attention_folds_the_conv_bias(C, "linear", True, torch.contiguous_format, None)
+    _check_cell_bias(torch.float32, torch.contiguous_format)
+    _check_attention_bias(C, "linear", True, torch.contiguous_format)
     assert len(forced) >= 4 and all(forced)
 
 

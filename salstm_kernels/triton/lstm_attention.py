@@ -137,7 +137,9 @@ def _splits(A: torch.Tensor, per_sm: float, work_per_split: int) -> int:
 def _tile_offsets(b, t, C, N, CP: tl.constexpr, BN: tl.constexpr, LAYOUT: tl.constexpr):
     """The ``(CP, BN)`` tile's mask, 64-bit offsets into ``A`` (gate i) and ``c``, and the gate
     stride of ``A``; ``LAYOUT`` (``lstm_cell.LAYOUTS``): NCHW, channels_last (channels contiguous
-    per pixel), or NCHW with a 64-bit gate stride."""
+    per pixel), or NCHW with a 64-bit gate stride.  The same offsets as ``attention_blocked._rows_tile``
+    with one channel block, but written out: computed through it (another order of the same 64-bit
+    sums) the shipped sm_90 kernels spilled more (float32 gated backward 1664 -> 1728 B)."""
     rows = tl.arange(0, CP)
     cols = t * BN + tl.arange(0, BN)
     mask = (rows < C)[:, None] & (cols < N)[None, :]
@@ -489,9 +491,9 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
     if B == 0 or C == 0 or N == 0:
         P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
         return out, h, c_new, P
-    b, has_bias = bias_args(bias, A)
     if not _single_pass(C, False, gated, A.dtype):
         return _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias)
+    b, has_bias = bias_args(bias, A)
     plan = _Plan(A, B, C, N, backward=False, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
@@ -524,9 +526,9 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
         return dA, dc, dproj
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
-    b, has["HAS_BIAS"] = bias_args(bias, A)
     if not _single_pass(C, True, gated, A.dtype):
-        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, b)
+        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, bias)
+    b, has["HAS_BIAS"] = bias_args(bias, A)
     plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), LAYOUT=layout,
@@ -643,21 +645,23 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
     return out, h, c_new, P
 
 
-def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, b):
+def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, bias):
     """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; writes the dA, dc attention_backward
-    allocated.  ``b``: the folded conv bias (``has["HAS_BIAS"]``) or a dummy."""
+    allocated.  ``bias``: the folded conv bias or None."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
     plan = _BlockedPlan(A, B, C, N, gated, backward=True)
     prec = _precision(A.dtype)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
+    b, has_bias = bias_args(bias, A)
+    has = {**has, "HAS_BIAS": has_bias}
     # recompute h' (float32) and Q, K, V once, as float32 temporaries
     h32, c32 = _fp32_like(c), _fp32_like(c)
     Q, K = _fp32_like(c), _fp32_like(c)
     V = _fp32_like(c) if gated else h32
     if gated:
-        cell_forward_into(A, c, h32, c32, layout, b if has["HAS_BIAS"] else None)
+        cell_forward_into(A, c, h32, c32, layout, bias)
     blocked.qkv_rows_kernel[plan.rows_grid](
         A, c, h32, wq, bq, wk, bk, wv, bv, Q, K, V, h32, c32, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
