@@ -452,22 +452,28 @@ def test_attention_folds_the_conv_bias(C, combination, gated, fmt, nan_alloc):
     _check_attention_bias(C, combination, gated, fmt)
 
 
-def _check_attention_bias(C, combination, gated, fmt):
-    A, c, (dout, dh, dc_new), g = _inputs(2, C, 5, 7, torch.float32, seed=11, fmt=fmt)
-    bias = (torch.randn(4 * C, generator=g, dtype=torch.float64) * 3).to(DEVICE, torch.float32)
-    proj = tuple(p.detach() for p in random_projections(C, torch.float32, DEVICE, generator=g)) if gated else None
+def _check_attention_bias(C, combination, gated, fmt, dtype=torch.float32):
+    A, c, (dout, dh, dc_new), g = _inputs(2, C, 5, 7, dtype, seed=11, fmt=fmt)
+    bias = (torch.randn(4 * C, generator=g, dtype=torch.float64) * 3).to(DEVICE, dtype)
+    proj = tuple(p.detach() for p in random_projections(C, dtype, DEVICE, generator=g)) if gated else None
     out, h, c1, P = tk.attention_forward(A, c, proj, 0.3, combination, bias=bias)
     dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.3, combination, bias=bias)
     Ab = _biased64(A, bias)
     proj_d = _f64(*proj) if gated else None
     ref = rk.attention_forward(Ab, *_f64(c), proj_d, 0.3, combination)
     for name, x, r in zip(("out", "h", "c'", "P"), (out, h, c1, P), ref):
-        assert_close(x, r, torch.float32, name=name)
+        assert_close(x, r, dtype, name=name)
     rgrads = rk.attention_backward(Ab, *_f64(c), proj_d, ref[3], *_f64(dout, dh, dc_new), 0.3, combination)
     got = [dA, dc] + (list(dproj) if gated else [])
     want = [rgrads[0], rgrads[1]] + (list(rgrads[2]) if gated else [])
     for x, r in zip(got, want):
-        assert_close(x, r, torch.float32, backward=True)
+        assert_close(x, r, dtype, backward=True)
+
+
+@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+def test_attention_folds_the_conv_bias_fp16(C, nan_alloc):
+    """A float16 bias into the float16 attention kernels (float32 math inside)."""
+    _check_attention_bias(C, "linear", True, torch.contiguous_format, torch.float16)
 
 
 def test_ops_bias_gradient_through_triton_provider():
