@@ -19,6 +19,11 @@ without their bias and the fused ops add it as they read ``A``.  PyTorch adds a 
 a separate broadcast kernel, a read and write of the whole ``(B, 4C, H, W)`` output per conv; the
 bias gradient (``dA`` summed) is the same either way.
 
+**Memory kept for backward** is what the math needs: per step ``A`` and the previous ``c``, and the
+convs' inputs.  The zero initial ``c`` is an expanded scalar (:func:`zero_cell_state`), so the ops
+save no state-sized zero tensor; the input conv of an NCHW step takes the step's slice of ``x`` as
+a view and saves that, not a contiguous copy (the conv densifies it as it runs).
+
 **State dtype** (the same rule the reference gets from PyTorch's type promotion): the states start
 in ``x``'s dtype (or the given state's) and the cell runs in ``promote_types(state, A)``.  Outside
 autocast that is just the common dtype.  Under ``torch.autocast`` the convs run in the low
@@ -84,7 +89,7 @@ def split_conv_recurrence(
         if state is not None:
             h, c = state[layer]
         else:
-            h, c = None, x.new_zeros(B, C, H, W).contiguous(memory_format=fmt)  # x's dtype, as reference.zero_state
+            h, c = None, zero_cell_state(x, C)
         outputs = []
         if batched:  # no graph: one input conv over all T steps (time-major), slices are blocks
             A_in = F.conv2d(torch.cat(inputs).contiguous(memory_format=fmt), w_x, conv_bias, padding=pad).split(B)
@@ -101,8 +106,13 @@ def split_conv_recurrence(
                     xh = torch.cat([x_t, h_t], dim=1)
                 A = F.conv2d(xh, weight, conv_bias, padding=pad)
             else:
-                A = A_in[t] if batched else F.conv2d(inputs[t].contiguous(memory_format=fmt), w_x, conv_bias,
-                                                     padding=pad)
+                if batched:
+                    A = A_in[t]
+                else:
+                    # NCHW: the step's slice of x as is (the conv saves that view for backward, not
+                    # a copy; it densifies it as it runs).  channels_last: converted, so A is too.
+                    x_t = inputs[t].contiguous(memory_format=fmt) if cl else inputs[t]
+                    A = F.conv2d(x_t, w_x, conv_bias, padding=pad)
                 if h is not None:
                     # In place into the recurrent conv's output (its backward saves only the
                     # conv's inputs): one (B, 4C, H, W) allocation fewer per step.
@@ -154,11 +164,23 @@ def bias_in(bias: Optional[Tensor], A: Tensor) -> Optional[Tensor]:
     return None if bias is None else bias.to(A.dtype)
 
 
+def zero_cell_state(x: Tensor, C: int) -> Tensor:
+    """The zero initial cell state ``(B, C, H, W)`` in ``x``'s dtype (as ``reference.zero_state``),
+    as an expanded scalar: the fused ops save their ``c`` for backward, and this one holds no
+    memory there (a dense zero tensor would be one state-sized buffer alive through the whole
+    forward and backward); they densify it only while they run."""
+    B, _, _, H, W = x.shape
+    return x.new_zeros(()).expand(B, C, H, W)
+
+
 def widen_to_state_dtype(A: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
     """``A`` and ``c`` in their common (state) dtype and in the layout the fused ops run in
-    (:mod:`salstm_kernels.ops.layout`: NCHW-contiguous, or channels_last per image on the cpp path)."""
+    (:mod:`salstm_kernels.ops.layout`: NCHW-contiguous, or channels_last per image on the cpp path).
+    A ``c`` that is one value broadcast (:func:`zero_cell_state`) stays so: the ops take any layout."""
     dtype = torch.promote_types(A.dtype, c.dtype)
     A = A.to(dtype)
     if not nhwc_images(A):
         A = A.contiguous()
+    if all(s == 0 for s in c.stride()):
+        return A, c.as_strided((), ()).to(dtype).expand(c.shape)
     return A, c.to(dtype).contiguous(memory_format=layout_of(A))

@@ -169,6 +169,35 @@ def test_split_conv_skips_recurrent_conv_at_t0(conv_form):
     assert split == pytest.approx(0.75 * eager)
 
 
+@pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d])
+@pytest.mark.parametrize("T", [1, 3])
+def test_training_saves_no_zero_state_and_no_copy_of_x(cls, T, conv_form):
+    """What a training step keeps alive for backward, counted by storage: per step ``A`` (4 state
+    units), and for ``t > 0`` the previous ``c`` and the recurrent conv's input (``h``; the cat
+    form: ``cat(x_t, h)``).  Not the zero initial ``c`` (an expanded scalar) and not a copy of the
+    step's slice of ``x`` (the input conv saves the view)."""
+    torch.manual_seed(0)
+    B, C, H, W = 2, 8, 12, 11
+    m = cls(C, C, 3, backend="reference")
+    x = torch.randn(B, T, C, H, W, requires_grad=True)
+    exclude = {t.untyped_storage().data_ptr() for t in [x, *m.parameters()]}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m._forward_fused(x, None, "reference")
+    unit = B * C * H * W * 4
+    per_later_step = 1 + (2 if conv_form == "cat" else 1)  # c, and the recurrent conv's input
+    expected = 4 * T + per_later_step * (T - 1)
+    # the rest is small: P (B, C, C) and the expanded zero's one element
+    assert sum(saved.values()) / unit == pytest.approx(expected, abs=0.5)
+
+
 @pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d, sk.LSTMThenSA2d])
 def test_fused_attention_ops_count_the_eager_matmul_flops(cls):
     """The FLOP formulas registered for the custom ops (ops/flops.py): forward, the fused module's
