@@ -216,6 +216,12 @@ def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
         log.row(label, amp_dtype, [], error=f"{type(e).__name__}: {e}"[:200])
 
 
+def bias_grad_err(dbias, dA, prefix=""):
+    """The kernels' bias gradient (per-tile / per-plane sums taken as they write ``dA``) against
+    ``dA`` as written, summed by torch: every partial row, at every offset, written and added."""
+    return (prefix + "dbias", scaled_error(dbias, dA.sum(dim=(0, 2, 3), dtype=torch.float32)), True)
+
+
 def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, H=2049, W=2049, backward=False):
     """``B * 4C * N > 2^31`` elements, float16, C = 64, with a conv bias folded in (as the modules
     run), the last image checked against the reference kernels (float32) on ``A + bias``.  B = 2, 2049x2049: the second image lies past 2^31 (batch
@@ -225,7 +231,7 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
     label = (f"op 64-bit offsets B{B} C{C} {H}x{W} (B*4C*N={B * 4 * C * H * W:.2e})"
              + (" NHWC" if fmt == torch.channels_last else "") + (" fwd+bwd" if backward else ""))
     need_gib = 24 if not backward else (64 if H * W < 3345 ** 2 else 96)
-    if torch.cuda.mem_get_info()[0] < need_gib * 2**30:
+    if device.type == "cuda" and torch.cuda.mem_get_info()[0] < need_gib * 2**30:
         print(f"SKIP  {label}: needs ~{need_gib} GiB free")
         return
     try:
@@ -258,10 +264,10 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
         del out, h, c1, ref
         if backward:
             dout, dh, dcn = rnd(B, C, H, W), rnd(B, C, H, W), rnd(B, C, H, W)
-            dA, dc, _ = tk.attention_backward(A, c, None, P, dout, dh, dcn, scale, "linear", bias=bias)
+            dA, dc, _, dbias = tk.attention_backward(A, c, None, P, dout, dh, dcn, scale, "linear", bias=bias)
             rdA, rdc, _ = rk.attention_backward(biased(A[-1:]), *last(c), None, P[-1:], *last(dout, dh, dcn), scale,
                                                 "linear")
-            errs += [("dA", err(dA, rdA), True), ("dc", err(dc, rdc), True)]
+            errs += [("dA", err(dA, rdA), True), ("dc", err(dc, rdc), True), bias_grad_err(dbias, dA)]
             del dA, dc, rdA, rdc, dout
         del P
         # the cell is pointwise: its reference runs on the compared rows alone
@@ -270,9 +276,11 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
         errs += [("cell h", err(h, hr), False), ("cell c'", err(c1, cr), False)]
         del h, c1, hr, cr
         if backward:
-            dA, dc = tk.cell_backward(A, c, dh, dcn, bias=bias)
+            dA, dc, dbias = tk.cell_backward(A, c, dh, dcn, bias=bias)
             rdA, rdc = rk.cell_backward(biased(tail(A)), *(tail(t).float() for t in (c, dh, dcn)))
             errs += [("cell dA", err(dA, rdA), True), ("cell dc", err(dc, rdc), True)]
+            if dbias is not None:  # None: channels_last, where the op layer sums dA itself
+                errs.append(bias_grad_err(dbias, dA, "cell "))
         log.row(label, torch.float16, errs)
     except Exception as e:  # noqa: BLE001
         log.row(label, torch.float16, [], error=f"{type(e).__name__}: {e}"[:200])
@@ -331,6 +339,9 @@ def run_parity(device, smoke: bool, only_64bit: bool = False) -> ParityLog:
             for design in ("SALSTM2d(linear)", "LSTMSA2d(linear)"):
                 autocast_parity(log, device, design, amp_dtype)
         _offset_cases(log, tk, device)
+    else:  # the offset cases' harness (bias gradients included) on tiny tensors: it runs on a GPU once
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            offsets_64bit(log, tk, device, fmt, B=1, H=9, W=7, backward=True)
     print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
     return log
 

@@ -31,6 +31,7 @@ def test_gpu_check_cpu_smoke():
     assert last.startswith("parity: ") and " 0 FAIL" in last and not last.startswith("parity: 0 PASS"), last
     assert "triton blocked" in out and "SUMMARY" in out  # the forced-blocked A/B and the table ran
     assert "PASS  module SALSTM2d(linear) B2 T2 Cin3 C8 5x3 state NHWC convs" in out
+    assert out.count("PASS  op 64-bit offsets B1 C64 9x7") == 2  # the >2^31 cases' harness, both layouts
 
 
 def test_gpu_tune_cpu_smoke():

@@ -427,19 +427,37 @@ def test_cell_folds_the_conv_bias(dtype, fmt, nan_alloc):
     _check_cell_bias(dtype, fmt)
 
 
-def _check_cell_bias(dtype, fmt):
-    A, c, (dh, dc_new, _), g = _inputs(2, 24, 7, 9, dtype, fmt=fmt)
+def test_cell_bias_gradient_over_several_chunks_per_plane(nan_alloc):
+    """NCHW planes of more than one kernel block (37 x 31 = 1147 pixels: two chunks, the second
+    partial): every chunk's bias-gradient partial is written and summed."""
+    _check_cell_bias(torch.float32, torch.contiguous_format, H=37, W=31)
+
+
+def _check_cell_bias(dtype, fmt, H=7, W=9):
+    A, c, (dh, dc_new, _), g = _inputs(2, 24, H, W, dtype, fmt=fmt)
     bias = (torch.randn(96, generator=g, dtype=torch.float64) * 3).to(DEVICE, dtype)
     h, c1 = tk.cell_forward(A, c, bias=bias)
-    dA, dc = tk.cell_backward(A, c, dh, dc_new, bias=bias)
+    dA, dc, dbias = tk.cell_backward(A, c, dh, dc_new, bias=bias)
     assert all(t.is_contiguous(memory_format=fmt) for t in (h, c1, dA, dc))
     Ab = _biased64(A, bias)
     for name, x, r in zip(("h", "c'"), (h, c1), rk.cell_forward(Ab, *_f64(c))):
         assert_close(x, r, dtype, name=name)
-    for name, x, r in zip(("dA", "dc"), (dA, dc), rk.cell_backward(Ab, *_f64(c, dh, dc_new))):
+    rgrads = rk.cell_backward(Ab, *_f64(c, dh, dc_new))
+    for name, x, r in zip(("dA", "dc"), (dA, dc), rgrads):
         assert_close(x, r, dtype, backward=True, name=name)
+    if fmt == torch.channels_last:
+        assert dbias is None  # the op layer sums dA (test_ops_bias_gradient_through_triton_provider)
+    else:
+        _check_bias_grad(dbias, rgrads[0], dtype)
+
     h0, _ = tk.cell_forward(A, c)
     assert (h0 - h).abs().max() > 0.1, "the bias must change the output"
+
+
+def _check_bias_grad(dbias, dA_ref, dtype):
+    """A kernel's bias gradient: float32 ``(4C,)``, the reference ``dA`` summed over batch and pixels."""
+    assert dbias.dtype == torch.float32 and dbias.shape == (dA_ref.shape[1],)
+    assert_close(dbias, dA_ref.sum(dim=(0, 2, 3)), dtype, backward=True, name="dbias")
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
@@ -457,7 +475,7 @@ def _check_attention_bias(C, combination, gated, fmt, dtype=torch.float32):
     bias = (torch.randn(4 * C, generator=g, dtype=torch.float64) * 3).to(DEVICE, dtype)
     proj = tuple(p.detach() for p in random_projections(C, dtype, DEVICE, generator=g)) if gated else None
     out, h, c1, P = tk.attention_forward(A, c, proj, 0.3, combination, bias=bias)
-    dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.3, combination, bias=bias)
+    dA, dc, dproj, dbias = tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.3, combination, bias=bias)
     Ab = _biased64(A, bias)
     proj_d = _f64(*proj) if gated else None
     ref = rk.attention_forward(Ab, *_f64(c), proj_d, 0.3, combination)
@@ -468,6 +486,14 @@ def _check_attention_bias(C, combination, gated, fmt, dtype=torch.float32):
     want = [rgrads[0], rgrads[1]] + (list(rgrads[2]) if gated else [])
     for x, r in zip(got, want):
         assert_close(x, r, dtype, backward=True)
+    _check_bias_grad(dbias, rgrads[0], dtype)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["salstm", "gated"])
+def test_attention_bias_gradient_with_one_split(gated, monkeypatch, nan_alloc):
+    """One program walks every N tile of an image: each tile's bias-gradient partial has its own row."""
+    monkeypatch.setattr(tk_attention, "SPLITS_OVERRIDE", 1)
+    _check_attention_bias(24, "linear", gated, torch.contiguous_format)
 
 
 @pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..validation import check_lstm_attention_args
 from .layout import empty_in, layout_of
-from .providers import bias_grad, bias_kwargs, biased, kernels, state_grads_for
+from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
 
@@ -87,20 +87,22 @@ def lstm_attention_backward(
     backend: str,
     h: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. ``A, c`` and the six projection tensors (empty tensors when absent).
-    ``h``: the forward's ``h'``, which a provider may use instead of recomputing it; ``dh`` /
-    ``dc_new`` None: no gradient arrived on that output."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. ``A, c``, the six projection tensors (empty tensors when absent) and the
+    conv ``bias`` (float32 ``(4C,)``; empty without a bias).  ``h``: the forward's ``h'``, which a
+    provider may use instead of recomputing it; ``dh`` / ``dc_new`` None: no gradient arrived on
+    that output."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
     fmt = layout_of(A)
     prov = kernels(backend)
-    A, bias = biased(prov, A, bias)
+    A, folded = biased(prov, A, bias)
     c, dout = c.contiguous(memory_format=fmt), dout.contiguous(memory_format=fmt)
     dh, dc_new = state_grads_for(prov, c, fmt, dh, dc_new)
-    dA, dc, dproj = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(bias))
+    res = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(folded))
+    dA, dc, dproj = res[:3]
     if dproj is None:
         dproj = tuple(A.new_empty(0) for _ in range(6))
-    return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj)
+    return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj, bias_grad(res, 3, dA, bias))
 
 
 @lstm_attention_backward.register_fake
@@ -108,7 +110,7 @@ def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, bac
     proj = (wq, bq, wk, bk, wv, bv)
     dproj = [A.new_empty(0) if p is None else torch.empty_like(p) for p in proj]
     fmt = layout_of(A)
-    return (empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), *dproj)
+    return (empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), *dproj, bias_grad_like(A, bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,8 +132,8 @@ def _backward(ctx, dout, dh, dc_new, dP):
         A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h, bias
     )
     dA, dc = grads[0], grads[1]
-    dproj = tuple(grads[2:]) if ctx.gated else (None,) * 6
-    dbias = bias_grad(dA, bias) if bias is not None and ctx.needs_input_grad[11] else None
+    dproj = tuple(grads[2:8]) if ctx.gated else (None,) * 6
+    dbias = grads[8].to(bias.dtype) if bias is not None and ctx.needs_input_grad[11] else None
     return (dA, dc, *dproj, None, None, None, dbias)
 
 

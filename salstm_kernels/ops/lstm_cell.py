@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..validation import check_lstm_cell_args
 from .layout import empty_in, layout_of
-from .providers import bias_grad, bias_kwargs, biased, kernels, state_grads_for
+from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
 
 
 @torch.library.custom_op("salstm_kernels::lstm_cell", mutates_args=())
@@ -38,21 +38,23 @@ def _(A, c, backend, bias=None):
 @torch.library.custom_op("salstm_kernels::lstm_cell_backward", mutates_args=())
 def lstm_cell_backward(
     A: Tensor, c: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str, bias: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
-    """Gradients of :func:`lstm_cell` w.r.t. ``A`` and ``c`` (in ``A``'s layout; ``dA`` is also the
-    gradient of ``A + bias``); ``dh`` / ``dc_new`` None means no gradient arrived on that output."""
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`lstm_cell` w.r.t. ``A``, ``c`` (in ``A``'s layout; ``dA`` is also the
+    gradient of ``A + bias``) and ``bias`` (float32 ``(4C,)``; empty without a bias); ``dh`` /
+    ``dc_new`` None means no gradient arrived on that output."""
     fmt = layout_of(A)
     prov = kernels(backend)
-    A, bias = biased(prov, A, bias)
-    dA, dc = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new),
-                                **bias_kwargs(bias))
-    return dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt)
+    A, folded = biased(prov, A, bias)
+    res = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new),
+                             **bias_kwargs(folded))
+    dA, dc = res[0], res[1]
+    return dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), bias_grad(res, 2, dA, bias)
 
 
 @lstm_cell_backward.register_fake
 def _(A, c, dh, dc_new, backend, bias=None):
     fmt = layout_of(A)
-    return empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt)
+    return empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), bias_grad_like(A, bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -64,8 +66,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh, dc_new):
     A, c, bias = ctx.saved_tensors
-    dA, dc = lstm_cell_backward(A, c, dh, dc_new, ctx.backend, bias)
-    dbias = bias_grad(dA, bias) if bias is not None and ctx.needs_input_grad[3] else None
+    dA, dc, dbias = lstm_cell_backward(A, c, dh, dc_new, ctx.backend, bias)
+    dbias = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
     return dA, dc, None, dbias
 
 

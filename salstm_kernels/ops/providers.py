@@ -20,7 +20,10 @@ computes NCHW still gives correct results, with copies; the ``cpp`` provider run
 ``FOLDS_BIAS`` (optional attribute, default False)
     when True, every function above takes a trailing ``bias=None``: the ``(4C,)`` bias of the conv
     that produced ``A``, which then ran without it; the kernels add it as they load ``A`` (no
-    separate pass over ``A``).  Otherwise the op layer adds it to ``A`` first (:func:`biased`).
+    separate pass over ``A``).  Given a bias, the backward functions return its gradient as one more
+    trailing element (float32 ``(4C,)``: ``dA`` summed over batch and pixels, e.g. from sums the
+    kernels take as they write ``dA``), or None there to leave that sum to the op layer.
+    Otherwise the op layer adds the bias to ``A`` first (:func:`biased`) and sums ``dA``.
 ``supported_dtypes(device_type) -> tuple of torch.dtype`` (optional; default: all four float types)
     the input dtypes the provider computes; others raise a clear ``TypeError``.
 ``attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None)``
@@ -89,9 +92,21 @@ def biased(provider: ModuleType, A: torch.Tensor, bias):
     return A + bias.view(1, -1, *([1] * (A.dim() - 2))), None
 
 
-def bias_grad(dA: torch.Tensor, bias):
-    """The folded bias's gradient: ``dA`` summed over batch and pixels (float32 accumulation)."""
-    return dA.sum(dim=[0, *range(2, dA.dim())], dtype=torch.float32).to(bias.dtype)
+def bias_grad(result, n: int, dA: torch.Tensor, bias) -> torch.Tensor:
+    """The bias gradient a backward op returns, float32 ``(4C,)``: what a folding provider's
+    backward returned after its ``n`` usual outputs, or ``dA`` summed over batch and pixels where it
+    returned None or nothing there; empty without a bias."""
+    if bias is None:
+        return dA.new_empty(0, dtype=torch.float32)
+    got = result[n] if len(result) > n else None
+    if got is None:
+        got = dA.sum(dim=[0, *range(2, dA.dim())], dtype=torch.float32)
+    return got
+
+
+def bias_grad_like(A: torch.Tensor, bias) -> torch.Tensor:
+    """The fake kernels' :func:`bias_grad`: float32 ``(4C,)``, or empty without a bias."""
+    return A.new_empty(0 if bias is None else A.shape[1], dtype=torch.float32)
 
 
 def supported_dtypes(backend: str, device_type: str) -> Tuple[torch.dtype, ...]:

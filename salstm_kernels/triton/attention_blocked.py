@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .lstm_cell import (
-    load_lstm_inputs, load_optional_grad, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads, store_lstm_grads,
+    gate_row_sums, load_lstm_inputs, load_optional_grad, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads,
+    store_gate_sums, store_lstm_grads,
 )
 
 
@@ -228,7 +229,7 @@ def proj_grad_rows_kernel(
 @triton.jit
 def attention_bwd_rows_kernel(
     a_ptr, c_ptr, dh_ptr, dcn_ptr, dfq_ptr, dfk_ptr, dfv_ptr, dq_ptr, dk_ptr, dv_ptr,
-    wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, bias_ptr, C, N,
+    wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
     HAS_BIAS: tl.constexpr = False,
@@ -237,6 +238,8 @@ def attention_bwd_rows_kernel(
 
     ``dfq, dfk, dfv`` are the gradients on the LSTM-state factors of ``Q, K, V`` (SA-LSTM: ``dQ, dK,
     dV``); LSTM-SA adds ``W^T dq`` etc. (``dq`` over all rows, hence a separate pass).
+    ``HAS_BIAS``: the tile's ``dA`` summed per gate row too, into row ``b * T + t`` of the folded conv
+    bias's ``(B * T, 4C)`` gradient partials (no separate pass over ``dA`` for it).
     """
     t = tl.program_id(0)
     blk = tl.program_id(1)
@@ -266,3 +269,6 @@ def attention_bwd_rows_kernel(
         df, dg, dh_t, dc_t = qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh_t, dc_t, COMB)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
     store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
+    if HAS_BIAS:
+        si, sf, so, sg = gate_row_sums(mask, dai, daf, dao, dag)
+        store_gate_sums(dbias_ptr + (b * tl.num_programs(0) + t) * 4 * C, rows, C, si, sf, so, sg)

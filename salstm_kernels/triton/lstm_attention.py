@@ -24,7 +24,9 @@ Backward (two passes over N, gates recomputed from ``A`` and ``c``; nothing else
 2. ``_attention_bwd_kernel`` -- grid ``(SPLITS, B)``: per tile ``dV = P^T dO``, ``dQ = dS K``,
    ``dK = dS^T Q``, the QKV-formation chain rule (LSTM-SA: ``dh' += W^T dq`` by ``tl.dot``, and
    ``dW += dq h'^T``, ``db += sum dq`` into per-split partials), then one pointwise pass into
-   ``dA`` and ``dc`` honouring the incoming ``dh'``, ``dc'``.
+   ``dA`` and ``dc`` honouring the incoming ``dh'``, ``dc'``; with a folded conv bias, each
+   tile's ``dA`` summed per gate row too (the bias gradient's partials, summed in torch: no
+   separate reduction over ``dA``).
 
 Precision: all math and accumulation in float32.  float32 inputs use ``tl.dot(...,
 input_precision="ieee")`` (no TF32, exact parity with the reference); float16/bfloat16 inputs use
@@ -56,8 +58,9 @@ import triton.language as tl
 
 from . import attention_blocked as blocked
 from .lstm_cell import (
-    bias_args, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, load_lstm_inputs, lstm_state,
-    lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads, store_lstm_grads,
+    bias_args, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_row_sums, load_lstm_inputs,
+    lstm_state, lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads, store_gate_sums,
+    store_lstm_grads,
 )
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
@@ -299,7 +302,7 @@ def _scores_grad_kernel(
 def _attention_bwd_kernel(
     a_ptr, c_ptr, do_ptr, dh_ptr, dcn_ptr, p_ptr, ds_ptr,
     wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-    da_ptr, dc_ptr, dw_ptr, db_ptr, bias_ptr,
+    da_ptr, dc_ptr, dw_ptr, db_ptr, bias_ptr, dbias_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
@@ -308,6 +311,10 @@ def _attention_bwd_kernel(
     """``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``, QKV chain rule, then ``dA``, ``dc``.
 
     LSTM-SA also accumulates per-split partials of ``dW = dq h'^T`` and ``db = sum dq`` (q, k, v).
+    ``HAS_BIAS``: the folded conv bias's gradient partials too, ``dA`` summed per gate row into row
+    ``b * n_tiles + t`` of ``(B * n_tiles, 4C)`` float32, so no separate pass reads ``dA`` again for
+    it.  A row per tile, not sums carried across a split's tiles: compiled for sm_90 the carried
+    sums spilled (bfloat16 SA-LSTM: 52 B, none per tile; ``sm90_stats``).
     """
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -394,6 +401,9 @@ def _attention_bwd_kernel(
         # ---- cell backward into dA, dc
         dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
         store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
+        if HAS_BIAS:
+            si, sf, so, sg = gate_row_sums(mask, dai, daf, dao, dag)
+            store_gate_sums(dbias_ptr + (b * n_tiles + t) * 4 * C, tl.arange(0, CP), C, si, sf, so, sg)
     if GATED:
         base = b * SPLITS + split
         _store_square(dw_ptr + (base * 3 + 0) * C * C, dwq, C, CP)
@@ -509,7 +519,9 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
 
 
 def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None, bias=None):
-    # h (the forward's h') is not used: the backward kernels recompute it with the gates.
+    """``(dA, dc, dprojections or None)``; with a ``bias``, a fourth element: its gradient, float32
+    ``(4C,)``, from per-program sums of ``dA`` the kernels write with it.  ``h`` (the forward's
+    ``h'``) is not used: the kernels recompute it with the gates."""
     check_cell_shapes(A, c)
     check_dtypes(A, c, dout, dh, dc_new, bias)
     A, c, fmt, layout = dense_layout(A, c)
@@ -524,7 +536,9 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     dc = torch.empty_like(c)
     if B == 0 or C == 0 or N == 0:
         dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
-        return dA, dc, dproj
+        if bias is None:
+            return dA, dc, dproj
+        return dA, dc, dproj, torch.zeros(A.shape[1], dtype=torch.float32, device=A.device)
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
     if not _single_pass(C, True, gated, A.dtype):
         return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, bias)
@@ -546,8 +560,9 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         db = torch.empty(B * plan.splits, 3, C, dtype=torch.float32, device=A.device)
     else:
         dw = db = A  # dummies: never written when not GATED
+    dbias = torch.empty(B * plan.n_tiles, 4 * C, dtype=torch.float32, device=A.device) if has["HAS_BIAS"] else A
     _attention_bwd_kernel[grid](
-        A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b,
+        A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b, dbias,
         C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta, **has
     )
     dproj = None
@@ -556,7 +571,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         dproj = tuple(
             part[:, k].sum(dim=0).to(proj[2 * k + j].dtype) for k in range(3) for j, part in enumerate((dw, db))
         )
-    return dA, dc, dproj
+    return (dA, dc, dproj, dbias.sum(dim=0)) if has["HAS_BIAS"] else (dA, dc, dproj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -689,8 +704,9 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
         dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
+    dbias = torch.empty(B * plan.n_tiles, 4 * C, dtype=torch.float32, device=A.device) if has_bias else dA
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
-        A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, b, C, N,
+        A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, b, dbias, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps, **has,
     )
-    return dA, dc, dproj
+    return (dA, dc, dproj, dbias.sum(dim=0)) if has_bias else (dA, dc, dproj)

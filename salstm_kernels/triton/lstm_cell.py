@@ -1,7 +1,9 @@
 """Triton ConvLSTM cell: gates + state update from the conv output ``A``, and its backward.
 
 Forward: ``A (B, 4C, N)`` (gate order i, f, o, g) and ``c (B, C, N)`` -> ``h', c'``.
-Backward: recomputes the gates from ``A`` and ``c`` (nothing else is saved) -> ``dA, dc``.
+Backward: recomputes the gates from ``A`` and ``c`` (nothing else is saved) -> ``dA, dc``.  With
+a folded conv bias in NCHW it runs one program per block of an (image, channel) plane instead
+(``_cell_bwd_plane_kernel``), which also sums its ``dA`` per gate: the bias gradient's partials.
 
 Layout (:mod:`salstm_kernels.ops.layout`): NCHW, or channels_last when ``A`` is (every state
 tensor and ``dA`` then channels_last too).  Both are "``G`` consecutive values of one gate, then
@@ -125,6 +127,28 @@ def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf
     tl.store(dc_ptr + c_offs, dc.to(dc_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def gate_row_sums(mask, dai, daf, dao, dag):
+    """A tile's ``dA`` summed over its pixels (axis 1), per gate: its share of the folded conv
+    bias's gradient.  Masked-out elements count as zero."""
+    si = tl.sum(tl.where(mask, dai, 0.0), axis=1)
+    sf = tl.sum(tl.where(mask, daf, 0.0), axis=1)
+    so = tl.sum(tl.where(mask, dao, 0.0), axis=1)
+    sg = tl.sum(tl.where(mask, dag, 0.0), axis=1)
+    return si, sf, so, sg
+
+
+@triton.jit
+def store_gate_sums(ptr, ch, C, si, sf, so, sg):
+    """Per-gate sums of channels ``ch`` into one ``(4C,)`` float32 row of bias-gradient partials
+    (gate order i, f, o, g: the bias's)."""
+    m = ch < C
+    tl.store(ptr + ch, si, mask=m)
+    tl.store(ptr + C + ch, sf, mask=m)
+    tl.store(ptr + 2 * C + ch, so, mask=m)
+    tl.store(ptr + 3 * C + ch, sg, mask=m)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels: one program per BLOCK elements of the state in memory order
 # --------------------------------------------------------------------------------------------
@@ -193,6 +217,36 @@ def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_ptr, G,
     dcn = load_optional_grad(dcn_ptr, idx, mask, HAS_DCN)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
     store_lstm_grads(da_ptr, dc_ptr, a_offs, idx, G, mask, dai, daf, dao, dag, dc)
+
+
+@triton.jit
+def _cell_bwd_plane_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, N, n_chunks,
+                           BLOCK: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+    """NCHW with the conv bias folded in: ``_cell_bwd_kernel``'s math, one program per ``BLOCK``
+    pixels of one (image, channel) plane, so each program also sums its ``dA`` per gate -- the bias
+    gradient's partials, row ``b * n_chunks + chunk`` of a ``(B * n_chunks, 4C)`` float32 tensor --
+    instead of a separate reduction reading all of ``dA`` again.  Offsets are 64-bit."""
+    pid = tl.program_id(0).to(tl.int64)
+    plane = pid // n_chunks  # b * C + channel
+    chunk = pid % n_chunks
+    b = plane // C
+    ch = plane % C
+    pix = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = pix < N
+    c_offs = plane * N + pix
+    a_offs = (plane + 3 * b * C) * N + pix  # (b * 4C + ch) * N
+    gs = (b * 0 + C) * N
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C, True)
+    i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
+    dh = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
+    dcn = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
+    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
+    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
+    row = dbias_ptr + (b * n_chunks + chunk) * 4 * C + ch
+    tl.store(row, tl.sum(tl.where(mask, dai, 0.0), axis=0))
+    tl.store(row + C, tl.sum(tl.where(mask, daf, 0.0), axis=0))
+    tl.store(row + 2 * C, tl.sum(tl.where(mask, dao, 0.0), axis=0))
+    tl.store(row + 3 * C, tl.sum(tl.where(mask, dag, 0.0), axis=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,19 +352,30 @@ def optional_grad(t, dummy: torch.Tensor, fmt: torch.memory_format) -> torch.Ten
 
 
 def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
+    """``(dA, dc)``; with a ``bias``, ``(dA, dc, dbias)``: ``dbias`` float32 ``(4C,)``, the kernel's
+    per-plane sums of ``dA`` added up (NCHW), or None (channels_last: the op layer sums ``dA``)."""
     check_cell_shapes(A, c)
     check_dtypes(A, c, dh, dc_new, bias)
     A, c, fmt, layout = dense_layout(A, c)
-    has_dh, has_dcn = dh is not None, dc_new is not None
+    has = dict(HAS_DH=dh is not None, HAS_DCN=dc_new is not None)
     dh, dc_new = optional_grad(dh, c, fmt), optional_grad(dc_new, c, fmt)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
     total = c.numel()
-    if total == 0:
-        return dA, dc
-    block = _block(total)
     b, has_bias = bias_args(bias, A)
+    if total == 0:
+        return (dA, dc, torch.zeros(A.shape[1], dtype=torch.float32, device=A.device)) if has_bias else (dA, dc)
+    if has_bias and layout != LAYOUTS["channels_last"]:
+        B, C = c.shape[:2]
+        N = c[0, 0].numel()
+        block = _block(N)
+        n_chunks = triton.cdiv(N, block)
+        partials = torch.empty(B * n_chunks, 4 * C, dtype=torch.float32, device=A.device)
+        _cell_bwd_plane_kernel[(B * C * n_chunks,)](A, c, dh, dc_new, dA, dc, b, partials, C, N, n_chunks,
+                                                    BLOCK=block, **has)
+        return dA, dc, partials.sum(dim=0)
+    block = _block(total)
     _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, b, gate_stride(c, layout),
                                                    _pixels_per_channel_run(c, layout), total, BLOCK=block,
-                                                   LAYOUT=layout, HAS_DH=has_dh, HAS_DCN=has_dcn, HAS_BIAS=has_bias)
-    return dA, dc
+                                                   LAYOUT=layout, HAS_BIAS=has_bias, **has)
+    return (dA, dc, None) if has_bias else (dA, dc)
