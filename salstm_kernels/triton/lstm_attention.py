@@ -532,16 +532,17 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     proj = _prepare_projections(projections, C, A.device)
     gated = proj is not None
     comb = _combination(combination, gated)
-    dA = torch.empty_like(A)
-    dc = torch.empty_like(c)
     if B == 0 or C == 0 or N == 0:
         dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
         if bias is None:
-            return dA, dc, dproj
-        return dA, dc, dproj, torch.zeros(A.shape[1], dtype=torch.float32, device=A.device)
+            return torch.empty_like(A), torch.empty_like(c), dproj
+        return torch.empty_like(A), torch.empty_like(c), dproj, torch.zeros(A.shape[1], dtype=torch.float32,
+                                                                             device=A.device)
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
     if not _single_pass(C, True, gated, A.dtype):
-        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, bias)
+        return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias)
+    dA = torch.empty_like(A)
+    dc = torch.empty_like(c)
     b, has["HAS_BIAS"] = bias_args(bias, A)
     plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
@@ -660,9 +661,10 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
     return out, h, c_new, P
 
 
-def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, dA, dc, bias):
-    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; writes the dA, dc attention_backward
-    allocated.  ``bias``: the folded conv bias or None."""
+def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias):
+    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; ``bias``: the folded conv
+    bias or None.  ``dA``, ``dc`` are allocated only for the last kernel, once the float32
+    temporaries are down to ``dQ, dK, dV``: 5 state units fewer alive while they peak."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
@@ -704,6 +706,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
         dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
+    dA, dc = torch.empty_like(A), torch.empty_like(c)
     dbias = torch.empty(B * plan.n_tiles, 4 * C, dtype=torch.float32, device=A.device) if has_bias else dA
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
         A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, b, dbias, C, N,
