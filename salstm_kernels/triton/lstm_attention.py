@@ -704,6 +704,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
         grads = [_abt(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)]
         dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
+        del h32  # the last kernel does not read it
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
     dA, dc = torch.empty_like(A), torch.empty_like(c)
