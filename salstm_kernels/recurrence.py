@@ -22,7 +22,9 @@ bias gradient (``dA`` summed) is the same either way.
 **Memory kept for backward** is what the math needs: per step ``A`` and the previous ``c``, and the
 convs' inputs.  The zero initial ``c`` is an expanded scalar (:func:`zero_cell_state`), so the ops
 save no state-sized zero tensor; the input conv of an NCHW step takes the step's slice of ``x`` as
-a view and saves that, not a contiguous copy (the conv densifies it as it runs).
+a view and saves that, not a contiguous copy (the conv densifies it as it runs).  So, as with any
+``nn.Conv2d`` on ``x``, changing ``x`` in place between forward and backward raises autograd's
+"modified by an inplace operation" error on those paths.
 
 **State dtype** (the same rule the reference gets from PyTorch's type promotion): the states start
 in ``x``'s dtype (or the given state's) and the cell runs in ``promote_types(state, A)``.  Outside
@@ -109,9 +111,11 @@ def split_conv_recurrence(
                 if batched:
                     A = A_in[t]
                 else:
-                    # NCHW: the step's slice of x as is (the conv saves that view for backward, not
-                    # a copy; it densifies it as it runs).  channels_last: converted, so A is too.
-                    x_t = inputs[t].contiguous(memory_format=fmt) if cl else inputs[t]
+                    # NCHW: the step's slice of x as is when its images are dense NCHW (the conv
+                    # saves that view for backward, not a copy; it densifies it as it runs).
+                    # channels_last, or other strides: converted, so A comes out in the ops' layout.
+                    x_t = inputs[t] if not cl and inputs[t][0].is_contiguous() else \
+                        inputs[t].contiguous(memory_format=fmt)
                     A = F.conv2d(x_t, w_x, conv_bias, padding=pad)
                 if h is not None:
                     # In place into the recurrent conv's output (its backward saves only the
@@ -176,11 +180,13 @@ def zero_cell_state(x: Tensor, C: int) -> Tensor:
 def widen_to_state_dtype(A: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
     """``A`` and ``c`` in their common (state) dtype and in the layout the fused ops run in
     (:mod:`salstm_kernels.ops.layout`: NCHW-contiguous, or channels_last per image on the cpp path).
-    A ``c`` that is one value broadcast (:func:`zero_cell_state`) stays so: the ops take any layout."""
+    A ``c`` that is one value broadcast and takes no gradient (:func:`zero_cell_state`) stays so:
+    the ops take any layout.  (One that takes a gradient is made dense: the gradient of a broadcast
+    is per element, which a scalar view would sum away.)"""
     dtype = torch.promote_types(A.dtype, c.dtype)
     A = A.to(dtype)
     if not nhwc_images(A):
         A = A.contiguous()
-    if all(s == 0 for s in c.stride()):
+    if not c.requires_grad and all(s == 0 for s in c.stride()):
         return A, c.as_strided((), ()).to(dtype).expand(c.shape)
     return A, c.to(dtype).contiguous(memory_format=layout_of(A))

@@ -169,6 +169,24 @@ def test_split_conv_skips_recurrent_conv_at_t0(conv_form):
     assert split == pytest.approx(0.75 * eager)
 
 
+@pytest.mark.parametrize("cls", [sk.ConvLSTM2d, sk.SALSTM2d])
+def test_broadcast_initial_state_gets_per_element_gradients(cls):
+    """A given ``c0`` that is one value broadcast (all strides zero) and takes a gradient: its
+    gradient is per element, as on the reference path (a scalar view of it would sum it away)."""
+    torch.manual_seed(0)
+    m = cls(4, 4, 3, backend="reference")
+    x = torch.randn(2, 2, 4, 5, 6)
+    h0 = torch.randn(2, 4, 5, 6)
+    grads = []
+    for run in (m._forward_fused, m._forward_reference):
+        c0 = torch.full((), 0.3).expand(2, 4, 5, 6).requires_grad_()
+        out = run(x, [(h0, c0)], *(("reference",) if run == m._forward_fused else ()))[0]
+        out.square().sum().backward()
+        grads.append(c0.grad)
+    assert grads[1].unique().numel() > 1  # the reference's gradient does vary per element
+    assert_close(grads[0], grads[1], torch.float32, backward=True, name="c0 grad")
+
+
 @pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d])
 @pytest.mark.parametrize("T", [1, 3])
 def test_training_saves_no_zero_state_and_no_copy_of_x(cls, T, conv_form):
