@@ -73,6 +73,38 @@ def test_bias_is_added_for_providers_that_do_not_fold_it(backend):
             assert_close(x, r, torch.float32, backward=True, name=name)
 
 
+def test_frozen_bias_costs_no_sum_over_dA():
+    """A bias that takes no gradient (a frozen conv): autograd asks the backward ops for no bias
+    gradient, and they then return an empty one without summing ``dA``; float64 sums in float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BackwardCalls(TorchDispatchMode):
+        wanted = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "salstm_kernels" and func.name().endswith("_backward"):
+                names = [a.name for a in func._schema.arguments]
+                i = names.index("bias_grad_wanted")
+                BackwardCalls.wanted.append(args[i] if i < len(args) else (kwargs or {}).get("bias_grad_wanted", True))
+            return func(*args, **(kwargs or {}))
+
+    A, c, g = _inputs(2, 8, 5, 3, torch.float32, seed=5)
+    bias = torch.randn(32, generator=g)
+    for frozen in (True, False):
+        bias.requires_grad_(not frozen)
+        BackwardCalls.wanted = []
+        outs = [ops.lstm_cell(A, c, "reference", bias)[0],
+                ops.lstm_attention(A, c, *(None,) * 6, 0.3, "linear", "reference", bias)[0]]
+        with BackwardCalls():
+            torch.autograd.grad(sum(o.sum() for o in outs), [A, c])
+        assert BackwardCalls.wanted == [not frozen] * 2
+    A64, c64, b64 = A.detach().double(), c.detach().double(), bias.detach().double()
+    no_sum = ops.lstm_cell_backward(A64, c64, torch.ones_like(c64), None, "reference", b64, False)[2]
+    assert no_sum.numel() == 0
+    summed = ops.lstm_cell_backward(A64, c64, torch.ones_like(c64), None, "reference", b64)
+    assert summed[2].dtype == torch.float64 and torch.equal(summed[2], summed[0].sum(dim=(0, 2, 3)))
+
+
 @pytest.mark.parametrize("bad,match", [(torch.zeros(31), r"bias must have shape \(32,\)"),
                                        (torch.zeros(32, dtype=torch.float64), "bias has dtype")])
 def test_bad_bias_is_rejected_with_its_name(bad, match):

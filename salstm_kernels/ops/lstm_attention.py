@@ -87,9 +87,11 @@ def lstm_attention_backward(
     backend: str,
     h: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
+    bias_grad_wanted: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. ``A, c``, the six projection tensors (empty tensors when absent) and the
-    conv ``bias`` (float32 ``(4C,)``; empty without a bias).  ``h``: the forward's ``h'``, which a
+    conv ``bias`` (``(4C,)`` float32, float64 for float64; empty without a bias or with
+    ``bias_grad_wanted`` False).  ``h``: the forward's ``h'``, which a
     provider may use instead of recomputing it; ``dh`` / ``dc_new`` None: no gradient arrived on
     that output."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
@@ -102,15 +104,17 @@ def lstm_attention_backward(
     dA, dc, dproj = res[:3]
     if dproj is None:
         dproj = tuple(A.new_empty(0) for _ in range(6))
-    return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj, bias_grad(res, 3, dA, bias))
+    return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj,
+            bias_grad(res, 3, dA, bias, bias_grad_wanted))
 
 
 @lstm_attention_backward.register_fake
-def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h=None, bias=None):
+def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h=None, bias=None,
+      bias_grad_wanted=True):
     proj = (wq, bq, wk, bk, wv, bv)
     dproj = [A.new_empty(0) if p is None else torch.empty_like(p) for p in proj]
     fmt = layout_of(A)
-    return (empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), *dproj, bias_grad_like(A, bias))
+    return (empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), *dproj, bias_grad_like(A, bias, bias_grad_wanted))
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,12 +132,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dh, dc_new, dP):
     A, c, wq, bq, wk, bk, wv, bv, P, h, bias = ctx.saved_tensors
     dout = torch.zeros_like(c) if dout is None else dout
+    wanted = bias is not None and ctx.needs_input_grad[11]
     grads = lstm_attention_backward(
-        A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h, bias
+        A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h, bias, wanted
     )
     dA, dc = grads[0], grads[1]
     dproj = tuple(grads[2:8]) if ctx.gated else (None,) * 6
-    dbias = grads[8].to(bias.dtype) if bias is not None and ctx.needs_input_grad[11] else None
+    dbias = grads[8].to(bias.dtype) if wanted else None
     return (dA, dc, *dproj, None, None, None, dbias)
 
 

@@ -37,24 +37,27 @@ def _(A, c, backend, bias=None):
 
 @torch.library.custom_op("salstm_kernels::lstm_cell_backward", mutates_args=())
 def lstm_cell_backward(
-    A: Tensor, c: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str, bias: Optional[Tensor] = None
+    A: Tensor, c: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str, bias: Optional[Tensor] = None,
+    bias_grad_wanted: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`lstm_cell` w.r.t. ``A``, ``c`` (in ``A``'s layout; ``dA`` is also the
-    gradient of ``A + bias``) and ``bias`` (float32 ``(4C,)``; empty without a bias); ``dh`` /
-    ``dc_new`` None means no gradient arrived on that output."""
+    gradient of ``A + bias``) and ``bias`` (``(4C,)`` float32, float64 for float64; empty without a
+    bias or with ``bias_grad_wanted`` False); ``dh`` / ``dc_new`` None means no gradient arrived on
+    that output."""
     fmt = layout_of(A)
     prov = kernels(backend)
     A, folded = biased(prov, A, bias)
     res = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new),
                              **bias_kwargs(folded))
     dA, dc = res[0], res[1]
-    return dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), bias_grad(res, 2, dA, bias)
+    return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt),
+            bias_grad(res, 2, dA, bias, bias_grad_wanted))
 
 
 @lstm_cell_backward.register_fake
-def _(A, c, dh, dc_new, backend, bias=None):
+def _(A, c, dh, dc_new, backend, bias=None, bias_grad_wanted=True):
     fmt = layout_of(A)
-    return empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), bias_grad_like(A, bias)
+    return empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), bias_grad_like(A, bias, bias_grad_wanted)
 
 
 def _setup_context(ctx, inputs, output):
@@ -66,8 +69,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh, dc_new):
     A, c, bias = ctx.saved_tensors
-    dA, dc, dbias = lstm_cell_backward(A, c, dh, dc_new, ctx.backend, bias)
-    dbias = dbias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+    wanted = bias is not None and ctx.needs_input_grad[3]
+    dA, dc, dbias = lstm_cell_backward(A, c, dh, dc_new, ctx.backend, bias, wanted)
+    dbias = dbias.to(bias.dtype) if wanted else None
     return dA, dc, None, dbias
 
 

@@ -92,21 +92,26 @@ def biased(provider: ModuleType, A: torch.Tensor, bias):
     return A + bias.view(1, -1, *([1] * (A.dim() - 2))), None
 
 
-def bias_grad(result, n: int, dA: torch.Tensor, bias) -> torch.Tensor:
-    """The bias gradient a backward op returns, float32 ``(4C,)``: what a folding provider's
-    backward returned after its ``n`` usual outputs, or ``dA`` summed over batch and pixels where it
-    returned None or nothing there; empty without a bias."""
-    if bias is None:
-        return dA.new_empty(0, dtype=torch.float32)
+def bias_grad(result, n: int, dA: torch.Tensor, bias, wanted: bool = True) -> torch.Tensor:
+    """The bias gradient a backward op returns, ``(4C,)`` float32 (float64 for float64 ``dA``):
+    what a folding provider's backward returned after its ``n`` usual outputs, or ``dA`` summed
+    over batch and pixels where it returned None or nothing there; empty without a bias or when
+    not ``wanted`` (no pass over ``dA`` then)."""
+    if bias is None or not wanted:
+        return bias_grad_like(dA, None)
     got = result[n] if len(result) > n else None
     if got is None:
-        got = dA.sum(dim=[0, *range(2, dA.dim())], dtype=torch.float32)
+        got = dA.sum(dim=[0, *range(2, dA.dim())], dtype=_accumulation_dtype(dA))
     return got
 
 
-def bias_grad_like(A: torch.Tensor, bias) -> torch.Tensor:
-    """The fake kernels' :func:`bias_grad`: float32 ``(4C,)``, or empty without a bias."""
-    return A.new_empty(0 if bias is None else A.shape[1], dtype=torch.float32)
+def bias_grad_like(A: torch.Tensor, bias, wanted: bool = True) -> torch.Tensor:
+    """:func:`bias_grad`'s result as the fake kernels promise it: ``(4C,)``, or empty."""
+    return A.new_empty(0 if bias is None or not wanted else A.shape[1], dtype=_accumulation_dtype(A))
+
+
+def _accumulation_dtype(A: torch.Tensor) -> torch.dtype:
+    return torch.float64 if A.dtype == torch.float64 else torch.float32
 
 
 def supported_dtypes(backend: str, device_type: str) -> Tuple[torch.dtype, ...]:

@@ -238,8 +238,8 @@ def attention_bwd_rows_kernel(
 
     ``dfq, dfk, dfv`` are the gradients on the LSTM-state factors of ``Q, K, V`` (SA-LSTM: ``dQ, dK,
     dV``); LSTM-SA adds ``W^T dq`` etc. (``dq`` over all rows, hence a separate pass).
-    ``HAS_BIAS``: the tile's ``dA`` summed per gate row too, into row ``b * T + t`` of the folded conv
-    bias's ``(B * T, 4C)`` gradient partials (no separate pass over ``dA`` for it).
+    ``HAS_BIAS``: the tile's ``dA`` summed per gate row too, into row ``b * n_tiles + t`` of the folded
+    conv bias's ``(B * n_tiles, 4C)`` gradient partials (no separate pass over ``dA`` for it).
     """
     t = tl.program_id(0)
     blk = tl.program_id(1)

@@ -107,9 +107,12 @@ def variants():
             if LAYOUT != 1:  # NCHW with the conv bias: per-plane programs that also sum dA for its gradient
                 yield (f"cell_bwd_plane {tag}", cl._cell_bwd_plane_kernel, {**a, **grads}, dict(BLOCK=1024, **flags), 4)
             for gated in (False, True):
+                rows = dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0, GATED=gated, PREC=prec, **flags)
                 yield (f"attention_bwd_rows {tag} gated={int(gated)}", bk.attention_bwd_rows_kernel,
-                       {**a, **w, **grads}, dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0,
-                                                  GATED=gated, PREC=prec, **flags), W)
+                       {**a, **w, **grads}, rows, W)
+                if all(has):  # as the modules launch it: the conv bias folded in, its gradient summed
+                    yield (f"attention_bwd_rows {tag} gated={int(gated)} +bias", bk.attention_bwd_rows_kernel,
+                           {**a, **w, **grads}, dict(rows, HAS_BIAS=True), W)
                 yield (f"attention_bwd single-pass C64 {tag} gated={int(gated)}", sp._attention_bwd_kernel,
                        {**a, **w, **grads, "do_ptr": dt}, dict(CP=64, BN=16, COMB=0, GATED=gated, PREC=prec, **flags), W)
         BN = 32
