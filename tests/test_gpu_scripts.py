@@ -69,3 +69,30 @@ def test_profile_rows_attribute_device_time():
     assert split == "device time/step 5.000 ms: ours 20%, conv-like 60%, other 20%"
     assert kernels[0] == ("sm90_xmma_fprop_implicit_gemm", 3.0) and len(kernels) == 3
     assert ops == [("aten::convolution", 3.0), ("aten::copy_", 1.0)]  # runtime calls are not operators
+
+
+def test_memory_peak_replay_lists_what_is_alive_at_the_peak():
+    """``gpu_memory.py``'s trace replay on a stand-in allocator trace: the peak, the blocks alive at
+    it (not those freed before or allocated after), and their allocation sites."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_memory
+    finally:
+        sys.path.pop(0)
+    ours = [{"name": "lstm_cell", "filename": "/x/salstm_kernels/ops/lstm_cell.py", "line": 7},
+            {"name": "step", "filename": "/x/bench.py", "line": 1}]
+    conv = [{"name": "at::native::conv", "filename": "Conv.cpp", "line": 3},
+            {"name": "backward", "filename": "/usr/torch/autograd/__init__.py", "line": 9}]
+    trace = [dict(action="alloc", addr=1, size=400, frames=ours),      # 400
+             dict(action="alloc", addr=2, size=100, frames=conv),      # 500
+             dict(action="free_requested", addr=2, size=100),          # not yet returned
+             dict(action="free_completed", addr=2, size=100),          # 400
+             dict(action="alloc", addr=3, size=300, frames=conv),      # 700: the peak
+             dict(action="free_completed", addr=1, size=400),          # 300
+             dict(action="alloc", addr=4, size=350, frames=ours)]      # 650
+    peak, blocks = gpu_memory.live_at_peak(trace)
+    assert peak == 700 and [s for s, _ in blocks] == [400, 300]
+    assert gpu_memory.allocation_site(blocks[0][1]) == "lstm_cell lstm_cell.py:7"
+    assert gpu_memory.allocation_site(blocks[1][1]) == "backward __init__.py:9"
+    text = gpu_memory.report(blocks, peak, unit=100, top=1)
+    assert "7.0 units" in text and "4.00 u  lstm_cell lstm_cell.py:7" in text and "(1 smaller blocks)" in text

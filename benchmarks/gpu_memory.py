@@ -1,0 +1,129 @@
+"""What is alive at the peak of one training step: the allocations behind ``peak MiB``.
+
+    PYTHONPATH=. python benchmarks/gpu_memory.py            # CUDA: SA-LSTM / LSTM-SA, 224x224,
+                                                            # float32 and bfloat16, eager and triton
+    PYTHONPATH=. python benchmarks/gpu_memory.py --size 112 --dtype bfloat16
+
+``gpu_check.py`` reports peak training memory against eager; this says what makes it up.  One step
+(``B=2, Cin=C=64, T=2, k=5``, after a warm-up step) runs with the CUDA allocator's history on
+(``torch.cuda.memory._record_memory_history``); the trace is replayed to the moment the allocated
+bytes peak, and the blocks alive then are listed, largest first, in MiB and in *state units* (one
+``(B, C, H, W)`` tensor of the input dtype), each with the innermost Python frame that allocated it
+(``salstm_kernels`` frames preferred) -- e.g. saved ``A`` per step (4 units), the cuDNN conv
+workspace, ``dA``.  The memory model in ``benchmarks/RESULTS.md`` (fourth session) is checked
+against this.  CUDA only: the allocator history does not exist on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def live_at_peak(trace: Sequence[dict]) -> Tuple[int, List[Tuple[int, list]]]:
+    """Replay an allocator trace (``device_traces[i]`` of a memory snapshot: dicts with ``action``,
+    ``addr``, ``size``, ``frames``): ``(peak bytes, [(size, frames) of the blocks alive then]``,
+    largest first).  Bytes count from the trace's start: blocks allocated before it are not seen,
+    as ``max_memory_allocated`` minus the allocation before the call does not count them."""
+    live: Dict[int, Tuple[int, list]] = {}
+    cur = peak = 0
+    at_peak: Dict[int, Tuple[int, list]] = {}
+    for e in trace:
+        action = e.get("action")
+        if action == "alloc":
+            live[e["addr"]] = (e["size"], e.get("frames", []))
+            cur += e["size"]
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif action == "free_completed" and e["addr"] in live:
+            cur -= live.pop(e["addr"])[0]
+    return peak, sorted(at_peak.values(), key=lambda b: -b[0])
+
+
+def allocation_site(frames: Sequence[dict]) -> str:
+    """The innermost frame in ``salstm_kernels`` (else in torch's Python, else any), as ``name file:line``."""
+    def short(f):
+        return f"{f.get('name', '?')} {os.path.basename(f.get('filename', '?'))}:{f.get('line', '?')}"
+
+    py = [f for f in frames if str(f.get("filename", "")).endswith(".py")]
+    for pick in (lambda f: "salstm_kernels" in f["filename"], lambda f: "torch" in f["filename"], lambda f: True):
+        found = [f for f in py if pick(f)]
+        if found:
+            return short(found[0])
+    return short(frames[0]) if frames else "(no frames)"
+
+
+def report(blocks: Sequence[Tuple[int, list]], peak: int, unit: int, top: int = 14) -> str:
+    """The peak and its largest blocks, one line each (sizes in MiB and state units)."""
+    lines = [f"peak {peak / 2**20:8.1f} MiB = {peak / unit:5.1f} units  ({len(blocks)} blocks alive)"]
+    for size, frames in blocks[:top]:
+        lines.append(f"  {size / 2**20:8.1f} MiB {size / unit:5.2f} u  {allocation_site(frames)}")
+    rest = sum(s for s, _ in blocks[top:])
+    if rest:
+        lines.append(f"  {rest / 2**20:8.1f} MiB {rest / unit:5.2f} u  ({len(blocks) - top} smaller blocks)")
+    return "\n".join(lines)
+
+
+def step_peak(module, x, gy) -> Tuple[int, List[Tuple[int, list]]]:
+    """Allocator trace of one forward+backward of ``module`` (after one untraced warm-up step)."""
+    def step():
+        for p in [x, *module.parameters()]:
+            p.grad = None
+        module(x).backward(gy)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        step()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return live_at_peak(snap["device_traces"][x.device.index or 0])
+
+
+def main(argv=None) -> int:
+    import salstm_kernels as sk
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, nargs="+", default=[224])
+    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_memory.py needs CUDA (the allocator history is CUDA's)")
+        return 2
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    B, C, T, k = 2, 64, 2, 5
+    for size in args.size:
+        for dname in args.dtype:
+            dtype = getattr(torch, dname)
+            unit = B * C * size * size * torch.finfo(dtype).bits // 8
+            for name, cls in (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d)):
+                torch.manual_seed(0)
+                ref = cls(C, C, k, backend="reference").to(device=device, dtype=dtype)
+                tri = copy.deepcopy(ref)
+                tri.backend = "triton"
+                x = torch.randn(B, T, C, size, size, device=device, dtype=dtype, requires_grad=True)
+                gy = torch.randn(B, C, size, size, device=device, dtype=dtype)
+                for impl, m in (("eager", ref), ("triton", tri)):
+                    peak, blocks = step_peak(m, x, gy)
+                    print(f"\n== {name} {size}x{size} {dname} {impl}: one unit = {unit / 2**20:.2f} MiB", flush=True)
+                    print(report(blocks, peak, unit, args.top), flush=True)
+                del ref, tri, x, gy
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
