@@ -11,7 +11,8 @@
    channel-blocked ones (:data:`salstm_kernels.triton.lstm_attention.GPU_LAUNCH` /
    ``BLOCKED_AT_CP64``) over N tile, N splits per SM and warps; ``do_bench`` median per point,
    against the compile-time heuristics and the shipped setting, which stays unless a point beats
-   it by 3%.  The resulting tables are printed as the Python literal for ``lstm_attention.py``.
+   it by 3%.  float32 also tries "tf32x3" dot precision (``Launch.prec``; the parity step below
+   then checks its accuracy); ``--sweep-dtypes float32`` sweeps float32 alone.  The resulting tables are printed as the Python literal for ``lstm_attention.py``.
 2. **Parity** of the ops with those tables set (``gpu_check.op_parity``, every dtype).
 3. **Modules** at 112x112 and 224x224, float32 and bfloat16, forward+backward, one row each:
    eager reference; Triton as shipped ("triton": the package's conv form and launch tables) and
@@ -49,13 +50,21 @@ from salstm_kernels.triton import lstm_attention as la  # noqa: E402
 elapsed = gc.elapsed  # seconds since gpu_check was imported, i.e. since this run began
 
 
-def grid(path, smoke):
+def grid(path, smoke, fp32=False):
+    """The sweep's points for one path; float32 also gets "tf32x3" dot precision (``Launch.prec``)
+    at the tiles where sm_90 compiles of it fit (``sm90_stats``): BN 16 single-pass (the gated
+    backward needs 378 KB of shared memory there and fails to launch), BN 16 / 32 blocked."""
     if smoke:
-        return [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
+        pts = [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
+        return pts + ([pts[0]._replace(prec="tf32x3")] if fp32 else [])
     if path == "single":
-        return [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
-    return [la.Launch(bn, per_sm, w, red)
-            for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]
+        pts = [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
+        x3 = [la.Launch(16, per_sm, w, prec="tf32x3") for w, per_sm in itertools.product((4, 8), (1, 2))]
+    else:
+        pts = [la.Launch(bn, per_sm, w, red)
+               for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]
+        x3 = [la.Launch(bn, 2, w, 64, "tf32x3") for bn, w in itertools.product((16, 32), (4, 8))]
+    return pts + (x3 if fp32 else [])
 
 
 @contextlib.contextmanager
@@ -104,7 +113,7 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         shipped = (gc.bench_ms(fn, device), path0, launch0)
         results = []
         for path in ("single", "blocked"):
-            for launch in grid(path, smoke):
+            for launch in grid(path, smoke, dtype == torch.float32):
                 if elapsed() > budget_s:
                     break
                 try:
@@ -302,6 +311,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     ap.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping new points after this")
+    ap.add_argument("--sweep-dtypes", default="float32,bfloat16",
+                    help="dtypes the sweep tunes (float32 includes the tf32x3 candidates)")
     ap.add_argument("--no-sweep", action="store_true",
                     help="no launch sweep: parity and the modules with the shipped tables only")
     ap.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
@@ -327,14 +338,16 @@ def main() -> int:
         B, C, T, k, sweep_shape, sizes = 2, 64, 2, 5, (224, 224), ((112, 112), (224, 224))
     dtypes = (torch.float32, torch.bfloat16)
     print("== sweep: attention op alone, ms (do_bench median), path (BN, splits/SM, warps, BN_red) ==", flush=True)
-    best, heuristic = ({}, {}) if args.no_sweep else sweep(tk, device, B, C, *sweep_shape, dtypes,
+    sweep_dtypes = tuple(getattr(torch, d) for d in args.sweep_dtypes.split(","))
+    best, heuristic = ({}, {}) if args.no_sweep else sweep(tk, device, B, C, *sweep_shape, sweep_dtypes,
                                                            args.sweep_budget_s, args.cpu_smoke)
     apply(best)
     tuned = gc.launch_tables()
     print("GPU_LAUNCH = {")
     for (path, bwd, gated, fp32), launch in sorted(tuned[0].items()):
         ms = best[(bwd, gated, fp32)][0] if (bwd, gated, fp32) in best else float("nan")
-        print(f"    ({path!r}, {bwd}, {gated}, {fp32}): Launch{tuple(launch)},  "
+        shown = tuple(launch) if launch.prec else tuple(launch)[:4]  # as lstm_attention.py writes them
+        print(f"    ({path!r}, {bwd}, {gated}, {fp32}): Launch{shown},  "
               f"# {ms:.3f} ms, was {heuristic.get((bwd, gated, fp32), float('nan')):.3f}")
     print("}")
     print(f"BLOCKED_AT_CP64 = {sorted(tuned[1])}", flush=True)

@@ -318,6 +318,7 @@ def test_shipped_launch_table_is_well_formed():
         assert launch.bn in (16, 32, 64) and launch.bn_red in (16, 32, 64, 128), (key, launch)
         assert launch.num_warps in (4, 8) and launch.splits_per_sm > 0, (key, launch)
         assert not (path == "single" and backward and launch.bn > 32), (key, launch)
+        assert launch.prec in (la.FLOAT32_PRECISIONS if fp32 else ("",)), (key, launch)
     for (path, *key) in la.GPU_LAUNCH:
         assert (path == "blocked") == (tuple(key) in la.BLOCKED_AT_CP64), (path, key)
     assert all(("blocked", *key) in la.GPU_LAUNCH for key in la.BLOCKED_AT_CP64)
@@ -325,14 +326,18 @@ def test_shipped_launch_table_is_well_formed():
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
-    """A GPU_LAUNCH setting (here forced on CPU) sets the plans' tiles and warps, and the ops stay exact."""
-    launch = tk_attention.Launch(32, 2, 4, 32)
+    """A GPU_LAUNCH setting (here forced on CPU) sets the plans' tiles, warps and float32 dot
+    precision (16-bit inputs keep "tf32"), and the ops stay exact."""
+    launch = tk_attention.Launch(32, 2, 4, 32, "tf32x3")
     monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
     A = torch.empty(2, 160, 7, 9, device=DEVICE)
     plan = tk_attention._Plan(A, 2, 40, 63, backward=True, gated=gated)
-    assert (plan.BN, plan.num_warps) == (32, 4)
+    assert (plan.BN, plan.num_warps, plan.prec) == (32, 4, "tf32x3")
     bplan = tk_attention._BlockedPlan(A, 2, 40, 63, gated, backward=True)
-    assert (bplan.BN, bplan.BN_red, bplan.num_warps) == (32, 32, 4)
+    assert (bplan.BN, bplan.BN_red, bplan.num_warps, bplan.prec) == (32, 32, 4, "tf32x3")
+    assert tk_attention._Plan(A.bfloat16(), 2, 40, 63, backward=True, gated=gated).prec == "tf32"
+    with pytest.raises(ValueError, match="Launch.prec"):
+        tk_attention._precision(torch.float32, tk_attention.Launch(32, 2, 4, 32, "tf32"))
     monkeypatch.setattr(tk_attention, "BLOCKED_AT_CP64", {(True, gated, True)})
     _check_attention(ROUTED_SHAPE, torch.float32, "nonlinear", gated)
 

@@ -29,7 +29,9 @@ Backward (two passes over N, gates recomputed from ``A`` and ``c``; nothing else
    separate reduction over ``dA``).
 
 Precision: all math and accumulation in float32.  float32 inputs use ``tl.dot(...,
-input_precision="ieee")`` (no TF32, exact parity with the reference); float16/bfloat16 inputs use
+input_precision="ieee")`` (no TF32, exact parity with the reference) unless a measured launch
+setting says "tf32x3" (``Launch.prec``: three TF32 tensor-core products per ``tl.dot``, about
+float32's accuracy); float16/bfloat16 inputs use
 TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits).  float64
 is not supported (raises ``TypeError``): use the reference or cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
@@ -78,12 +80,16 @@ BLOCK_N_OVERRIDE = None
 
 class Launch(NamedTuple):
     """One GPU launch setting: N tile, programs per SM of the reductions (``splits_per_sm * SMs``
-    programs over the whole batch), warps; the blocked path's reductions take their own N tile."""
+    programs over the whole batch), warps; the blocked path's reductions take their own N tile.
+    ``prec``: the ``tl.dot`` input precision for float32 inputs, "" for the default "ieee" (see the
+    module docstring); "tf32x3" (three TF32 tensor-core products, about float32's accuracy) is a
+    candidate ``benchmarks/gpu_tune.py`` sweeps.  16-bit inputs always take "tf32"."""
 
     bn: int
     splits_per_sm: float
     num_warps: int
     bn_red: int = 64
+    prec: str = ""
 
 
 #: The padded channel count the launch table was measured at (``33 <= C <= 64``).  Other widths
@@ -453,14 +459,24 @@ class _Plan:
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
         self.num_warps = tuned.num_warps if tuned else (4 if self.CP <= 32 else 8)
+        self.prec = _precision(A.dtype, tuned)
 
 
 def _padded(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+#: ``Launch.prec`` values for float32 inputs ("" is the default, "ieee").
+FLOAT32_PRECISIONS = ("", "ieee", "tf32x3")
+
+
+def _precision(dtype: torch.dtype, launch=None) -> str:
+    if dtype != torch.float32:
+        return "tf32"
+    prec = launch.prec if launch is not None else ""
+    if prec not in FLOAT32_PRECISIONS:
+        raise ValueError(f"Launch.prec must be one of {FLOAT32_PRECISIONS} for float32, got {prec!r}")
+    return prec or "ieee"
 
 
 def _combination(combination: str, gated: bool) -> int:
@@ -507,7 +523,7 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
     plan = _Plan(A, B, C, N, backward=False, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
-    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), LAYOUT=layout,
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout,
                 num_warps=plan.num_warps)
     _cell_qk_scores_kernel[(plan.splits, B)](
         A, c, h, c_new, wq, bq, wk, bk, partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
@@ -546,7 +562,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     b, has["HAS_BIAS"] = bias_args(bias, A)
     plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
-    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=_precision(A.dtype), LAYOUT=layout,
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout,
                 num_warps=plan.num_warps)
     grid = (plan.splits, B)
     dp_partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
@@ -612,6 +628,7 @@ class _BlockedPlan:
         self.rows_grid = (self.n_tiles, self.NB, B)
         self.red_grid = (self.NB * self.NB, self.splits, B)
         self.num_warps = tuned.num_warps if tuned else 8
+        self.prec = _precision(A.dtype, tuned)
 
 
 def _abt(plan, X, Y, C, N, prec, layout, rowsum=False):
@@ -642,7 +659,7 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
     N = c[0, 0].numel()
     gated = proj is not None
     plan = _BlockedPlan(A, B, C, N, gated, backward=False)
-    prec = _precision(A.dtype)
+    prec = plan.prec
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     Q, K = _fp32_like(c), _fp32_like(c)
     V = _fp32_like(c) if gated else h
@@ -669,7 +686,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     N = c[0, 0].numel()
     gated = proj is not None
     plan = _BlockedPlan(A, B, C, N, gated, backward=True)
-    prec = _precision(A.dtype)
+    prec = plan.prec
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
     b, has_bias = bias_args(bias, A)
     has = {**has, "HAS_BIAS": has_bias}

@@ -6,6 +6,7 @@ kernels with the tiles and warps of the shipped ``GPU_LAUNCH`` table (lines ``sh
 
     PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats                 # NCHW tensors
     SM90_LAYOUT=1 PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats   # channels_last tensors
+    SM90_FP32_PREC=tf32x3 ...                                                # float32 dots as tf32x3
     PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats --each-kernel   # every kernel compiles, each LAYOUT
 
 ``C`` is a runtime argument of every blocked kernel, so one binary per (kernel, dtype, combination,
@@ -31,6 +32,8 @@ from .lstm_attention import BLOCK_C
 
 SMEM_LIMIT = 227 * 1024
 DTYPES = tuple(os.environ.get("SM90_DTYPES", "fp32,bf16,fp16").split(","))
+#: float32's ``tl.dot`` precision in the variants table: "ieee" (the default) or "tf32x3" (``Launch.prec``).
+FP32_PREC = os.environ.get("SM90_FP32_PREC", "ieee")
 #: The kernels' ``LAYOUT`` (``lstm_cell.LAYOUTS``): 0 NCHW, 1 channels_last, 2 NCHW 64-bit gate stride.
 LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
 _TY = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -78,7 +81,7 @@ def _compile(fn, ptr_types, consts, num_warps):
 def variants():
     BC, BNR, W = BLOCK_C, 64, 8
     for dt in DTYPES:
-        prec = "ieee" if dt == "fp32" else "tf32"
+        prec = FP32_PREC if dt == "fp32" else "tf32"
         BN = 32  # _BlockedPlan: 16 for gated float32 calls (every rows kernel of the call)
         a = {"a_ptr": dt, "c_ptr": dt}
         w = {p: dt for p in ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr")}
@@ -131,7 +134,7 @@ def shipped_single_pass():
         for dt in ("fp32",) if fp32 else ("bf16", "fp16"):
             if dt not in DTYPES:
                 continue
-            prec = "ieee" if dt == "fp32" else "tf32"
+            prec = (launch.prec or "ieee") if dt == "fp32" else "tf32"
             a = _all_ptrs(dt)
             consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec)
             # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
