@@ -16,7 +16,6 @@ against this.  CUDA only: the allocator history does not exist on CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from typing import Dict, List, Sequence, Tuple
@@ -92,6 +91,8 @@ def step_peak(module, x, gy) -> Tuple[int, List[Tuple[int, list]]]:
 
 
 def main(argv=None) -> int:
+    import gpu_check  # same folder (the script's own directory is on sys.path)
+
     import salstm_kernels as sk
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -110,12 +111,7 @@ def main(argv=None) -> int:
             dtype = getattr(torch, dname)
             unit = B * C * size * size * torch.finfo(dtype).bits // 8
             for name, cls in (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d)):
-                torch.manual_seed(0)
-                ref = cls(C, C, k, backend="reference").to(device=device, dtype=dtype)
-                tri = copy.deepcopy(ref)
-                tri.backend = "triton"
-                x = torch.randn(B, T, C, size, size, device=device, dtype=dtype, requires_grad=True)
-                gy = torch.randn(B, C, size, size, device=device, dtype=dtype)
+                ref, tri, x, gy = gpu_check.module_case(cls, device, dtype, B, C, T, k, size, size)
                 for impl, m in (("eager", ref), ("triton", tri)):
                     peak, blocks = step_peak(m, x, gy)
                     print(f"\n== {name} {size}x{size} {dname} {impl}: one unit = {unit / 2**20:.2f} MiB", flush=True)
