@@ -30,8 +30,11 @@ if ROOT not in sys.path:
 def live_at_peak(trace: Sequence[dict]) -> Tuple[int, List[Tuple[int, list]]]:
     """Replay an allocator trace (``device_traces[i]`` of a memory snapshot: dicts with ``action``,
     ``addr``, ``size``, ``frames``): ``(peak bytes, [(size, frames) of the blocks alive then]``,
-    largest first).  Bytes count from the trace's start: blocks allocated before it are not seen,
-    as ``max_memory_allocated`` minus the allocation before the call does not count them."""
+    largest first).  A block counts from ``alloc`` to ``free_requested`` (when the allocator's
+    *allocated* bytes drop; ``free_completed`` follows, later only for blocks used on another
+    stream); ``segment_*`` entries are reserved memory, not counted.  Sizes are the requested ones
+    (the allocator rounds blocks up, so ``max_memory_allocated`` can be a little higher).  Bytes
+    count from the trace's start, as ``max_memory_allocated`` minus the allocation before the call."""
     live: Dict[int, Tuple[int, list]] = {}
     cur = peak = 0
     at_peak: Dict[int, Tuple[int, list]] = {}
@@ -42,7 +45,7 @@ def live_at_peak(trace: Sequence[dict]) -> Tuple[int, List[Tuple[int, list]]]:
             cur += e["size"]
             if cur > peak:
                 peak, at_peak = cur, dict(live)
-        elif action == "free_completed" and e["addr"] in live:
+        elif action in ("free_requested", "free_completed") and e["addr"] in live:
             cur -= live.pop(e["addr"])[0]
     return peak, sorted(at_peak.values(), key=lambda b: -b[0])
 
@@ -53,7 +56,12 @@ def allocation_site(frames: Sequence[dict]) -> str:
         return f"{f.get('name', '?')} {os.path.basename(f.get('filename', '?'))}:{f.get('line', '?')}"
 
     py = [f for f in frames if str(f.get("filename", "")).endswith(".py")]
-    for pick in (lambda f: "salstm_kernels" in f["filename"], lambda f: "torch" in f["filename"], lambda f: True):
+
+    def ours(f):  # the package's own files (not a checkout directory that happens to share its name)
+        path = f["filename"].replace(os.sep, "/")
+        return "/salstm_kernels/" in path and "/benchmarks/" not in path and "/tests/" not in path
+
+    for pick in (ours, lambda f: "torch" in f["filename"], lambda f: True):
         found = [f for f in py if pick(f)]
         if found:
             return short(found[0])
@@ -71,8 +79,9 @@ def report(blocks: Sequence[Tuple[int, list]], peak: int, unit: int, top: int = 
     return "\n".join(lines)
 
 
-def step_peak(module, x, gy) -> Tuple[int, List[Tuple[int, list]]]:
-    """Allocator trace of one forward+backward of ``module`` (after one untraced warm-up step)."""
+def step_peak(module, x, gy) -> Tuple[int, List[Tuple[int, list]], int]:
+    """Allocator trace of one forward+backward of ``module`` (after one untraced warm-up step):
+    :func:`live_at_peak`'s result, and ``max_memory_allocated`` above the allocation before the step."""
     def step():
         for p in [x, *module.parameters()]:
             p.grad = None
@@ -80,14 +89,19 @@ def step_peak(module, x, gy) -> Tuple[int, List[Tuple[int, list]]]:
 
     step()
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
     try:
+        for p in [x, *module.parameters()]:
+            p.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
+        allocated_peak = torch.cuda.max_memory_allocated() - base
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    return live_at_peak(snap["device_traces"][x.device.index or 0])
+    return (*live_at_peak(snap["device_traces"][x.device.index or 0]), allocated_peak)
 
 
 def main(argv=None) -> int:
@@ -113,9 +127,11 @@ def main(argv=None) -> int:
             for name, cls in (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d)):
                 ref, tri, x, gy = gpu_check.module_case(cls, device, dtype, B, C, T, k, size, size)
                 for impl, m in (("eager", ref), ("triton", tri)):
-                    peak, blocks = step_peak(m, x, gy)
-                    print(f"\n== {name} {size}x{size} {dname} {impl}: one unit = {unit / 2**20:.2f} MiB", flush=True)
+                    peak, blocks, allocated = step_peak(m, x, gy)
+                    print(f"\n== {name} {size}x{size} {dname} {impl}: one unit = {unit / 2**20:.2f} MiB; "
+                          f"max_memory_allocated {allocated / 2**20:.1f} MiB", flush=True)
                     print(report(blocks, peak, unit, args.top), flush=True)
+                del m
                 del ref, tri, x, gy
                 torch.cuda.empty_cache()
     return 0

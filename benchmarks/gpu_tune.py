@@ -50,13 +50,15 @@ from salstm_kernels.triton import lstm_attention as la  # noqa: E402
 elapsed = gc.elapsed  # seconds since gpu_check was imported, i.e. since this run began
 
 
-def grid(path, smoke, fp32=False):
-    """The sweep's points for one path; float32 also gets "tf32x3" dot precision (``Launch.prec``)
-    at the tiles where sm_90 compiles of it fit (``sm90_stats``): BN 16 single-pass (the gated
-    backward needs 378 KB of shared memory there and fails to launch), BN 16 / 32 blocked."""
+def grid(path, smoke, key=(False, False, False)):
+    """The sweep's points for one path and ``(backward, gated, fp32)`` key; float32 also gets
+    "tf32x3" dot precision (``Launch.prec``) where sm_90 compiles of it fit (``sm90_stats``): BN 16
+    single-pass except the gated backward (378 KB of shared memory), BN 16 / 32 blocked."""
+    backward, gated, fp32 = key
+    x3_fits = fp32 and not (path == "single" and backward and gated)
     if smoke:
         pts = [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
-        return pts + ([pts[0]._replace(prec="tf32x3")] if fp32 else [])
+        return pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits else [])
     if path == "single":
         pts = [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
         x3 = [la.Launch(16, per_sm, w, prec="tf32x3") for w, per_sm in itertools.product((4, 8), (1, 2))]
@@ -64,7 +66,7 @@ def grid(path, smoke, fp32=False):
         pts = [la.Launch(bn, per_sm, w, red)
                for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]
         x3 = [la.Launch(bn, 2, w, 64, "tf32x3") for bn, w in itertools.product((16, 32), (4, 8))]
-    return pts + (x3 if fp32 else [])
+    return pts + (x3 if x3_fits else [])
 
 
 @contextlib.contextmanager
@@ -113,7 +115,7 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         shipped = (gc.bench_ms(fn, device), path0, launch0)
         results = []
         for path in ("single", "blocked"):
-            for launch in grid(path, smoke, dtype == torch.float32):
+            for launch in grid(path, smoke, key):
                 if elapsed() > budget_s:
                     break
                 try:
@@ -338,7 +340,7 @@ def main() -> int:
         B, C, T, k, sweep_shape, sizes = 2, 64, 2, 5, (224, 224), ((112, 112), (224, 224))
     dtypes = (torch.float32, torch.bfloat16)
     print("== sweep: attention op alone, ms (do_bench median), path (BN, splits/SM, warps, BN_red) ==", flush=True)
-    sweep_dtypes = tuple(getattr(torch, d) for d in args.sweep_dtypes.split(","))
+    sweep_dtypes = tuple(getattr(torch, d.strip()) for d in args.sweep_dtypes.split(",") if d.strip())
     best, heuristic = ({}, {}) if args.no_sweep else sweep(tk, device, B, C, *sweep_shape, sweep_dtypes,
                                                            args.sweep_budget_s, args.cpu_smoke)
     apply(best)

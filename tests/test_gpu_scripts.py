@@ -79,14 +79,16 @@ def test_memory_peak_replay_lists_what_is_alive_at_the_peak():
         import gpu_memory
     finally:
         sys.path.pop(0)
-    ours = [{"name": "lstm_cell", "filename": "/x/salstm_kernels/ops/lstm_cell.py", "line": 7},
+    ours = [{"name": "module_case", "filename": "/salstm_kernels/benchmarks/gpu_check.py", "line": 2},
+            {"name": "lstm_cell", "filename": "/x/salstm_kernels/ops/lstm_cell.py", "line": 7},
             {"name": "step", "filename": "/x/bench.py", "line": 1}]
     conv = [{"name": "at::native::conv", "filename": "Conv.cpp", "line": 3},
             {"name": "backward", "filename": "/usr/torch/autograd/__init__.py", "line": 9}]
     trace = [dict(action="alloc", addr=1, size=400, frames=ours),      # 400
              dict(action="alloc", addr=2, size=100, frames=conv),      # 500
-             dict(action="free_requested", addr=2, size=100),          # not yet returned
-             dict(action="free_completed", addr=2, size=100),          # 400
+             dict(action="free_requested", addr=2, size=100),          # 400 (allocated bytes drop here)
+             dict(action="free_completed", addr=2, size=100),          # back in the pool: no change
+             dict(action="segment_alloc", addr=9, size=5000),          # reserved memory: not counted
              dict(action="alloc", addr=3, size=300, frames=conv),      # 700: the peak
              dict(action="free_completed", addr=1, size=400),          # 300
              dict(action="alloc", addr=4, size=350, frames=ours)]      # 650

@@ -261,21 +261,38 @@ def test_blocked_kernels_at_narrow_channels(monkeypatch, nan_alloc):
     _check_attention((2, 24, 7, 9), torch.float32, "nonlinear", False)
 
 
-def test_blocked_backward_allocates_its_outputs_last():
+def test_blocked_backward_allocates_its_outputs_last(monkeypatch):
     """The SA-LSTM blocked backward's peak: ``dA`` and ``dc`` (5 state units) come after the float32
-    temporaries are down to ``dQ, dK, dV``, so at most 8 units are alive (it was 12 when they were
-    allocated first).  Allocator peak on CPU, float32 (one unit = one ``(B, C, N)`` float32)."""
+    temporaries are down to ``dQ, dK, dV``, so about 8 units are alive at most (9.1 when they were
+    allocated first).  Allocator peak, float32, one unit = one ``(B, C, N)`` float32.  Under the
+    interpreter each launch leaves its tensors in reference cycles; collecting after every launch
+    frees them when a GPU would, and keeps earlier calls' frees out of the measured window."""
+    import gc
+
     from salstm_kernels.bench import peak_memory
 
-    A, c, (dout, dh, dc_new), _ = _inputs(1, 72, 6, 5, torch.float32)
+    if DEVICE == "cpu":
+        from triton.runtime import interpreter
+
+        launch = interpreter.GridExecutor.__call__
+
+        def collecting(self, *a, **k):
+            out = launch(self, *a, **k)
+            gc.collect()
+            return out
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", collecting)
+    A, c, (dout, dh, dc_new), _ = _inputs(1, 72, 32, 32, torch.float32)
     _, _, _, P = tk.attention_forward(A, c, None, 0.3, "linear")
     unit = c.numel() * 4
 
     def backward():
         tk.attention_backward(A, c, None, P, dout, dh, dc_new, 0.3, "linear")
 
-    peak_memory(backward, torch.device("cpu"))  # warm-up: the profiler's first session allocates too
-    assert peak_memory(backward, torch.device("cpu")) / unit <= 8.1
+    peak_memory(backward, torch.device(DEVICE))  # warm-up: the profiler's first session allocates too
+    gc.collect()
+    assert peak_memory(backward, torch.device(DEVICE)) / unit <= 8.5
+
 
 ROUTED_SHAPE = (2, 40, 7, 9)  # padded C = 64 (TUNED_CP): where BLOCKED_AT_CP64 and GPU_LAUNCH apply
 

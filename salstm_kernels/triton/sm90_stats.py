@@ -175,6 +175,9 @@ def each_kernel():
 
 
 def main() -> int:
+    if FP32_PREC not in ("ieee", "tf32x3"):
+        print(f"SM90_FP32_PREC must be ieee or tf32x3 (Launch.prec for float32), got {FP32_PREC!r}")
+        return 2
     quick = "--each-kernel" in sys.argv[1:]
     bad = 0
     seen = set()
