@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .lstm_cell import (
-    gate_row_sums, load_lstm_inputs, load_optional_grad, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads,
+    gate_sums, load_lstm_inputs, load_optional_grad, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads,
     store_gate_sums, store_lstm_grads,
 )
 
@@ -270,5 +270,5 @@ def attention_bwd_rows_kernel(
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
     store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
     if HAS_BIAS:
-        si, sf, so, sg = gate_row_sums(mask, dai, daf, dao, dag)
+        si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 1)
         store_gate_sums(dbias_ptr + (b * tl.num_programs(0) + t) * 4 * C, rows, C, si, sf, so, sg)

@@ -60,7 +60,7 @@ import triton.language as tl
 
 from . import attention_blocked as blocked
 from .lstm_cell import (
-    bias_args, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_row_sums, load_lstm_inputs,
+    bias_args, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_sums, load_lstm_inputs,
     lstm_state, lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads, store_gate_sums,
     store_lstm_grads,
 )
@@ -408,7 +408,7 @@ def _attention_bwd_kernel(
         dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
         store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
         if HAS_BIAS:
-            si, sf, so, sg = gate_row_sums(mask, dai, daf, dao, dag)
+            si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 1)
             store_gate_sums(dbias_ptr + (b * n_tiles + t) * 4 * C, tl.arange(0, CP), C, si, sf, so, sg)
     if GATED:
         base = b * SPLITS + split

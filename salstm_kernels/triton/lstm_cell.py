@@ -2,8 +2,10 @@
 
 Forward: ``A (B, 4C, N)`` (gate order i, f, o, g) and ``c (B, C, N)`` -> ``h', c'``.
 Backward: recomputes the gates from ``A`` and ``c`` (nothing else is saved) -> ``dA, dc``.  With
-a folded conv bias in NCHW it runs one program per block of an (image, channel) plane instead
-(``_cell_bwd_plane_kernel``), which also sums its ``dA`` per gate: the bias gradient's partials.
+a folded conv bias it runs tiles whose channels are known instead -- NCHW: a block of one (image,
+channel) plane (``_cell_bwd_plane_kernel``); channels_last: a block of pixels x all channels
+(``_cell_bwd_pixels_kernel``) -- and each program also sums its ``dA`` per gate and channel: the
+bias gradient's partials, summed by torch (no separate pass over ``dA``).
 
 Layout (:mod:`salstm_kernels.ops.layout`): NCHW, or channels_last when ``A`` is (every state
 tensor and ``dA`` then channels_last too).  Both are "``G`` consecutive values of one gate, then
@@ -128,13 +130,13 @@ def store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gate_stride, mask, dai, daf
 
 
 @triton.jit
-def gate_row_sums(mask, dai, daf, dao, dag):
-    """A tile's ``dA`` summed over its pixels (axis 1), per gate: its share of the folded conv
+def gate_sums(mask, dai, daf, dao, dag, AXIS: tl.constexpr):
+    """A tile's ``dA`` summed over its pixel axis ``AXIS``, per gate: its share of the folded conv
     bias's gradient.  Masked-out elements count as zero."""
-    si = tl.sum(tl.where(mask, dai, 0.0), axis=1)
-    sf = tl.sum(tl.where(mask, daf, 0.0), axis=1)
-    so = tl.sum(tl.where(mask, dao, 0.0), axis=1)
-    sg = tl.sum(tl.where(mask, dag, 0.0), axis=1)
+    si = tl.sum(tl.where(mask, dai, 0.0), axis=AXIS)
+    sf = tl.sum(tl.where(mask, daf, 0.0), axis=AXIS)
+    so = tl.sum(tl.where(mask, dao, 0.0), axis=AXIS)
+    sg = tl.sum(tl.where(mask, dag, 0.0), axis=AXIS)
     return si, sf, so, sg
 
 
@@ -203,15 +205,14 @@ def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_ptr, G, PIX, total, BLOCK: tl.constexpr,
-                     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr,
-                     HAS_BIAS: tl.constexpr = False):
+def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, G, total, BLOCK: tl.constexpr,
+                     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+    """Without a bias (with one, the plane / pixel kernels below also sum the bias gradient)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     G = gate_stride_of(G, LAYOUT)
     a_offs = _gate_i_offsets(idx, G)
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask, bias_ptr, _channel(idx, G, PIX),
-                                         G // PIX, HAS_BIAS)
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask, a_ptr, idx, G, False)
     i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
     dh = load_optional_grad(dh_ptr, idx, mask, HAS_DH)
     dcn = load_optional_grad(dcn_ptr, idx, mask, HAS_DCN)
@@ -247,6 +248,29 @@ def _cell_bwd_plane_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_p
     tl.store(row + C, tl.sum(tl.where(mask, daf, 0.0), axis=0))
     tl.store(row + 2 * C, tl.sum(tl.where(mask, dao, 0.0), axis=0))
     tl.store(row + 3 * C, tl.sum(tl.where(mask, dag, 0.0), axis=0))
+
+
+@triton.jit
+def _cell_bwd_pixels_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, n_pixels,
+                            BP: tl.constexpr, CP: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+    """channels_last with the conv bias folded in: ``_cell_bwd_kernel``'s math on a tile of ``BP``
+    pixels x all ``C`` channels (padded to ``CP``), so each program also sums its ``dA`` per gate
+    and channel over its pixels -- row ``pid`` of the bias gradient's ``(programs, 4C)`` float32
+    partials.  Pixels of every image in a row (``B * N`` of them); offsets are 64-bit."""
+    pid = tl.program_id(0).to(tl.int64)
+    pix = pid * BP + tl.arange(0, BP)
+    ch = tl.arange(0, CP)
+    mask = (pix < n_pixels)[:, None] & (ch < C)[None, :]
+    c_offs = pix[:, None] * C + ch[None, :]
+    a_offs = pix[:, None] * (4 * C) + ch[None, :]
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, C, mask, bias_ptr, ch[None, :], C, True)
+    i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
+    dh = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
+    dcn = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
+    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
+    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, C, mask, dai, daf, dao, dag, dc)
+    si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 0)
+    store_gate_sums(dbias_ptr + pid * 4 * C, ch, C, si, sf, so, sg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,8 +376,9 @@ def optional_grad(t, dummy: torch.Tensor, fmt: torch.memory_format) -> torch.Ten
 
 
 def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
-    """``(dA, dc)``; with a ``bias``, ``(dA, dc, dbias)``: ``dbias`` float32 ``(4C,)``, the kernel's
-    per-plane sums of ``dA`` added up (NCHW), or None (channels_last: the op layer sums ``dA``)."""
+    """``(dA, dc)``; with a ``bias``, ``(dA, dc, dbias)``: ``dbias`` float32 ``(4C,)``, the kernels'
+    per-program sums of ``dA`` added up (NCHW: per block of a plane; channels_last: per block of
+    pixels, all channels)."""
     check_cell_shapes(A, c)
     check_dtypes(A, c, dh, dc_new, bias)
     A, c, fmt, layout = dense_layout(A, c)
@@ -374,8 +399,17 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
         _cell_bwd_plane_kernel[(B * C * n_chunks,)](A, c, dh, dc_new, dA, dc, b, partials, C, N, n_chunks,
                                                     BLOCK=block, **has)
         return dA, dc, partials.sum(dim=0)
+    if has_bias:  # channels_last
+        C = c.shape[1]
+        CP = triton.next_power_of_2(C)
+        BP = max(1, _BLOCK // CP)
+        n_pixels = total // C
+        programs = triton.cdiv(n_pixels, BP)
+        partials = torch.empty(programs, 4 * C, dtype=torch.float32, device=A.device)
+        _cell_bwd_pixels_kernel[(programs,)](A, c, dh, dc_new, dA, dc, b, partials, C, n_pixels, BP=BP, CP=CP,
+                                             **has)
+        return dA, dc, partials.sum(dim=0)
     block = _block(total)
-    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, b, gate_stride(c, layout),
-                                                   _pixels_per_channel_run(c, layout), total, BLOCK=block,
-                                                   LAYOUT=layout, HAS_BIAS=has_bias, **has)
-    return (dA, dc, None) if has_bias else (dA, dc)
+    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, gate_stride(c, layout), total,
+                                                   BLOCK=block, LAYOUT=layout, **has)
+    return dA, dc

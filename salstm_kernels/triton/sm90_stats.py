@@ -107,8 +107,12 @@ def variants():
             flags = dict(HAS_DH=has[0], HAS_DCN=has[1])
             tag = f"{dt} HAS_DH={int(has[0])} HAS_DCN={int(has[1])}"
             yield (f"cell_bwd {tag}", cl._cell_bwd_kernel, {**a, **grads}, dict(BLOCK=1024, **flags), 4)
-            if LAYOUT != 1:  # NCHW with the conv bias: per-plane programs that also sum dA for its gradient
+            # with the conv bias: programs that also sum dA for its gradient (NCHW planes / NHWC pixels)
+            if LAYOUT != 1:
                 yield (f"cell_bwd_plane {tag}", cl._cell_bwd_plane_kernel, {**a, **grads}, dict(BLOCK=1024, **flags), 4)
+            else:
+                yield (f"cell_bwd_pixels {tag}", cl._cell_bwd_pixels_kernel, {**a, **grads},
+                       dict(BP=16, CP=64, **flags), 4)
             for gated in (False, True):
                 rows = dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0, GATED=gated, PREC=prec, **flags)
                 yield (f"attention_bwd_rows {tag} gated={int(gated)}", bk.attention_bwd_rows_kernel,
@@ -172,6 +176,8 @@ def each_kernel():
             yield f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}", fn, ptrs, {**consts, "LAYOUT": layout, **has_bias}, 4
     yield "cell_bwd_plane_kernel bf16 (NCHW)", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
                                                                                       HAS_DCN=False), 4
+    yield "cell_bwd_pixels_kernel bf16 (NHWC)", cl._cell_bwd_pixels_kernel, ptrs, dict(BP=16, CP=64, HAS_DH=True,
+                                                                                        HAS_DCN=False), 4
 
 
 def main() -> int:
