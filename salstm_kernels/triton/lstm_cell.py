@@ -142,8 +142,8 @@ def gate_sums(mask, dai, daf, dao, dag, AXIS: tl.constexpr):
 
 @triton.jit
 def store_gate_sums(ptr, ch, C, si, sf, so, sg):
-    """Per-gate sums of channels ``ch`` into one ``(4C,)`` float32 row of bias-gradient partials
-    (gate order i, f, o, g: the bias's)."""
+    """Per-gate sums of channels ``ch`` (a vector, or one channel) into one ``(4C,)`` float32 row of
+    bias-gradient partials (gate order i, f, o, g: the bias's)."""
     m = ch < C
     tl.store(ptr + ch, si, mask=m)
     tl.store(ptr + C + ch, sf, mask=m)
@@ -205,19 +205,28 @@ def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
 
 
 @triton.jit
+def cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C,
+                    HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+    """The cell backward at given offsets: gates recomputed from ``A`` (+ bias) and ``c``, ``dA``
+    and ``dc`` written; returns ``dA``'s four gate values (for the bias gradient's sums)."""
+    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C, HAS_BIAS)
+    i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
+    dh = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
+    dcn = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
+    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
+    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
+    return dai, daf, dao, dag
+
+
+@triton.jit
 def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, G, total, BLOCK: tl.constexpr,
                      LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
     """Without a bias (with one, the plane / pixel kernels below also sum the bias gradient)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     G = gate_stride_of(G, LAYOUT)
-    a_offs = _gate_i_offsets(idx, G)
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask, a_ptr, idx, G, False)
-    i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
-    dh = load_optional_grad(dh_ptr, idx, mask, HAS_DH)
-    dcn = load_optional_grad(dcn_ptr, idx, mask, HAS_DCN)
-    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
-    store_lstm_grads(da_ptr, dc_ptr, a_offs, idx, G, mask, dai, daf, dao, dag, dc)
+    cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, _gate_i_offsets(idx, G), idx, G, mask, a_ptr, idx, G,
+                    False, HAS_DH, HAS_DCN)
 
 
 @triton.jit
@@ -237,17 +246,10 @@ def _cell_bwd_plane_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_p
     c_offs = plane * N + pix
     a_offs = (plane + 3 * b * C) * N + pix  # (b * 4C + ch) * N
     gs = (b * 0 + C) * N
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C, True)
-    i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
-    dh = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
-    dcn = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
-    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
-    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
-    row = dbias_ptr + (b * n_chunks + chunk) * 4 * C + ch
-    tl.store(row, tl.sum(tl.where(mask, dai, 0.0), axis=0))
-    tl.store(row + C, tl.sum(tl.where(mask, daf, 0.0), axis=0))
-    tl.store(row + 2 * C, tl.sum(tl.where(mask, dao, 0.0), axis=0))
-    tl.store(row + 3 * C, tl.sum(tl.where(mask, dag, 0.0), axis=0))
+    dai, daf, dao, dag = cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, a_offs, c_offs, gs, mask,
+                                         bias_ptr, ch, C, True, HAS_DH, HAS_DCN)
+    si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 0)
+    store_gate_sums(dbias_ptr + (b * n_chunks + chunk) * 4 * C, ch, C, si, sf, so, sg)
 
 
 @triton.jit
@@ -263,12 +265,8 @@ def _cell_bwd_pixels_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_
     mask = (pix < n_pixels)[:, None] & (ch < C)[None, :]
     c_offs = pix[:, None] * C + ch[None, :]
     a_offs = pix[:, None] * (4 * C) + ch[None, :]
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, C, mask, bias_ptr, ch[None, :], C, True)
-    i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
-    dh = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
-    dcn = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
-    dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
-    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, C, mask, dai, daf, dao, dag, dc)
+    dai, daf, dao, dag = cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, a_offs, c_offs, C, mask,
+                                         bias_ptr, ch[None, :], C, True, HAS_DH, HAS_DCN)
     si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 0)
     store_gate_sums(dbias_ptr + pid * 4 * C, ch, C, si, sf, so, sg)
 
