@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import salstm_kernels as sk  # noqa: E402
 from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import providers  # noqa: E402
-from salstm_kernels.testing import random_projections, scaled_error, tolerance  # noqa: E402
+from salstm_kernels.testing import nan_allocations, random_projections, scaled_error, tolerance  # noqa: E402
 from salstm_kernels.verify import DESIGNS, module_runner, parity  # noqa: E402
 
 COMBOS = (("linear", False), ("nonlinear", False), ("linear", True), ("nonlinear", True), ("none", True))
@@ -214,23 +214,6 @@ def autocast_parity(log: ParityLog, device, design, amp_dtype, seed=0):
         log.row(label, amp_dtype, errs)
     except Exception as e:  # noqa: BLE001
         log.row(label, amp_dtype, [], error=f"{type(e).__name__}: {e}"[:200])
-
-
-@contextlib.contextmanager
-def nan_allocations():
-    """Fresh ``torch.empty`` / ``empty_like`` tensors NaN-filled (as the tests' fixture does), so an
-    output element or bias-gradient partial row a kernel never wrote shows up as NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **k: fill(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def bias_grad_err(dbias, dA, prefix=""):

@@ -5,6 +5,7 @@ The per-dtype tolerance table lives here and only here.  Errors are measured as
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +50,23 @@ def assert_close(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, backwar
         kind = "grad" if backward else "output"
         raise AssertionError(f"{name or kind}: scaled error {err:.3e} > tolerance {tol:.1e} ({dtype})")
     return err
+
+
+@contextlib.contextmanager
+def nan_allocations():
+    """Within the block, fresh ``torch.empty`` / ``empty_like`` floating tensors are NaN-filled, so
+    output elements (or partial rows) a kernel never wrote show up as NaN; restored on exit."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: fill(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
 
 
 def nan_like(t: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,9 @@ else:  # pragma: no cover
 import salstm_kernels as sk  # noqa: E402
 from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import reference_kernels as rk  # noqa: E402
-from salstm_kernels.testing import assert_close, grads_of, nan_like, random_projections  # noqa: E402
+from salstm_kernels.testing import (  # noqa: E402
+    assert_close, grads_of, nan_allocations, nan_like, random_projections,
+)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 COMBOS = [("linear", False), ("nonlinear", False), ("linear", True), ("nonlinear", True), ("none", True)]
@@ -43,15 +45,10 @@ LOW = [torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def nan_alloc(monkeypatch):
+def nan_alloc():
     """Fresh ``torch.empty`` / ``empty_like`` tensors are NaN-filled, so unwritten outputs show."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    with nan_allocations():
+        yield
 
 
 def _inputs(B, C, H, W, dtype, seed=0, fmt=torch.contiguous_format):
@@ -782,3 +779,12 @@ def test_cuda_64bit_offsets():
 def test_nan_like_helper_is_what_the_fixture_mirrors():
     t = torch.zeros(3)
     assert torch.isnan(nan_like(t)).all()
+
+
+def test_nan_allocations_fill_floats_and_restore_torch():
+    """The fixture's (and gpu_check's) context: NaN-filled float allocations inside, torch as it was after."""
+    empty = torch.empty
+    with nan_allocations():
+        assert torch.isnan(torch.empty(4)).all() and torch.isnan(torch.empty_like(torch.zeros(2))).all()
+        assert torch.empty(3, dtype=torch.int64).dtype == torch.int64  # integers are left as they come
+    assert torch.empty is empty
