@@ -60,9 +60,9 @@ import triton.language as tl
 
 from . import attention_blocked as blocked
 from .lstm_cell import (
-    bias_args, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_sums, load_lstm_inputs,
-    lstm_state, lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads, store_gate_sums,
-    store_lstm_grads,
+    bias_args, bias_partials, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_sums,
+    load_lstm_inputs, lstm_state, lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads,
+    store_gate_sums, store_lstm_grads,
 )
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
@@ -550,10 +550,8 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     comb = _combination(combination, gated)
     if B == 0 or C == 0 or N == 0:
         dproj = tuple(torch.zeros_like(p) for p in proj) if gated else None
-        if bias is None:
-            return torch.empty_like(A), torch.empty_like(c), dproj
-        return torch.empty_like(A), torch.empty_like(c), dproj, torch.zeros(A.shape[1], dtype=torch.float32,
-                                                                             device=A.device)
+        empty = (torch.empty_like(A), torch.empty_like(c), dproj)
+        return empty if bias is None else (*empty, bias_partials(0, A).sum(dim=0))
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
     if not _single_pass(C, True, gated, A.dtype):
         return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias)
@@ -577,7 +575,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         db = torch.empty(B * plan.splits, 3, C, dtype=torch.float32, device=A.device)
     else:
         dw = db = A  # dummies: never written when not GATED
-    dbias = torch.empty(B * plan.n_tiles, 4 * C, dtype=torch.float32, device=A.device) if has["HAS_BIAS"] else A
+    dbias = bias_partials(B * plan.n_tiles, A) if has["HAS_BIAS"] else A
     _attention_bwd_kernel[grid](
         A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b, dbias,
         C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta, **has
@@ -725,7 +723,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
     dA, dc = torch.empty_like(A), torch.empty_like(c)
-    dbias = torch.empty(B * plan.n_tiles, 4 * C, dtype=torch.float32, device=A.device) if has_bias else dA
+    dbias = bias_partials(B * plan.n_tiles, A) if has_bias else dA
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
         A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, b, dbias, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps, **has,

@@ -343,6 +343,13 @@ def bias_args(bias, A: torch.Tensor):
     return (A, False) if bias is None else (bias.contiguous(), True)
 
 
+def bias_partials(rows: int, A: torch.Tensor) -> torch.Tensor:
+    """The folded conv bias's gradient partials: ``(rows, 4C)`` float32, one row per program (or
+    tile) of a backward kernel, each written once (``store_gate_sums``); the gradient is their sum
+    over rows, fixed order, no atomics (zeros for no rows)."""
+    return torch.empty(rows, A.shape[1], dtype=torch.float32, device=A.device)
+
+
 def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor, layout: int,
                       bias=None) -> None:
     """``h', c'`` into given dense tensors of ``A``'s layout (any supported dtype, e.g. float32
@@ -387,13 +394,13 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
     total = c.numel()
     b, has_bias = bias_args(bias, A)
     if total == 0:
-        return (dA, dc, torch.zeros(A.shape[1], dtype=torch.float32, device=A.device)) if has_bias else (dA, dc)
+        return (dA, dc, bias_partials(0, A).sum(dim=0)) if has_bias else (dA, dc)
     if has_bias and layout != LAYOUTS["channels_last"]:
         B, C = c.shape[:2]
         N = c[0, 0].numel()
         block = _block(N)
         n_chunks = triton.cdiv(N, block)
-        partials = torch.empty(B * n_chunks, 4 * C, dtype=torch.float32, device=A.device)
+        partials = bias_partials(B * n_chunks, A)
         _cell_bwd_plane_kernel[(B * C * n_chunks,)](A, c, dh, dc_new, dA, dc, b, partials, C, N, n_chunks,
                                                     BLOCK=block, **has)
         return dA, dc, partials.sum(dim=0)
@@ -403,7 +410,7 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
         BP = max(1, _BLOCK // CP)
         n_pixels = total // C
         programs = triton.cdiv(n_pixels, BP)
-        partials = torch.empty(programs, 4 * C, dtype=torch.float32, device=A.device)
+        partials = bias_partials(programs, A)
         _cell_bwd_pixels_kernel[(programs,)](A, c, dh, dc_new, dA, dc, b, partials, C, n_pixels, BP=BP, CP=CP,
                                              **has)
         return dA, dc, partials.sum(dim=0)
