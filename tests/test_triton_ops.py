@@ -423,6 +423,24 @@ def test_absent_state_grads_read_as_zero(C, gated, nan_alloc):
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_provider_takes_an_empty_batch(with_bias):
+    """B = 0 straight into the provider (the ops and modules never send it): empty outputs of the
+    right shapes, a zero bias gradient, no launch.  The layout choice had indexed image 0 and raised
+    IndexError."""
+    A, c = torch.randn(0, 32, 3, 5, device=DEVICE), torch.randn(0, 8, 3, 5, device=DEVICE)
+    bias = {"bias": torch.randn(32, device=DEVICE)} if with_bias else {}
+    h, c1 = tk.cell_forward(A, c, **bias)
+    assert h.shape == c1.shape == c.shape
+    cell = tk.cell_backward(A, c, None, None, **bias)
+    out, h, c1, P = tk.attention_forward(A, c, None, 0.1, "linear", **bias)
+    assert out.shape == c.shape and P.shape == (0, 8, 8)
+    att = tk.attention_backward(A, c, None, P, out, None, None, 0.1, "linear", **bias)
+    assert cell[0].shape == att[0].shape == A.shape and cell[1].shape == att[1].shape == c.shape
+    if with_bias:
+        assert torch.equal(cell[2], torch.zeros(32, device=DEVICE)) and torch.equal(att[3], cell[2])
+
+
 def test_non_contiguous_inputs_are_accepted():
     A, c, (dout, dh, dc_new), _ = _inputs(1, 8, 9, 7, torch.float32)
     At, ct = A.transpose(2, 3).contiguous().transpose(2, 3), c.transpose(2, 3).contiguous().transpose(2, 3)

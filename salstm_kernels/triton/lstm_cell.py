@@ -315,7 +315,7 @@ def dense_layout(A: torch.Tensor, c: torch.Tensor):
     A, c = A.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt)
     if fmt == torch.channels_last:
         return A, c, fmt, LAYOUTS["channels_last"]
-    wide = c.dim() > 0 and 3 * c[0].numel() >= 2**31
+    wide = 3 * c[:1].numel() >= 2**31  # one image's C N (none for B = 0)
     return A, c, fmt, LAYOUTS["nchw_wide" if wide else "nchw"]
 
 
