@@ -224,9 +224,10 @@ def bias_grad_err(dbias, dA, prefix=""):
 
 def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, H=2049, W=2049, backward=False):
     """``B * 4C * N > 2^31`` elements, float16, C = 64, with a conv bias folded in (as the modules
-    run), the last image checked against the reference kernels (float32) on ``A + bias``.  B = 2, 2049x2049: the second image lies past 2^31 (batch
-    offsets).  B = 1, 2900x2900: offsets *within* one image pass 2^31.  B = 1, 3400x3400: in NCHW
-    also the gate stride ``3 C N`` (the kernels' 64-bit-stride variant, ``LAYOUT = 2``)."""
+    run), the last image checked against the reference kernels (float32) on ``A + bias``.  B = 2,
+    2049x2049: the second image lies past 2^31 (batch offsets).  B = 1, 2900x2900: offsets *within*
+    one image pass 2^31.  B = 1, 3400x3400: in NCHW also the gate stride ``3 C N`` (the kernels'
+    64-bit-stride variant, ``LAYOUT = 2``)."""
     C = 64
     label = (f"op 64-bit offsets B{B} C{C} {H}x{W} (B*4C*N={B * 4 * C * H * W:.2e})"
              + (" NHWC" if fmt == torch.channels_last else "") + (" fwd+bwd" if backward else ""))
@@ -280,9 +281,8 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
             with nan_allocations():
                 dA, dc, dbias = tk.cell_backward(A, c, dh, dcn, bias=bias)
             rdA, rdc = rk.cell_backward(biased(tail(A)), *(tail(t).float() for t in (c, dh, dcn)))
-            errs += [("cell dA", err(dA, rdA), True), ("cell dc", err(dc, rdc), True)]
-            if dbias is not None:  # None: channels_last, where the op layer sums dA itself
-                errs.append(bias_grad_err(dbias, dA, "cell "))
+            errs += [("cell dA", err(dA, rdA), True), ("cell dc", err(dc, rdc), True),
+                     bias_grad_err(dbias, dA, "cell ")]
         log.row(label, torch.float16, errs)
     except Exception as e:  # noqa: BLE001
         log.row(label, torch.float16, [], error=f"{type(e).__name__}: {e}"[:200])
