@@ -22,7 +22,7 @@ computes NCHW still gives correct results, with copies; the ``cpp`` provider run
     that produced ``A``, which then ran without it; the kernels add it as they load ``A`` (no
     separate pass over ``A``).  Given a bias, the backward functions return its gradient as one more
     trailing element (float32 ``(4C,)``: ``dA`` summed over batch and pixels, e.g. from sums the
-    kernels take as they write ``dA``), or None there to leave that sum to the op layer.
+    kernels take as they write ``dA``).
     Otherwise the op layer adds the bias to ``A`` first (:func:`biased`) and sums ``dA``.
 ``supported_dtypes(device_type) -> tuple of torch.dtype`` (optional; default: all four float types)
     the input dtypes the provider computes; others raise a clear ``TypeError``.
@@ -95,14 +95,13 @@ def biased(provider: ModuleType, A: torch.Tensor, bias):
 def bias_grad(result, n: int, dA: torch.Tensor, bias, wanted: bool = True) -> torch.Tensor:
     """The bias gradient a backward op returns, ``(4C,)`` float32 (float64 for float64 ``dA``):
     what a folding provider's backward returned after its ``n`` usual outputs, or ``dA`` summed
-    over batch and pixels where it returned None or nothing there; empty without a bias or when
-    not ``wanted`` (no pass over ``dA`` then)."""
+    over batch and pixels where it returned nothing there (a provider that does not fold the bias);
+    empty without a bias or when not ``wanted`` (no pass over ``dA`` then)."""
     if bias is None or not wanted:
         return bias_grad_like(dA, None)
-    got = result[n] if len(result) > n else None
-    if got is None:
-        got = dA.sum(dim=[0, *range(2, dA.dim())], dtype=_accumulation_dtype(dA))
-    return got
+    if len(result) > n:
+        return result[n]
+    return dA.sum(dim=[0, *range(2, dA.dim())], dtype=_accumulation_dtype(dA))
 
 
 def bias_grad_like(A: torch.Tensor, bias, wanted: bool = True) -> torch.Tensor:
