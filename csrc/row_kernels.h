@@ -14,7 +14,9 @@ enum Combination : int { kLinear = 0, kNonlinear = 1, kNone = 2 };
 // after the first in A / dA, r * runs.t in c, dh, dc' and dc, r * runs.o in the outputs h', c', and
 // r * runs.buf in the tile buffers (fq, fk, dh_extra, dfq, dfk, dfv).
 // NCHW: a run is one channel's pixels; NHWC (channels_last): a run is one pixel's C channels.
-// Within a run the gate rows of A (i, f, o, g) are `gs` elements apart, as are those of dA.
+// Within a run the gate rows of A (i, f, o, g) are `gs` elements apart, as are those of dA.  The
+// zero-state kernels (previous h = c = 0, so no forget gate) take A / dA with three gate rows,
+// i at 0, o at gs, g at 2 * gs.
 struct Runs {
   int64_t count, a, t, o, buf;
 };
@@ -31,6 +33,11 @@ struct RowKernels {
   //   (null when absent).  dh and dcn may be null too (no gradient: zero).
   void (*backward)(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
                    const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L, Runs runs);
+  // The cell from a zero state (h = c = 0: the first step): A has the gate rows i, o, g (no f);
+  // c' = i * g, h' = o * tanh(c').
+  void (*cell_forward_zero_state)(const T* A, int64_t gs, T* h, T* cn, int64_t L, Runs runs);
+  // Its backward: dA (rows i, o, g) from dh, dcn (either may be null: zero); no dc.
+  void (*backward_zero_state)(const T* A, int64_t gs, const T* dh, const T* dcn, T* dA, int64_t L, Runs runs);
   // Tile helpers of the projected (LSTM-SA) path, vectorized here rather than left to the
   // portable salstm_ops.cpp build.  out = a * b on `rows` rows of L (out may be a).
   void (*mul)(T* out, int64_t ldo, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t rows, int64_t L);

@@ -77,32 +77,48 @@ struct State {
   Vectorized<T> i, f, o, g, c, cn, tc, h;
 };
 
-template <typename T>
+// kZeroState: the previous state is zero (h = c = 0), A holds the gate rows i, o, g only (o at gs,
+// g at 2 * gs), c is not read (may be null) and f, c stay unset: c' = i * g.
+template <typename T, bool kZeroState = false>
 C10_ALWAYS_INLINE State<T> load_state(const T* A, int64_t gs, const T* c, int64_t j, int64_t n) {
   using V = Vectorized<T>;
   State<T> s;
   s.i = sigmoid(V::loadu(A + j, n));
-  s.f = sigmoid(V::loadu(A + gs + j, n));
-  s.o = sigmoid(V::loadu(A + 2 * gs + j, n));
-  s.g = tanh_(V::loadu(A + 3 * gs + j, n));
-  s.c = V::loadu(c + j, n);
-  s.cn = s.f * s.c + s.i * s.g;
+  if constexpr (kZeroState) {
+    s.o = sigmoid(V::loadu(A + gs + j, n));
+    s.g = tanh_(V::loadu(A + 2 * gs + j, n));
+    s.cn = s.i * s.g;
+  } else {
+    s.f = sigmoid(V::loadu(A + gs + j, n));
+    s.o = sigmoid(V::loadu(A + 2 * gs + j, n));
+    s.g = tanh_(V::loadu(A + 3 * gs + j, n));
+    s.c = V::loadu(c + j, n);
+    s.cn = s.f * s.c + s.i * s.g;
+  }
   s.tc = tanh_(s.cn);
   s.h = s.o * s.tc;
   return s;
 }
 
-template <typename T>
+template <typename T, bool kZeroState = false>
 void cell_forward(const T* A, int64_t gs, const T* c, T* h, T* cn, int64_t L, Runs runs) {
   constexpr int64_t W = Vectorized<T>::size();
-  for (int64_t r = 0; r < runs.count; ++r, A += runs.a, c += runs.t, h += runs.o, cn += runs.o) {
+  for (int64_t r = 0; r < runs.count; ++r) {
+    const T* a = A + r * runs.a;
+    const T* cr = kZeroState ? nullptr : c + r * runs.t;
+    T *hr = h + r * runs.o, *cnr = cn + r * runs.o;
     for (int64_t j = 0; j < L; j += W) {
       const int64_t n = std::min<int64_t>(W, L - j);
-      State<T> s = load_state(A, gs, c, j, n);
-      s.h.store(h + j, n);
-      s.cn.store(cn + j, n);
+      State<T> s = load_state<T, kZeroState>(a, gs, cr, j, n);
+      s.h.store(hr + j, n);
+      s.cn.store(cnr + j, n);
     }
   }
+}
+
+template <typename T>
+void cell_forward_zero_state(const T* A, int64_t gs, T* h, T* cn, int64_t L, Runs runs) {
+  cell_forward<T, true>(A, gs, nullptr, h, cn, L, runs);
 }
 
 template <typename T>
@@ -130,20 +146,22 @@ void attention_state(const T* A, int64_t gs, const T* c, T* h, T* cn, T* fq, T* 
   }
 }
 
-template <typename T>
+// kZeroState: A and dA have the gate rows i, o, g (see load_state); c, dc, dh_extra and the factor
+// gradients are not used (may be null).
+template <typename T, bool kZeroState = false>
 C10_ALWAYS_INLINE void backward_run(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, const T* dh_extra,
                                     const T* dfq, const T* dfk, const T* dfv, int comb, T* dA, T* dc, int64_t L) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const V one(T(1)), half(T(0.5)), zero(T(0));
-  const bool factors = dfq != nullptr && comb != kNone;
+  const bool factors = !kZeroState && dfq != nullptr && comb != kNone;
   for (int64_t j = 0; j < L; j += W) {
     const int64_t n = std::min<int64_t>(W, L - j);
-    State<T> s = load_state(A, gs, c, j, n);
+    State<T> s = load_state<T, kZeroState>(A, gs, c, j, n);
     V dh_t = dh != nullptr ? V::loadu(dh + j, n) : zero;  // absent gradients are zero
     V dc_t = dcn != nullptr ? V::loadu(dcn + j, n) : zero;
     V df = zero, dg = zero;
-    if (dh_extra != nullptr) dh_t = dh_t + V::loadu(dh_extra + j, n);
+    if (!kZeroState && dh_extra != nullptr) dh_t = dh_t + V::loadu(dh_extra + j, n);
     if (factors) {
       const V gq = V::loadu(dfq + j, n);
       const V gk = V::loadu(dfk + j, n);
@@ -164,10 +182,15 @@ C10_ALWAYS_INLINE void backward_run(const T* A, int64_t gs, const T* c, const T*
     }
     const V dct = dc_t + dh_t * s.o * (one - s.tc * s.tc);
     (dct * s.g * s.i * (one - s.i)).store(dA + j, n);
-    ((dct * s.c + df) * s.f * (one - s.f)).store(dA + gs + j, n);
-    (dh_t * s.tc * s.o * (one - s.o)).store(dA + 2 * gs + j, n);
-    ((dct * s.i + dg) * (one - s.g * s.g)).store(dA + 3 * gs + j, n);
-    (dct * s.f).store(dc + j, n);
+    if constexpr (kZeroState) {
+      (dh_t * s.tc * s.o * (one - s.o)).store(dA + gs + j, n);
+      (dct * s.i * (one - s.g * s.g)).store(dA + 2 * gs + j, n);
+    } else {
+      ((dct * s.c + df) * s.f * (one - s.f)).store(dA + gs + j, n);
+      (dh_t * s.tc * s.o * (one - s.o)).store(dA + 2 * gs + j, n);
+      ((dct * s.i + dg) * (one - s.g * s.g)).store(dA + 3 * gs + j, n);
+      (dct * s.f).store(dc + j, n);
+    }
   }
 }
 
@@ -179,6 +202,16 @@ void backward(const T* A, int64_t gs, const T* c, const T* dh, const T* dcn, con
     backward_run(A + a, gs, c + t, dh ? dh + t : nullptr, dcn ? dcn + t : nullptr, dh_extra ? dh_extra + u : nullptr,
                  dfq ? dfq + u : nullptr,
                  dfk ? dfk + u : nullptr, dfv ? dfv + u : nullptr, comb, dA + a, dc + t, L);
+  }
+}
+
+// A and dA share the run stride runs.a; dh, dcn advance by runs.t.
+template <typename T>
+void backward_zero_state(const T* A, int64_t gs, const T* dh, const T* dcn, T* dA, int64_t L, Runs runs) {
+  for (int64_t r = 0; r < runs.count; ++r) {
+    const int64_t a = r * runs.a, t = r * runs.t;
+    backward_run<T, true>(A + a, gs, nullptr, dh ? dh + t : nullptr, dcn ? dcn + t : nullptr, nullptr, nullptr,
+                          nullptr, nullptr, kNone, dA + a, nullptr, L);
   }
 }
 
@@ -225,7 +258,16 @@ void col_sums(const T* x, int64_t ld, int64_t rows, int64_t L, T* out) {
 
 template <typename T>
 RowKernels<T> row_kernels() {
-  return RowKernels<T>{&cell_forward<T>, &attention_state<T>, &backward<T>, &mul<T>, &row_sums<T>, &col_sums<T>};
+  RowKernels<T> k;
+  k.cell_forward = &cell_forward<T>;
+  k.attention_state = &attention_state<T>;
+  k.backward = &backward<T>;
+  k.cell_forward_zero_state = &cell_forward_zero_state<T>;
+  k.backward_zero_state = &backward_zero_state<T>;
+  k.mul = &mul<T>;
+  k.row_sums = &row_sums<T>;
+  k.col_sums = &col_sums<T>;
+  return k;
 }
 template RowKernels<float> row_kernels<float>();
 template RowKernels<double> row_kernels<double>();

@@ -1,7 +1,8 @@
 // The C++ CPU provider of the salstm_kernels fused-op contract (see
 // salstm_kernels/ops/providers.py and ops/reference_kernels.py for the formulas).
 //
-// Layout: A (B, 4C, N) with gate rows i, f, o, g; c, h', c', out (B, C, N); N = H * W.
+// Layout: A (B, 4C, N) with gate rows i, f, o, g; c, h', c', out (B, C, N); N = H * W.  The
+// zero-state cell ops (h = c = 0: the first step) take A (B, 3C, N) with gate rows i, o, g.
 // A may also be channels_last per image (what a channels_last conv writes: the 4C gate values of a
 // pixel contiguous, any batch stride); then every tensor of the call is channels_last and the
 // kernels walk pixel-major runs (see Geo), so nothing is copied or transposed.
@@ -57,6 +58,16 @@ Dims check_A_c(const Tensor& A, const Tensor& c, const char* op) {
   return d;
 }
 
+// A of the zero-state cell ops: (B, 3C, H, W), gate rows i, o, g (no forget gate).
+Dims check_A_zero_state(const Tensor& A, const char* op) {
+  check_float_cpu(A, op, "A");
+  TORCH_CHECK(A.dim() == 4, op, ": A must be 4-D (B, 3C, H, W) with gate rows i, o, g, got shape ", A.sizes());
+  TORCH_CHECK(A.size(1) % 3 == 0 && A.size(1) > 0, op,
+              ": A must be (B, 3C, H, W) with 3C a positive multiple of 3 channels (gate rows i, o, g), got shape ",
+              A.sizes());
+  return Dims{A.size(0), A.size(1) / 3, A.size(2), A.size(3), A.size(2) * A.size(3)};
+}
+
 void check_like_c(const Tensor& t, const Dims& d, const char* op, const char* name) {
   check_float_cpu(t, op, name);
   TORCH_CHECK(t.dim() == 4 && t.size(0) == d.B && t.size(1) == d.C && t.size(2) == d.H && t.size(3) == d.W, op,
@@ -69,7 +80,8 @@ at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDoubl
 // Contiguous, in the accumulation dtype (no copy when it already is).
 Tensor acc(const Tensor& t, at::ScalarType a) { return t.to(a).contiguous(); }
 
-// The working layout of one op call, chosen by A:
+// The working layout of one op call, chosen by A (rows: its number of gate rows, 4, or 3 for the
+// zero-state cell ops; written 4 below):
 //   NCHW: A contiguous (B, 4C, N); every (B, C, H, W) tensor contiguous NCHW; a run of the row
 //         kernels is one channel's pixels.
 //   NHWC: A channels_last per image (the 4C gate values of a pixel contiguous, any batch stride:
@@ -79,20 +91,21 @@ Tensor acc(const Tensor& t, at::ScalarType a) { return t.to(a).contiguous(); }
 // no layout copy in either direction; inputs in the other layout are converted at the boundary.
 struct Geo {
   bool nhwc;
-  int64_t C, N, sA;  // sA: A's batch stride in elements (dA's is always 4 C N)
+  int64_t C, N, sA;   // sA: A's batch stride in elements (dA's is always rows C N)
+  int64_t rows = 4;   // gate rows in A and dA: 4 (i, f, o, g), or 3 (i, o, g: the zero-state cell)
 
   at::MemoryFormat format() const { return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous; }
   int64_t gs() const { return nhwc ? C : C * N; }  // distance between the gate rows of A / dA
   int64_t ld_t() const { return nhwc ? C : N; }    // run stride in (B, C, N) tensors
   int64_t ld_buf() const { return nhwc ? C : kTile; }  // run stride in the tile buffers
-  int64_t ld_a() const { return nhwc ? 4 * C : N; }    // run stride in A and dA
+  int64_t ld_a() const { return nhwc ? rows * C : N; }  // run stride in A and dA
   // Runs of the tile of L pixels at n0: channels (NCHW) or pixels (NHWC), and their length.
   Runs runs(int64_t L) const { return {nhwc ? L : C, ld_a(), ld_t(), ld_t(), ld_buf()}; }
   int64_t run_len(int64_t L) const { return nhwc ? C : L; }
   // First element of the tile (image b, pixels [n0, n0 + L)) in a (B, C, N) tensor, A, dA.
   int64_t t0(int64_t b, int64_t n0) const { return nhwc ? (b * N + n0) * C : b * C * N + n0; }
-  int64_t a0(int64_t b, int64_t n0) const { return b * sA + (nhwc ? n0 * 4 * C : n0); }
-  int64_t dA0(int64_t b, int64_t n0) const { return b * 4 * C * N + (nhwc ? n0 * 4 * C : n0); }
+  int64_t a0(int64_t b, int64_t n0) const { return b * sA + (nhwc ? n0 * rows * C : n0); }
+  int64_t dA0(int64_t b, int64_t n0) const { return b * rows * C * N + (nhwc ? n0 * rows * C : n0); }
 };
 
 bool nhwc_images(const Tensor& A) {
@@ -100,16 +113,16 @@ bool nhwc_images(const Tensor& A) {
   return !A.is_contiguous() && A.stride(1) == 1 && (W == 1 || A.stride(3) == C4) && (H == 1 || A.stride(2) == W * C4);
 }
 
-// A in the accumulation dtype, NCHW-contiguous or NHWC per image (copied only when neither), and
-// the layout it sets.
-Tensor acc_A(const Tensor& A_in, at::ScalarType a, const Dims& d, Geo& geo) {
+// A (rows * C gate channels) in the accumulation dtype, NCHW-contiguous or NHWC per image (copied
+// only when neither), and the layout it sets.
+Tensor acc_A(const Tensor& A_in, at::ScalarType a, const Dims& d, Geo& geo, int64_t rows = 4) {
   Tensor A = A_in.to(a);
   if (nhwc_images(A)) {
-    geo = {true, d.C, d.N, A.size(0) > 1 ? A.stride(0) : 0};
+    geo = {true, d.C, d.N, A.size(0) > 1 ? A.stride(0) : 0, rows};
     return A;
   }
   A = A.contiguous();
-  geo = {false, d.C, d.N, 4 * d.C * d.N};
+  geo = {false, d.C, d.N, rows * d.C * d.N, rows};
   return A;
 }
 
@@ -402,7 +415,7 @@ void cell_backward_impl(const Tensor& A, const Geo& g, const Tensor& c, const Te
   const T *pA = A.const_data_ptr<T>(), *pc = c.const_data_ptr<T>();
   const T *pdh = ptr_or_null<T>(dh), *pdcn = ptr_or_null<T>(dcn);
   T *pdA = dA.mutable_data_ptr<T>(), *pdc = dc.mutable_data_ptr<T>();
-  // A and dA share run strides (4C per pixel / N per channel); only their batch strides differ.
+  // A and dA share run strides (rows * C per pixel / N per channel); only their batch strides differ.
   for_run_chunks(g, d, [&](int64_t a, int64_t da, int64_t t, int64_t count) {
     rk.backward(pA + a, g.gs(), pc + t, pdh ? pdh + t : nullptr, pdcn ? pdcn + t : nullptr, nullptr, nullptr,
                 nullptr, nullptr, kNone, pdA + da, pdc + t, g.run_len(d.N),
@@ -422,6 +435,63 @@ std::tuple<Tensor, Tensor> cell_backward(const Tensor& A_in, const Tensor& c_in,
   AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_backward",
                              [&] { cell_backward_impl<scalar_t>(A, g, c, dh, dcn, dA, dc, d); });
   return {dA.to(A_in.scalar_type()), dc.to(c_in.scalar_type())};
+}
+
+// Zero-state cell ops: the first step of a recurrence (h = c = 0), where the forget gate does not
+// matter, so A (B, 3C, H, W) has the gate rows i, o, g only; c' = i * g, h' = o * tanh(c').
+template <typename T>
+void cell_zero_state_forward_impl(const Tensor& A, const Geo& g, Tensor& h, Tensor& cn, const Dims& d) {
+  const auto& rk = row_kernels<T>();
+  const T* pA = A.const_data_ptr<T>();
+  T* ph = h.mutable_data_ptr<T>();
+  T* pcn = cn.mutable_data_ptr<T>();
+  for_run_chunks(g, d, [&](int64_t a, int64_t, int64_t t, int64_t count) {
+    rk.cell_forward_zero_state(pA + a, g.gs(), ph + t, pcn + t, g.run_len(d.N),
+                               Runs{count, g.ld_a(), g.ld_t(), g.ld_t(), 0});
+  });
+}
+
+// (B, C, H, W) outputs of the zero-state ops, in A's dtype options and the working layout.
+Tensor empty_state(const Tensor& A, const Dims& d, const Geo& g) {
+  return at::empty({d.B, d.C, d.H, d.W}, A.options().memory_format(g.format()));
+}
+
+std::tuple<Tensor, Tensor> cell_zero_state_forward(const Tensor& A_in) {
+  const char* op = "salstm_kernels_cpp::cell_zero_state_forward";
+  Dims d = check_A_zero_state(A_in, op);
+  const auto at_ = acc_type(A_in.scalar_type());
+  Geo g;
+  Tensor A = acc_A(A_in, at_, d, g, 3);
+  Tensor h = empty_state(A, d, g), cn = empty_state(A, d, g);
+  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_zero_state_forward",
+                             [&] { cell_zero_state_forward_impl<scalar_t>(A, g, h, cn, d); });
+  return {h.to(A_in.scalar_type()), cn.to(A_in.scalar_type())};
+}
+
+template <typename T>
+void cell_zero_state_backward_impl(const Tensor& A, const Geo& g, const Tensor& dh, const Tensor& dcn, Tensor& dA,
+                                   const Dims& d) {
+  const auto& rk = row_kernels<T>();
+  const T* pA = A.const_data_ptr<T>();
+  const T *pdh = ptr_or_null<T>(dh), *pdcn = ptr_or_null<T>(dcn);
+  T* pdA = dA.mutable_data_ptr<T>();
+  for_run_chunks(g, d, [&](int64_t a, int64_t da, int64_t t, int64_t count) {
+    rk.backward_zero_state(pA + a, g.gs(), pdh ? pdh + t : nullptr, pdcn ? pdcn + t : nullptr, pdA + da,
+                           g.run_len(d.N), Runs{count, g.ld_a(), g.ld_t(), g.ld_t(), 0});
+  });
+}
+
+Tensor cell_zero_state_backward(const Tensor& A_in, const OptT& dh_in, const OptT& dcn_in) {
+  const char* op = "salstm_kernels_cpp::cell_zero_state_backward";
+  Dims d = check_A_zero_state(A_in, op);
+  const auto at_ = acc_type(A_in.scalar_type());
+  Geo g;
+  Tensor A = acc_A(A_in, at_, d, g, 3);
+  Tensor dh = acc_opt(dh_in, at_, g, d, op, "dh"), dcn = acc_opt(dcn_in, at_, g, d, op, "dc_new");
+  Tensor dA = at::empty(A.sizes(), A.options().memory_format(g.format()));
+  AT_DISPATCH_FLOATING_TYPES(at_, "salstm cell_zero_state_backward",
+                             [&] { cell_zero_state_backward_impl<scalar_t>(A, g, dh, dcn, dA, d); });
+  return dA.to(A_in.scalar_type());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -757,6 +827,8 @@ TORCH_LIBRARY(salstm_kernels_cpp, m) {
   m.def("cpu_capability() -> str");
   m.def("cell_forward(Tensor A, Tensor c) -> (Tensor, Tensor)");
   m.def("cell_backward(Tensor A, Tensor c, Tensor? dh, Tensor? dc_new) -> (Tensor, Tensor)");
+  m.def("cell_zero_state_forward(Tensor A) -> (Tensor, Tensor)");
+  m.def("cell_zero_state_backward(Tensor A, Tensor? dh, Tensor? dc_new) -> Tensor");
   m.def(
       "attention_forward(Tensor A, Tensor c, Tensor? wq, Tensor? bq, Tensor? wk, Tensor? bk, Tensor? wv, "
       "Tensor? bv, float scale, str combination) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -773,6 +845,8 @@ TORCH_LIBRARY_FRAGMENT(salstm_kernels_cpp, m) {
 TORCH_LIBRARY_IMPL(salstm_kernels_cpp, CPU, m) {
   m.impl("cell_forward", &salstm_cpu::cell_forward);
   m.impl("cell_backward", &salstm_cpu::cell_backward);
+  m.impl("cell_zero_state_forward", &salstm_cpu::cell_zero_state_forward);
+  m.impl("cell_zero_state_backward", &salstm_cpu::cell_zero_state_backward);
   m.impl("attention_forward", &salstm_cpu::attention_forward);
   m.impl("attention_backward", &salstm_cpu::attention_backward);
 }

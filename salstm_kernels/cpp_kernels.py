@@ -45,6 +45,18 @@ def cell_backward(A: Tensor, c: Tensor, dh: Tensor, dc_new: Tensor):
     return _ops().cell_backward(A, c, dh, dc_new)
 
 
+def cell_zero_state_forward(A: Tensor):
+    """The cell from a zero state (h = c = 0): ``A`` (B, 3C, H, W) with the gate rows i, o, g (no
+    forget gate); returns ``(h', c')``."""
+    return _ops().cell_zero_state_forward(A)
+
+
+def cell_zero_state_backward(A: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor]):
+    """``(dA,)`` (rows i, o, g) of :func:`cell_zero_state_forward`; ``dh`` / ``dc_new`` = None read
+    as zero.  The zero state takes no gradient."""
+    return (_ops().cell_zero_state_backward(A, dh, dc_new),)
+
+
 def attention_forward(A: Tensor, c: Tensor, projections, scale: float, combination: str):
     return _ops().attention_forward(A, c, *_proj_args(projections), float(scale), combination)
 

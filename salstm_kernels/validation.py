@@ -138,6 +138,22 @@ def check_lstm_cell_args(A, c, op: str = "lstm_cell", bias=None) -> None:
         _check_tensor(op, "bias", bias, (4 * C,), A, "A")
 
 
+def check_lstm_cell_zero_state_args(A, bias=None, op: str = "lstm_cell_zero_state") -> None:
+    """``A (B, 3C, H, W)`` (gate rows i, o, g), non-empty, floating; the conv ``bias`` None or
+    ``(3C,)`` with ``A``'s dtype and device."""
+    if not isinstance(A, Tensor):
+        raise TypeError(f"{op}: A must be a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 4 or A.shape[1] % 3 != 0 or A.shape[1] == 0:
+        raise ValueError(f"{op}: A must be 4-D (B, 3C, H, W) with 3C a positive multiple of 3 (gate rows i, o, g), "
+                         f"got shape {tuple(A.shape)}")
+    if A.numel() == 0:
+        raise ValueError(f"{op}: empty tensors are not supported by the fused ops (A shape {tuple(A.shape)}); "
+                         "the modules handle B=0 themselves")
+    _check_tensor(op, "A", A, tuple(A.shape), None, "")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, (A.shape[1],), A, "A")
+
+
 def check_lstm_attention_args(A, c, wq=None, bq=None, wk=None, bk=None, wv=None, bv=None,
                               scale: float = 1.0, combination: str = "linear", bias=None) -> None:
     """Boundary checks of ``lstm_attention(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend)``.

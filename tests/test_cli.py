@@ -48,7 +48,11 @@ def _broken_provider(fwd_bias=0.0, grad_scale=1.0):
         dA, dc, dproj = rk.attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h)
         return dA * grad_scale, dc, dproj
 
+    def cell_zero_state_backward(A, dh, dc_new):
+        return (rk.cell_zero_state_backward(A, dh, dc_new)[0] * grad_scale,)
+
     mod.cell_backward, mod.attention_forward, mod.attention_backward = cell_backward, attention_forward, attention_backward
+    mod.cell_zero_state_forward, mod.cell_zero_state_backward = rk.cell_zero_state_forward, cell_zero_state_backward
     # the errors it plants are above the float32/float64 tolerances, not bfloat16's
     mod.supported_dtypes = lambda device_type: (torch.float32, torch.float64)
     return mod

@@ -19,7 +19,7 @@ import salstm_kernels as sk  # noqa: E402
 from salstm_kernels import cpp_kernels as ck  # noqa: E402
 from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import reference_kernels as rk  # noqa: E402
-from salstm_kernels.testing import assert_close, grads_of, random_projections  # noqa: E402
+from salstm_kernels.testing import assert_close, grads_of, nan_allocations, random_projections  # noqa: E402
 
 # (B, C, H, W): odd N, C not a power of two, several pixel tiles (N > 256), a single pixel.
 SHAPES = [(1, 8, 7, 9), (2, 24, 7, 9), (2, 8, 19, 17), (1, 24, 1, 1)]
@@ -244,6 +244,151 @@ def test_low_precision_inputs_computed_in_float32(dtype):
     for a, b in zip(got[:2] + got[2], exp[:2] + exp[2]):
         assert a.dtype == b.dtype
         assert_close(a, b, dtype, backward=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Zero-state cell (h = c = 0, the first step): A (B, 3C, H, W) has the gate rows i, o, g only
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def nan_alloc():
+    """Output elements a kernel never wrote show up as NaN: Python-side ``torch.empty`` through
+    ``nan_allocations``, the extension's ``at::empty`` through PyTorch's deterministic fill of
+    uninitialized memory (NaN for floating tensors)."""
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with nan_allocations():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _zero_state_inputs(B, C, H, W, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 3 * C, H, W, generator=g, dtype=torch.float64) * 2).to(dtype), g
+
+
+def _zero_state_ref(A, dh, dcn):
+    """The zero-state cell and its dA (rows i, o, g) in float64; None gradients are zero."""
+    ai, ao, ag = A.double().chunk(3, 1)
+    i, o, g = torch.sigmoid(ai), torch.sigmoid(ao), torch.tanh(ag)
+    cn = i * g
+    tc = torch.tanh(cn)
+    dh = torch.zeros_like(cn) if dh is None else dh.double()
+    dcn = torch.zeros_like(cn) if dcn is None else dcn.double()
+    dct = dcn + dh * o * (1 - tc * tc)
+    return o * tc, cn, torch.cat([dct * g * i * (1 - i), dh * tc * o * (1 - o), dct * i * (1 - g * g)], 1)
+
+
+def _zero_state_layouts(A):
+    """``A`` as given to the ops: NCHW, channels_last, and channels_last step slices of bigger
+    (T, B) / (B, T) conv outputs (the latter with batch stride T * 3C * N)."""
+    B, C3, H, W = A.shape
+    yield "nchw", A.contiguous()
+    yield "channels_last", A.contiguous(memory_format=torch.channels_last)
+    tm = torch.cat([A.flip(0), A, A.flip(0)]).contiguous(memory_format=torch.channels_last).view(3, B, C3, H, W)
+    yield "time-major slice", tm[1]
+    bm = torch.stack([A.flip(0), A, A.flip(0)], 1).flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    yield "batch-major slice", bm.view(B, 3, C3, H, W)[:, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 24, 5, 7)])
+def test_cell_zero_state_matches_formulas_and_the_4_gate_cell(shape, dtype, nan_alloc):
+    """``cell_zero_state_forward`` / ``_backward`` against the float64 formulas and against
+    ``cell_forward`` / ``cell_backward`` with ``c = 0`` and an arbitrary forget-gate row inserted
+    (its dA row dropped), in every layout of ``A``, with ``dh`` / ``dc_new`` each None or given."""
+    B, C, H, W = shape
+    A, g = _zero_state_inputs(*shape, dtype, seed=21)
+    ai, ao, ag = A.chunk(3, 1)
+    A4 = torch.cat([ai, _randn(ai.shape, dtype, g) * 2, ao, ag], 1)
+    c0 = torch.zeros(B, C, H, W, dtype=dtype)
+    dh, dcn = _randn(c0.shape, dtype, g), _randn(c0.shape, dtype, g)
+    h4, c4 = ck.cell_forward(A4, c0)
+    for layout, a in _zero_state_layouts(A):
+        assert torch.equal(a, A)
+        nhwc = layout != "nchw"
+        h, cn = ck.cell_zero_state_forward(a)
+        h_ref, c_ref, _ = _zero_state_ref(A, None, None)
+        for name, x, r, r4 in (("h", h, h_ref, h4), ("c'", cn, c_ref, c4)):
+            assert x.dtype == dtype and x.shape == (B, C, H, W)
+            assert (_is_cl(x) and not x.is_contiguous()) if nhwc else x.is_contiguous(), (layout, name, x.stride())
+            assert_close(x, r, dtype, name=f"{name} ({layout})")
+            assert_close(x, r4, dtype, name=f"{name} vs 4-gate ({layout})")
+        for gh, gc in ((dh, dcn), (None, dcn), (dh, None), (None, None)):
+            if nhwc and gh is not None:  # gradients in either layout are accepted
+                gh = gh.contiguous(memory_format=torch.channels_last)
+            out = ck.cell_zero_state_backward(a, gh, gc)
+            assert isinstance(out, tuple) and len(out) == 1
+            dA = out[0]
+            assert dA.dtype == dtype and dA.shape == A.shape
+            assert _is_cl(dA) if nhwc else dA.is_contiguous(), (layout, dA.stride())
+            dA4 = ck.cell_backward(A4, c0, gh, gc)[0]
+            which = f"({layout}, dh {'given' if gh is not None else 'None'}, dc_new {'given' if gc is not None else 'None'})"
+            assert_close(dA, _zero_state_ref(A, gh, gc)[2], dtype, backward=True, name=f"dA {which}")
+            assert_close(dA, torch.cat([dA4[:, :C], dA4[:, 2 * C:]], 1), dtype, backward=True,
+                         name=f"dA vs 4-gate {which}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cell_zero_state_low_precision_computed_in_float32(dtype, channels_last, nan_alloc):
+    A, g = _zero_state_inputs(2, 24, 5, 7, dtype, seed=22)
+    if channels_last:
+        A = A.contiguous(memory_format=torch.channels_last)
+    dh, dcn = _randn((2, 24, 5, 7), dtype, g), _randn((2, 24, 5, 7), dtype, g)
+    h_ref, c_ref, dA_ref = _zero_state_ref(A, dh, dcn)
+    h, cn = ck.cell_zero_state_forward(A)
+    (dA,) = ck.cell_zero_state_backward(A, dh, dcn)
+    assert h.dtype == cn.dtype == dA.dtype == dtype
+    assert_close(h, h_ref, dtype, name="h")
+    assert_close(cn, c_ref, dtype, name="c'")
+    assert_close(dA, dA_ref, dtype, backward=True, name="dA")
+
+
+def test_cell_zero_state_empty_and_schema():
+    """Empty batch / image give empty outputs; the outputs alias no input (opcheck's schema test)."""
+    op = torch.ops.salstm_kernels_cpp
+    for shape in ((0, 9, 5, 7), (2, 9, 0, 7), (2, 9, 5, 0)):
+        A = torch.randn(shape)
+        h, cn = op.cell_zero_state_forward(A)
+        assert h.shape == cn.shape == (shape[0], 3, shape[2], shape[3])
+        assert op.cell_zero_state_backward(A, None, torch.zeros_like(h)).shape == shape
+    A, g = _zero_state_inputs(2, 3, 5, 7, torch.float32, seed=23)
+    d = _randn((2, 3, 5, 7), torch.float32, g)
+    for a in (A, A.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(op.cell_zero_state_forward.default, (a,), test_utils="test_schema")
+        torch.library.opcheck(op.cell_zero_state_backward.default, (a, d, None), test_utils="test_schema")
+
+
+def test_cell_zero_state_invalid_inputs_raise_clear_errors():
+    op = torch.ops.salstm_kernels_cpp
+    A, g = _zero_state_inputs(2, 3, 5, 7, torch.float32)
+    d = _randn((2, 3, 5, 7), torch.float32, g)
+    fwd, bwd = "salstm_kernels_cpp::cell_zero_state_forward", "salstm_kernels_cpp::cell_zero_state_backward"
+    with pytest.raises(RuntimeError, match=fwd + r": A must be \(B, 3C, H, W\) with 3C a positive multiple of 3"):
+        op.cell_zero_state_forward(A[:, :8])
+    with pytest.raises(RuntimeError, match=bwd + r": A must be \(B, 3C, H, W\)"):
+        op.cell_zero_state_backward(A[:, :0], None, None)
+    with pytest.raises(RuntimeError, match=fwd + ": A must be 4-D"):
+        op.cell_zero_state_forward(A[0])
+    with pytest.raises(RuntimeError, match=bwd + ": A must be 4-D"):
+        op.cell_zero_state_backward(A[None], d, d)
+    with pytest.raises(RuntimeError, match=bwd + r": dh must be \(B, C, H, W\) = \(2, 3, 5, 7\)"):
+        op.cell_zero_state_backward(A, d[:, :2], None)
+    with pytest.raises(RuntimeError, match=bwd + r": dc_new must be \(B, C, H, W\) = \(2, 3, 5, 7\)"):
+        op.cell_zero_state_backward(A, d, d[:1])
+    with pytest.raises(RuntimeError, match=bwd + r": dc_new must be \(B, C, H, W\)"):
+        op.cell_zero_state_backward(A, None, d[0])
+    with pytest.raises(RuntimeError, match=fwd + ": A must be a floating-point tensor"):
+        op.cell_zero_state_forward(A.long())
+    with pytest.raises(RuntimeError, match=bwd + ": dh must be a floating-point tensor"):
+        op.cell_zero_state_backward(A, d.long(), None)
+    with pytest.raises(RuntimeError, match=r"A must be \(B, 4C, H, W\)"):  # the 4-gate op still wants 4C
+        op.cell_forward(A[:, :6], d)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -513,6 +658,14 @@ def test_portable_row_kernel_builds_match_reference(capability):
                     assert torch.equal(a, b)
                 for a, b in zip(ck.cell_backward(A_cl, c, d[0], d[1]), ck.cell_backward(A, c, d[0], d[1])):
                     assert torch.equal(a, b)
+            # zero state: A's rows i, o, g against the 4-gate cell with c = 0
+            A3, z = torch.cat([A[:, :8], A[:, 16:]], 1), torch.zeros_like(c)
+            for a3 in (A3, A3.contiguous(memory_format=torch.channels_last)):
+                for a, b in zip(ck.cell_zero_state_forward(a3), ck.cell_forward(A, z)):
+                    assert_close(a, b, dt)
+                dA4 = ck.cell_backward(A, z, d[0], d[1])[0]
+                assert_close(ck.cell_zero_state_backward(a3, d[0], d[1])[0], torch.cat([dA4[:, :8], dA4[:, 16:]], 1), dt,
+                             backward=True)
         print("CAP", cap)
         """
     )

@@ -735,7 +735,7 @@ if tk is not None:
         wrap-around included under the interpreter)."""
         idx = idx0 + tl.arange(0, 16).to(tl.int64)
         gs = _cell.gate_stride_of(G, 2)
-        tl.store(out_ptr + tl.arange(0, 16), _cell._gate_i_offsets(idx, gs) + 3 * gs)  # gate g, as loaded
+        tl.store(out_ptr + tl.arange(0, 16), _cell._gate_i_offsets(idx, gs, 4) + 3 * gs)  # gate g, as loaded
         b = tl.program_id(0).to(tl.int64)
         _, _, _, gs1 = tk_attention._tile_offsets(b, 0, C, N, 16, 16, 2)
         tl.store(out_ptr + 16 + tl.arange(0, 16), 3 * gs1 + tl.zeros((16,), tl.int64))

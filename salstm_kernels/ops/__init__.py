@@ -6,4 +6,5 @@ and one autograd registration per op serve every provider and device.
 """
 from .lstm_attention import lstm_attention, lstm_attention_backward  # noqa: F401
 from .lstm_cell import lstm_cell, lstm_cell_backward  # noqa: F401
+from .lstm_cell_zero_state import lstm_cell_zero_state, lstm_cell_zero_state_backward  # noqa: F401
 from . import flops  # noqa: F401,E402  (FLOP formulas for FlopCounterMode)

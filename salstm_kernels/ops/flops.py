@@ -10,7 +10,7 @@ With ``N = H W``, one ``C x C x N`` product per image is ``2 B C^2 N``:
   ``W h' + b`` for LSTM-SA (5 in all) -- the same count as the eager reference's matmuls;
 * ``lstm_attention_backward``: ``dV = P^T dO``, ``dP = dO V^T``, ``dQ = dS K``, ``dK = dS^T Q``
   (4), plus per projection its weight and input gradient (6 more);
-* ``lstm_cell`` and its backward: pointwise only, 0.
+* ``lstm_cell``, ``lstm_cell_zero_state`` and their backwards: pointwise only, 0.
 """
 from __future__ import annotations
 

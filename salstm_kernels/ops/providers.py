@@ -9,6 +9,9 @@ computes NCHW still gives correct results, with copies; the ``cpp`` provider run
     ``A (B, 4C, H, W)`` conv output (gate order i, f, o, g), ``c (B, C, H, W)``; outputs ``(B, C, H, W)``.
 ``cell_backward(A, c, dh, dc_new) -> (dA, dc)``
     gate activations recomputed from ``A`` and ``c`` (nothing else saved).
+``cell_zero_state_forward(A) -> (h, c_new)``, ``cell_zero_state_backward(A, dh, dc_new) -> (dA,)``
+    the cell from a zero state (:mod:`.lstm_cell_zero_state`): ``A (B, 3C, H, W)`` holds gate rows
+    i, o, g only (the forget gate multiplies the zero ``c``); no ``c`` in, no ``dc`` out.
 ``attention_forward(A, c, projections, scale, combination) -> (out, h, c_new, P)``
     last step: cell + QKV formation + channel attention.  ``projections`` is ``None`` (SA-LSTM) or
     ``(wq, bq, wk, bk, wv, bv)`` with ``w (C, C)``, ``b (C,)`` (LSTM-SA, separated baseline).
@@ -18,11 +21,11 @@ computes NCHW still gives correct results, with copies; the ``cpp`` provider run
     when True, the backward functions accept ``None`` for ``dh`` / ``dc_new`` (no gradient arrived
     on that output) and read it as zero without a zero tensor; otherwise the op layer passes zeros.
 ``FOLDS_BIAS`` (optional attribute, default False)
-    when True, every function above takes a trailing ``bias=None``: the ``(4C,)`` bias of the conv
-    that produced ``A``, which then ran without it; the kernels add it as they load ``A`` (no
-    separate pass over ``A``).  Given a bias, the backward functions return its gradient as one more
-    trailing element (float32 ``(4C,)``: ``dA`` summed over batch and pixels, e.g. from sums the
-    kernels take as they write ``dA``).
+    when True, every function above takes a trailing ``bias=None``: the bias of the conv that
+    produced ``A`` (one value per row of ``A``), which then ran without it; the kernels add it as
+    they load ``A`` (no separate pass over ``A``).  Given a bias, the backward functions return its
+    gradient as one more trailing element (float32, one per row of ``A``: ``dA`` summed over batch
+    and pixels, e.g. from sums the kernels take as they write ``dA``).
     Otherwise the op layer adds the bias to ``A`` first (:func:`biased`) and sums ``dA``.
 ``supported_dtypes(device_type) -> tuple of torch.dtype`` (optional; default: all four float types)
     the input dtypes the provider computes; others raise a clear ``TypeError``.
@@ -93,7 +96,7 @@ def biased(provider: ModuleType, A: torch.Tensor, bias):
 
 
 def bias_grad(result, n: int, dA: torch.Tensor, bias, wanted: bool = True) -> torch.Tensor:
-    """The bias gradient a backward op returns, ``(4C,)`` float32 (float64 for float64 ``dA``):
+    """The bias gradient a backward op returns, ``(A.shape[1],)`` float32 (float64 for float64 ``dA``):
     what a folding provider's backward returned after its ``n`` usual outputs, or ``dA`` summed
     over batch and pixels where it returned nothing there (a provider that does not fold the bias);
     empty without a bias or when not ``wanted`` (no pass over ``dA`` then)."""
@@ -105,7 +108,7 @@ def bias_grad(result, n: int, dA: torch.Tensor, bias, wanted: bool = True) -> to
 
 
 def bias_grad_like(A: torch.Tensor, bias, wanted: bool = True) -> torch.Tensor:
-    """:func:`bias_grad`'s result as the fake kernels promise it: ``(4C,)``, or empty."""
+    """:func:`bias_grad`'s result as the fake kernels promise it: one per row of ``A``, or empty."""
     return A.new_empty(0 if bias is None or not wanted else A.shape[1], dtype=_accumulation_dtype(A))
 
 

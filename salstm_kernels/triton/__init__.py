@@ -14,9 +14,9 @@ raises ``TypeError`` (use the ``reference`` backend for gradcheck).  Triton is i
 import torch
 
 from .lstm_attention import attention_backward, attention_forward
-from .lstm_cell import cell_backward, cell_forward
+from .lstm_cell import cell_backward, cell_forward, cell_zero_state_backward, cell_zero_state_forward
 
-__all__ = ["cell_forward", "cell_backward", "attention_forward", "attention_backward", "supported_dtypes"]
+__all__ = ["cell_forward", "cell_backward", "cell_zero_state_forward", "cell_zero_state_backward", "attention_forward", "attention_backward", "supported_dtypes"]
 
 # The backward kernels read dh = None / dc_new = None as zero (masked loads): no zero tensors.
 OPTIONAL_STATE_GRADS = True

@@ -1,7 +1,9 @@
 """Triton ConvLSTM cell: gates + state update from the conv output ``A``, and its backward.
 
 Forward: ``A (B, 4C, N)`` (gate order i, f, o, g) and ``c (B, C, N)`` -> ``h', c'``.
-Backward: recomputes the gates from ``A`` and ``c`` (nothing else is saved) -> ``dA, dc``.  With
+Backward: recomputes the gates from ``A`` and ``c`` (nothing else is saved) -> ``dA, dc``.
+From a zero state (:mod:`salstm_kernels.ops.lstm_cell_zero_state`) the same kernels run with
+``GATES = 3``: ``A (B, 3C, N)`` holds rows i, o, g; neither ``f`` nor ``c`` is read, no ``dc`` written.  With
 a folded conv bias it runs tiles whose channels are known instead -- NCHW: a block of one (image,
 channel) plane (``_cell_bwd_plane_kernel``); channels_last: a block of pixels x all channels
 (``_cell_bwd_pixels_kernel``) -- and each program also sums its ``dA`` per gate and channel: the
@@ -151,6 +153,52 @@ def store_gate_sums(ptr, ch, C, si, sf, so, sg):
     tl.store(ptr + 3 * C + ch, sg, mask=m)
 
 
+@triton.jit
+def load_cell_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C, HAS_BIAS: tl.constexpr,
+                     GATES: tl.constexpr):
+    """:func:`load_lstm_inputs` for the cell kernels.  ``GATES == 3``: a zero state -- ``A`` holds rows
+    i, o, g (``gs`` apart; bias ``(3C,)`` likewise); ``f`` and ``c`` come back as zeros, unread
+    (``f`` only ever multiplies ``c``)."""
+    if GATES == 4:
+        ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C, HAS_BIAS)
+    else:
+        ai = tl.load(a_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
+        ao = tl.load(a_ptr + gs + a_offs, mask=mask, other=0.0).to(tl.float32)
+        ag = tl.load(a_ptr + 2 * gs + a_offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bm = ch < C
+            ai += tl.load(bias_ptr + ch, mask=bm, other=0.0).to(tl.float32)
+            ao += tl.load(bias_ptr + C + ch, mask=bm, other=0.0).to(tl.float32)
+            ag += tl.load(bias_ptr + 2 * C + ch, mask=bm, other=0.0).to(tl.float32)
+        af = tl.zeros_like(ai)
+        c = tl.zeros_like(ai)
+    return ai, af, ao, ag, c
+
+
+@triton.jit
+def store_cell_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc, GATES: tl.constexpr):
+    """:func:`store_lstm_grads`; ``GATES == 3``: rows i, o, g of ``dA`` only (no ``f`` row, no ``dc``)."""
+    if GATES == 4:
+        store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
+    else:
+        ty = da_ptr.dtype.element_ty
+        tl.store(da_ptr + a_offs, dai.to(ty), mask=mask)
+        tl.store(da_ptr + a_offs + gs, dao.to(ty), mask=mask)
+        tl.store(da_ptr + a_offs + 2 * gs, dag.to(ty), mask=mask)
+
+
+@triton.jit
+def store_cell_gate_sums(ptr, ch, C, si, sf, so, sg, GATES: tl.constexpr):
+    """:func:`store_gate_sums` into a row of ``GATES * C`` partials (``GATES == 3``: i, o, g)."""
+    if GATES == 4:
+        store_gate_sums(ptr, ch, C, si, sf, so, sg)
+    else:
+        m = ch < C
+        tl.store(ptr + ch, si, mask=m)
+        tl.store(ptr + C + ch, so, mask=m)
+        tl.store(ptr + 2 * C + ch, sg, mask=m)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels: one program per BLOCK elements of the state in memory order
 # --------------------------------------------------------------------------------------------
@@ -167,10 +215,10 @@ def gate_stride_of(G, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _gate_i_offsets(idx, G):
+def _gate_i_offsets(idx, G, GATES: tl.constexpr):
     """Offset in ``A`` of gate ``i`` for state element ``idx``: each run of ``G`` state values
-    (an image's plane in NCHW, a pixel's channels channels_last) sits in a run of ``4G`` in ``A``."""
-    return idx + (idx // G) * (3 * G)
+    (an image's plane in NCHW, a pixel's channels channels_last) sits in a run of ``GATES * G`` in ``A``."""
+    return idx + (idx // G) * ((GATES - 1) * G)
 
 
 @triton.jit
@@ -182,13 +230,13 @@ def _channel(idx, G, PIX):
 
 @triton.jit
 def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, bias_ptr, G, PIX, total, BLOCK: tl.constexpr,
-                     LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False):
+                     LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False, GATES: tl.constexpr = 4):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     G = gate_stride_of(G, LAYOUT)
-    a_offs = _gate_i_offsets(idx, G)
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, idx, G, mask, bias_ptr, _channel(idx, G, PIX),
-                                         G // PIX, HAS_BIAS)
+    a_offs = _gate_i_offsets(idx, G, GATES)
+    ai, af, ao, ag, c = load_cell_inputs(a_ptr, c_ptr, a_offs, idx, G, mask, bias_ptr, _channel(idx, G, PIX),
+                                         G // PIX, HAS_BIAS, GATES)
     _, _, _, _, c_new, _, h = lstm_state(ai, af, ao, ag, c)
     tl.store(h_ptr + idx, h.to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(cn_ptr + idx, c_new.to(cn_ptr.dtype.element_ty), mask=mask)
@@ -206,35 +254,36 @@ def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
 
 @triton.jit
 def cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C,
-                    HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr, GATES: tl.constexpr):
     """The cell backward at given offsets: gates recomputed from ``A`` (+ bias) and ``c``, ``dA``
-    and ``dc`` written; returns ``dA``'s four gate values (for the bias gradient's sums)."""
-    ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C, HAS_BIAS)
+    and ``dc`` written; returns ``dA``'s four gate values (for the bias gradient's sums).
+    ``GATES == 3``: from a zero state (see :func:`load_cell_inputs`), no ``dc``."""
+    ai, af, ao, ag, c = load_cell_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, ch, C, HAS_BIAS, GATES)
     i, f, o, g, _, tc, _ = lstm_state(ai, af, ao, ag, c)
     dh = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
     dcn = load_optional_grad(dcn_ptr, c_offs, mask, HAS_DCN)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh, dcn, 0.0, 0.0)
-    store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)
+    store_cell_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc, GATES)
     return dai, daf, dao, dag
 
 
 @triton.jit
 def _cell_bwd_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, G, total, BLOCK: tl.constexpr,
-                     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+                     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr, GATES: tl.constexpr = 4):
     """Without a bias (with one, the plane / pixel kernels below also sum the bias gradient)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     G = gate_stride_of(G, LAYOUT)
-    cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, _gate_i_offsets(idx, G), idx, G, mask, a_ptr, idx, G,
-                    False, HAS_DH, HAS_DCN)
+    cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, _gate_i_offsets(idx, G, GATES), idx, G, mask, a_ptr,
+                    idx, G, False, HAS_DH, HAS_DCN, GATES)
 
 
 @triton.jit
 def _cell_bwd_plane_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, N, n_chunks,
-                           BLOCK: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+                           BLOCK: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr, GATES: tl.constexpr = 4):
     """NCHW with the conv bias folded in: ``_cell_bwd_kernel``'s math, one program per ``BLOCK``
     pixels of one (image, channel) plane, so each program also sums its ``dA`` per gate -- the bias
-    gradient's partials, row ``b * n_chunks + chunk`` of a ``(B * n_chunks, 4C)`` float32 tensor --
+    gradient's partials, row ``b * n_chunks + chunk`` of a ``(B * n_chunks, GATES * C)`` float32 tensor --
     instead of a separate reduction reading all of ``dA`` again.  Offsets are 64-bit."""
     pid = tl.program_id(0).to(tl.int64)
     plane = pid // n_chunks  # b * C + channel
@@ -244,31 +293,32 @@ def _cell_bwd_plane_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_p
     pix = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = pix < N
     c_offs = plane * N + pix
-    a_offs = (plane + 3 * b * C) * N + pix  # (b * 4C + ch) * N
+    a_offs = (plane + (GATES - 1) * b * C) * N + pix  # (b * GATES C + ch) * N
     gs = (b * 0 + C) * N
     dai, daf, dao, dag = cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, a_offs, c_offs, gs, mask,
-                                         bias_ptr, ch, C, True, HAS_DH, HAS_DCN)
+                                         bias_ptr, ch, C, True, HAS_DH, HAS_DCN, GATES)
     si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 0)
-    store_gate_sums(dbias_ptr + (b * n_chunks + chunk) * 4 * C, ch, C, si, sf, so, sg)
+    store_cell_gate_sums(dbias_ptr + (b * n_chunks + chunk) * GATES * C, ch, C, si, sf, so, sg, GATES)
 
 
 @triton.jit
 def _cell_bwd_pixels_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, n_pixels,
-                            BP: tl.constexpr, CP: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr):
+                            BP: tl.constexpr, CP: tl.constexpr, HAS_DH: tl.constexpr, HAS_DCN: tl.constexpr,
+                            GATES: tl.constexpr = 4):
     """channels_last with the conv bias folded in: ``_cell_bwd_kernel``'s math on a tile of ``BP``
     pixels x all ``C`` channels (padded to ``CP``), so each program also sums its ``dA`` per gate
     and channel over its pixels -- row ``pid`` of the bias gradient's ``(programs, 4C)`` float32
-    partials.  Pixels of every image in a row (``B * N`` of them); offsets are 64-bit."""
+    partials (``GATES * C`` wide).  Pixels of every image in a row (``B * N`` of them); offsets are 64-bit."""
     pid = tl.program_id(0).to(tl.int64)
     pix = pid * BP + tl.arange(0, BP)
     ch = tl.arange(0, CP)
     mask = (pix < n_pixels)[:, None] & (ch < C)[None, :]
     c_offs = pix[:, None] * C + ch[None, :]
-    a_offs = pix[:, None] * (4 * C) + ch[None, :]
+    a_offs = pix[:, None] * (GATES * C) + ch[None, :]
     dai, daf, dao, dag = cell_grads_into(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, a_offs, c_offs, C, mask,
-                                         bias_ptr, ch[None, :], C, True, HAS_DH, HAS_DCN)
+                                         bias_ptr, ch[None, :], C, True, HAS_DH, HAS_DCN, GATES)
     si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 0)
-    store_gate_sums(dbias_ptr + pid * 4 * C, ch, C, si, sf, so, sg)
+    store_cell_gate_sums(dbias_ptr + pid * GATES * C, ch, C, si, sf, so, sg, GATES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,18 +400,18 @@ def bias_partials(rows: int, A: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows, A.shape[1], dtype=torch.float32, device=A.device)
 
 
-def cell_forward_into(A: torch.Tensor, c: torch.Tensor, h: torch.Tensor, c_new: torch.Tensor, layout: int,
-                      bias=None) -> None:
+def cell_forward_into(A: torch.Tensor, c, h: torch.Tensor, c_new: torch.Tensor, layout: int, bias=None) -> None:
     """``h', c'`` into given dense tensors of ``A``'s layout (any supported dtype, e.g. float32
-    temporaries); ``layout`` from :func:`dense_layout`; ``bias`` the conv bias folded in (or None)."""
-    total = c.numel()
+    temporaries); ``layout`` from :func:`dense_layout`; ``bias`` the conv bias folded in (or None).
+    ``c`` None: from a zero state, ``A`` holding rows i, o, g (``GATES = 3``)."""
+    total = h.numel()
     if total == 0:
         return
     block = _block(total)
     b, has_bias = bias_args(bias, A)
-    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, c, h, c_new, b, gate_stride(c, layout),
-                                                   _pixels_per_channel_run(c, layout), total,
-                                                   BLOCK=block, LAYOUT=layout, HAS_BIAS=has_bias)
+    _cell_fwd_kernel[(triton.cdiv(total, block),)](A, A if c is None else c, h, c_new, b, gate_stride(h, layout),
+                                                   _pixels_per_channel_run(h, layout), total, BLOCK=block,
+                                                   LAYOUT=layout, HAS_BIAS=has_bias, GATES=3 if c is None else 4)
 
 
 def cell_forward(A: torch.Tensor, c: torch.Tensor, bias=None):
@@ -371,6 +421,27 @@ def cell_forward(A: torch.Tensor, c: torch.Tensor, bias=None):
     h = torch.empty_like(c, dtype=A.dtype)
     c_new = torch.empty_like(c, dtype=A.dtype)
     cell_forward_into(A, c, h, c_new, layout, bias)
+    return h, c_new
+
+
+def zero_state_layout(A: torch.Tensor):
+    """:func:`dense_layout` for a zero-state ``A (B, 3C, ...)``: ``(A, state, fmt, layout)`` with
+    ``state`` an empty ``(B, C, ...)`` tensor of ``A``'s dtype in that layout (for ``h'``)."""
+    if A.dim() < 3 or A.shape[1] % 3 or A.shape[1] == 0:
+        raise ValueError(f"expected A (B, 3C, ...) with rows i, o, g, got {tuple(A.shape)}")
+    shape = (A.shape[0], A.shape[1] // 3, *A.shape[2:])
+    fmt = layout_of(A) if A.dim() == 4 else torch.contiguous_format
+    state = torch.empty(shape, dtype=A.dtype, device=A.device, memory_format=fmt)
+    A, _, fmt, layout = dense_layout(A, state)
+    return A, state, fmt, layout
+
+
+def cell_zero_state_forward(A: torch.Tensor, bias=None):
+    """``(h', c')`` from a zero state: ``A (B, 3C, ...)`` rows i, o, g (``c' = i g``)."""
+    check_dtypes(A, bias)
+    A, h, _, layout = zero_state_layout(A)
+    c_new = torch.empty_like(h)
+    cell_forward_into(A, None, h, c_new, layout, bias)
     return h, c_new
 
 
@@ -387,25 +458,42 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
     check_cell_shapes(A, c)
     check_dtypes(A, c, dh, dc_new, bias)
     A, c, fmt, layout = dense_layout(A, c)
-    has = dict(HAS_DH=dh is not None, HAS_DCN=dc_new is not None)
-    dh, dc_new = optional_grad(dh, c, fmt), optional_grad(dc_new, c, fmt)
-    dA = torch.empty_like(A)
     dc = torch.empty_like(c)
-    total = c.numel()
+    dA, *dbias = _cell_backward(A, c, c, dc, dh, dc_new, fmt, layout, bias)
+    return (dA, dc, *dbias)
+
+
+def cell_zero_state_backward(A: torch.Tensor, dh, dc_new, bias=None):
+    """``(dA,)`` (rows i, o, g), with a ``bias`` ``(dA, dbias)``: :func:`cell_backward` from a zero state."""
+    check_dtypes(A, dh, dc_new, bias)
+    A, state, fmt, layout = zero_state_layout(A)
+    return _cell_backward(A, None, state, None, dh, dc_new, fmt, layout, bias)
+
+
+def _cell_backward(A, c, state, dc, dh, dc_new, fmt, layout, bias):
+    """``(dA[, dbias])``, ``dc`` written when ``c`` is given; ``c`` None: a zero state (``GATES = 3``,
+    ``A`` rows i, o, g).  ``state``: a ``(B, C, ...)`` tensor in the layout (shape and dummy pointer)."""
+    gates = 3 if c is None else 4
+    has = dict(HAS_DH=dh is not None, HAS_DCN=dc_new is not None, GATES=gates)
+    dh, dc_new = optional_grad(dh, state, fmt), optional_grad(dc_new, state, fmt)
+    c = A if c is None else c  # never read with GATES = 3
+    dc = A if dc is None else dc  # never written with GATES = 3
+    dA = torch.empty_like(A)
+    total = state.numel()
     b, has_bias = bias_args(bias, A)
     if total == 0:
-        return (dA, dc, bias_partials(0, A).sum(dim=0)) if has_bias else (dA, dc)
+        return (dA, bias_partials(0, A).sum(dim=0)) if has_bias else (dA,)
     if has_bias and layout != LAYOUTS["channels_last"]:
-        B, C = c.shape[:2]
-        N = c[0, 0].numel()
+        B, C = state.shape[:2]
+        N = state[0, 0].numel()
         block = _block(N)
         n_chunks = triton.cdiv(N, block)
         partials = bias_partials(B * n_chunks, A)
         _cell_bwd_plane_kernel[(B * C * n_chunks,)](A, c, dh, dc_new, dA, dc, b, partials, C, N, n_chunks,
                                                     BLOCK=block, **has)
-        return dA, dc, partials.sum(dim=0)
+        return dA, partials.sum(dim=0)
     if has_bias:  # channels_last
-        C = c.shape[1]
+        C = state.shape[1]
         CP = triton.next_power_of_2(C)
         BP = max(1, _BLOCK // CP)
         n_pixels = total // C
@@ -413,8 +501,8 @@ def cell_backward(A: torch.Tensor, c: torch.Tensor, dh, dc_new, bias=None):
         partials = bias_partials(programs, A)
         _cell_bwd_pixels_kernel[(programs,)](A, c, dh, dc_new, dA, dc, b, partials, C, n_pixels, BP=BP, CP=CP,
                                              **has)
-        return dA, dc, partials.sum(dim=0)
+        return dA, partials.sum(dim=0)
     block = _block(total)
-    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, gate_stride(c, layout), total,
+    _cell_bwd_kernel[(triton.cdiv(total, block),)](A, c, dh, dc_new, dA, dc, gate_stride(state, layout), total,
                                                    BLOCK=block, LAYOUT=layout, **has)
-    return dA, dc
+    return (dA,)

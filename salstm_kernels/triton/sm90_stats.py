@@ -107,12 +107,15 @@ def variants():
             flags = dict(HAS_DH=has[0], HAS_DCN=has[1])
             tag = f"{dt} HAS_DH={int(has[0])} HAS_DCN={int(has[1])}"
             yield (f"cell_bwd {tag}", cl._cell_bwd_kernel, {**a, **grads}, dict(BLOCK=1024, **flags), 4)
-            # with the conv bias: programs that also sum dA for its gradient (NCHW planes / NHWC pixels)
-            if LAYOUT != 1:
-                yield (f"cell_bwd_plane {tag}", cl._cell_bwd_plane_kernel, {**a, **grads}, dict(BLOCK=1024, **flags), 4)
-            else:
-                yield (f"cell_bwd_pixels {tag}", cl._cell_bwd_pixels_kernel, {**a, **grads},
-                       dict(BP=16, CP=64, **flags), 4)
+            # with the conv bias: programs that also sum dA for its gradient (NCHW planes / NHWC
+            # pixels); GATES=3: from a zero state (t = 0: A rows i, o, g)
+            for gates in (4, 3):
+                if LAYOUT != 1:
+                    yield (f"cell_bwd_plane {tag} GATES={gates}", cl._cell_bwd_plane_kernel, {**a, **grads},
+                           dict(BLOCK=1024, GATES=gates, **flags), 4)
+                else:
+                    yield (f"cell_bwd_pixels {tag} GATES={gates}", cl._cell_bwd_pixels_kernel, {**a, **grads},
+                           dict(BP=16, CP=64, GATES=gates, **flags), 4)
             for gated in (False, True):
                 rows = dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0, GATED=gated, PREC=prec, **flags)
                 yield (f"attention_bwd_rows {tag} gated={int(gated)}", bk.attention_bwd_rows_kernel,
@@ -178,6 +181,13 @@ def each_kernel():
                                                                                       HAS_DCN=False), 4
     yield "cell_bwd_pixels_kernel bf16 (NHWC)", cl._cell_bwd_pixels_kernel, ptrs, dict(BP=16, CP=64, HAS_DH=True,
                                                                                         HAS_DCN=False), 4
+    # the cell from a zero state (A rows i, o, g), as the modules launch it at t = 0: bias folded
+    yield "cell_fwd_kernel bf16 LAYOUT=0 GATES=3", cl._cell_fwd_kernel, ptrs, dict(BLOCK=1024, LAYOUT=0, HAS_BIAS=True,
+                                                                                 GATES=3), 4
+    yield "cell_bwd_plane_kernel bf16 GATES=3", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
+                                                                                     HAS_DCN=True, GATES=3), 4
+    yield "cell_bwd_pixels_kernel bf16 GATES=3", cl._cell_bwd_pixels_kernel, ptrs, dict(BP=16, CP=64, HAS_DH=True,
+                                                                                       HAS_DCN=True, GATES=3), 4
 
 
 def main() -> int:
