@@ -6,7 +6,8 @@
                                                              # 240 s limit cut it short once)
     PYTHONPATH=. python benchmarks/gpu_check.py --cpu-smoke  # tiny shapes, Triton interpreter, CPU
 
-1. **Parity** (exit status 1 if any row fails): every Triton op (cell forward/backward, attention
+1. **Parity** (exit status 1 if any row fails): every Triton op (cell forward/backward, the cell
+   from a zero state with its bias gradient, attention
    forward/backward for SA-LSTM linear/nonlinear, LSTM-SA linear/nonlinear, separated "none") and
    every module (:data:`salstm_kernels.verify.DESIGNS`) in float32, bfloat16 and float16, forward
    and all gradients, against the float64 reference (``salstm_kernels.reference``) on the same
@@ -134,6 +135,22 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torc
         gr = torch.autograd.grad([hr, cr], [A64, c64], [dh.double(), dcn.double()])
         log.row(label, dtype, [("h", scaled_error(h, hr), False), ("c'", scaled_error(c1, cr), False),
                                ("dA", scaled_error(dA, gr[0]), True), ("dc", scaled_error(dc, gr[1]), True)])
+    except Exception as e:  # noqa: BLE001
+        log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
+    label = f"op cell from zero state +bias B{B} C{C} {H}x{W}{tag}"
+    try:  # A holds rows i, o, g; the spec is the 4-gate cell with any f row and c = 0
+        A3 = A[:, [*range(C), *range(2 * C, 4 * C)]].contiguous(memory_format=fmt)
+        bias = torch.randn(3 * C, generator=g, dtype=torch.float64).to(device, dtype)
+        h, c1 = tk.cell_zero_state_forward(A3, bias)
+        dA3, dbias = tk.cell_zero_state_backward(A3, dh, dcn, bias)
+        layout_kept(h, c1, dA3)
+        A64, b64 = _leaf64(A3), _leaf64(bias)
+        Ab = A64 + b64.view(1, -1, 1, 1)
+        A4 = torch.cat([Ab[:, :C], A[:, C:2 * C].double(), Ab[:, C:]], dim=1)
+        hr, cr = reference.lstm_cell_ref(A4, torch.zeros_like(c, dtype=torch.float64))
+        gr = torch.autograd.grad([hr, cr], [A64, b64], [dh.double(), dcn.double()])
+        log.row(label, dtype, [("h", scaled_error(h, hr), False), ("c'", scaled_error(c1, cr), False),
+                               ("dA", scaled_error(dA3, gr[0]), True), ("dbias", scaled_error(dbias, gr[1]), True)])
     except Exception as e:  # noqa: BLE001
         log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
     scale = 1.0 / math.sqrt(H * W)

@@ -21,7 +21,8 @@
    (the A/B of ``recurrence.CHANNELS_LAST_CONVS`` / ``CAT_CONV_DEVICES``; the shipped form has
    its row already, "triton" / "triton tuned"); the shipped form with the conv bias added by
    PyTorch after each conv instead of folded into the fused ops ("tuned, conv bias": the A/B of
-   the triton provider's ``FOLDS_BIAS``); ``torch.compile`` of the reference
+   the triton provider's ``FOLDS_BIAS``); the shipped form with the 4-gate conv and cell at ``t = 0``
+   ("tuned, 4-gate t0": the A/B of ``recurrence.SKIP_FORGET_AT_ZERO_STATE``); ``torch.compile`` of the reference
    (inductor, compile time printed apart, while the run is under ``--compile-until-s``).  With
    ``--extra-ab`` also the convs alone NCHW vs channels_last, ``cudnn.benchmark`` rows and the eager
    module with channels_last weights (measured once; no gain for eager).  Columns: wall time per step
@@ -218,7 +219,7 @@ def conv_layouts(device, sizes, dtypes, B, C, k):
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
     tk = providers.kernels("triton")
     kept = (recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark,
-            tk.FOLDS_BIAS)
+            tk.FOLDS_BIAS, recurrence.SKIP_FORGET_AT_ZERO_STATE)
     # the conv form the package ships on this device, read once: the rows below change the sets
     shipped_convs = (recurrence.channels_last_convs("triton", device.type), device.type in kept[1])
     with gc.launch_tables_kept():
@@ -227,7 +228,7 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, 
                             shipped_convs)
         finally:  # the package's state as found, whatever failed
             (recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark,
-             tk.FOLDS_BIAS) = kept
+             tk.FOLDS_BIAS, recurrence.SKIP_FORGET_AT_ZERO_STATE) = kept
 
 
 def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab, shipped_convs):
@@ -249,6 +250,7 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
         impls += [(f"tuned {'NHWC' if cl else 'NCHW'} {'cat' if cat else 'split'}", m_tri, tuned, (cl, cat), False, True)
                   for cl, cat in ((True, True), (False, True), (False, False)) if (cl, cat) != shipped_convs]
         impls.append(("tuned, conv bias", m_tri, tuned, shipped_convs, False, False))
+        impls.append(("tuned, 4-gate t0", m_tri, tuned, shipped_convs, False, True))
         if extra_ab:
             # the eager module with channels_last conv weights: its convs then run NHWC (cuDNN
             # follows the weight's layout), the layout a user would try first for tensor-core convs
@@ -260,6 +262,8 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
             torch._dynamo.reset()
             impls.append(("compile", torch.compile(m_ref), None, None, False, None))
         for impl, m, state, convs, cudnn_bm, fold in impls:
+            # t = 0 from the zero state: gate rows i, o, g only (shipped), or all four (the A/B row)
+            recurrence.SKIP_FORGET_AT_ZERO_STATE = impl != "tuned, 4-gate t0"
             if fold is not None:  # the conv bias folded into the fused ops (FOLDS_BIAS) or added by PyTorch
                 tk.FOLDS_BIAS = fold
             if state is not None:

@@ -20,8 +20,8 @@ Definitions (also written into the JSON/CSV):
   fixed random ``g``, parameter and input gradients reset to ``None`` each step;
 * FLOPs: :class:`torch.utils.flop_counter.FlopCounterMode` over one forward of each row's module
   (matrix products only, as the counter counts; the fused ops count theirs through the formulas in
-  :mod:`salstm_kernels.ops.flops`, so fused rows show the split conv's 25% fewer conv FLOPs at
-  T = 2; ``compile`` rows show the eager count);
+  :mod:`salstm_kernels.ops.flops`, so fused rows show the split conv's fewer conv FLOPs at
+  T = 2 (no recurrent conv and no forget-gate rows at t = 0 from the zero state); ``compile`` rows show the eager count);
 * peak memory: CUDA -- ``torch.cuda.max_memory_allocated`` minus the allocation before the call;
   CPU -- the running maximum of the CPU allocator's allocations minus frees during the call, from
   ``torch.profiler`` memory events (``profile_memory=True``), i.e. peak tensor memory the call adds

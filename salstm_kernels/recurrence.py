@@ -4,7 +4,10 @@
 input channels.  So per layer:
 
 * the recurrent part is skipped at ``t = 0`` when the state starts at zero (25% fewer conv FLOPs
-  at ``T = 2`` with ``Cin = C``);
+  at ``T = 2`` with ``Cin = C``), and so is the forget gate's part of the input conv there (it
+  multiplies ``c = 0``): a ``Cin -> 3C`` conv feeds the zero-state cell op, unless ``t = 0`` is the
+  attention step (its ``Q`` reads ``f``) -- 31% fewer conv FLOPs at ``T = 2``, and 3 state units of
+  ``A`` kept for backward there instead of 4;
 * the input part runs as one conv batched over ``T`` when no autograd graph is recorded (fewer,
   larger conv calls), and per step otherwise: a batched output is one storage, and the step-0
   slice saved for backward would keep every step's ``A`` alive (cpp, SA-LSTM 56x56 fwd+bwd peak
@@ -92,10 +95,20 @@ def split_conv_recurrence(
             h, c = state[layer]
         else:
             h, c = None, zero_cell_state(x, C)
+        # From the zero state, t = 0 needs no forget gate (it multiplies c = 0): its conv computes
+        # the rows i, o, g only.  Not for the attention step (its Q uses f).
+        zero_first = (SKIP_FORGET_AT_ZERO_STATE and h is None
+                      and not (stop_before_last and layer == n_layers - 1 and T == 1))
+        first = 1 if zero_first else 0  # the first step the 4-gate convs below run
         outputs = []
-        if batched:  # no graph: one input conv over all T steps (time-major), slices are blocks
-            A_in = F.conv2d(torch.cat(inputs).contiguous(memory_format=fmt), w_x, conv_bias, padding=pad).split(B)
+        if batched:  # no graph: one input conv over the 4-gate steps (time-major), slices are blocks
+            A_in = F.conv2d(torch.cat(inputs[first:]).contiguous(memory_format=fmt), w_x, conv_bias,
+                            padding=pad).split(B)
         for t in range(T):
+            if t == 0 and zero_first:
+                h, c = _zero_state_step(inputs[0], w_x, bias, C, pad, fmt, fold, c, backend)
+                outputs.append(h)
+                continue
             if h is not None and not batched and x.device.type in CAT_CONV_DEVICES:
                 # one conv over cat(x_t, h): the upstream formulation, used where one Cin+C conv
                 # measured faster than two convs and an add.  cat reads x_t in place (a strided
@@ -109,14 +122,9 @@ def split_conv_recurrence(
                 A = F.conv2d(xh, weight, conv_bias, padding=pad)
             else:
                 if batched:
-                    A = A_in[t]
+                    A = A_in[t - first]
                 else:
-                    # NCHW: the step's slice of x as is when its images are dense NCHW (the conv
-                    # saves that view for backward, not a copy; it densifies it as it runs).
-                    # channels_last, or other strides: converted, so A comes out in the ops' layout.
-                    x_t = inputs[t] if not cl and inputs[t][0].is_contiguous() else \
-                        inputs[t].contiguous(memory_format=fmt)
-                    A = F.conv2d(x_t, w_x, conv_bias, padding=pad)
+                    A = F.conv2d(_conv_input(inputs[t], fmt), w_x, conv_bias, padding=pad)
                 if h is not None:
                     # In place into the recurrent conv's output (its backward saves only the
                     # conv's inputs): one (B, 4C, H, W) allocation fewer per step.
@@ -133,6 +141,36 @@ def split_conv_recurrence(
         inputs = outputs
     return states, last
 
+
+def _conv_input(x_t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """A step's slice of ``x`` for an input conv.  NCHW: as is when its images are dense NCHW (the
+    conv saves that view for backward, not a copy; it densifies it as it runs).  channels_last, or
+    other strides: converted, so ``A`` comes out in the ops' layout."""
+    return x_t if fmt == torch.contiguous_format and x_t[0].is_contiguous() else x_t.contiguous(memory_format=fmt)
+
+
+def _zero_state_step(x_0: Tensor, w_x: Tensor, bias: Optional[Tensor], C: int, pad, fmt, fold: bool, c_zero: Tensor,
+                     backend: str) -> State:
+    """``t = 0`` from the zero state: the input conv with the weight rows (and bias) of gates i, o, g
+    only -- a quarter fewer conv FLOPs there, forward and backward, and a quarter less ``A`` kept
+    for backward -- and the fused zero-state cell (``ops.lstm_cell_zero_state``).  The row
+    selections are differentiable views and copies of the one parameter, so the forget rows'
+    gradient from this step is exactly zero, as in the 4-gate math.  (One visible difference: with
+    +-inf in ``x_0`` the 4-gate reference's forget rows get ``0 * inf = NaN`` in the weight
+    gradient; here they get the finite exact value.  The other rows are non-finite either way.)"""
+    w_iog = torch.cat([w_x[:C], w_x[2 * C:]])
+    b_iog = None if bias is None else torch.cat([bias[:C], bias[2 * C:]])
+    conv_bias, cell_bias = (None, b_iog) if fold else (b_iog, None)
+    A = F.conv2d(_conv_input(x_0, fmt), w_iog, conv_bias, padding=pad)
+    A, _ = widen_to_state_dtype(A, c_zero)
+    return ops.lstm_cell_zero_state(A, backend, bias_in(cell_bias, A))
+
+
+#: From the zero state (no initial state given), ``t = 0`` runs a conv over the gate rows i, o, g only
+#: and the fused zero-state cell (:func:`_zero_state_step`).  Exact; ``False`` runs the 4-gate conv
+#: and cell there instead (the A/B ``benchmarks/gpu_tune.py`` measures).
+#: cpp on CPU, SA-LSTM B=2, Cin=C=64, T=2, 56x56, 2 threads: see ``benchmarks/RESULTS.md``.
+SKIP_FORGET_AT_ZERO_STATE: bool = True
 
 #: Device types whose training steps with a previous state run one conv over ``cat(x_t, h)``
 #: instead of the input and recurrent convs apart (same FLOPs; a step without a state -- ``t = 0``

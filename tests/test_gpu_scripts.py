@@ -42,7 +42,8 @@ def test_gpu_tune_cpu_smoke():
     # one row per implementation and conv form; on CPU the shipped form is NCHW split ("triton")
     rows = {m.group(1).strip() for m in re.finditer(r"^SA-LSTM 6x5 float32 +(\S.*?\S) +\d+\.\d+ ", out, re.M)}
     tuned = {"triton tuned"} if "new winner" in out else set()  # the sweep changed the tables
-    assert rows == {"eager", "triton", "tuned NHWC cat", "tuned NCHW cat", "tuned, conv bias", "eager, cudnn.bm",
+    assert rows == {"eager", "triton", "tuned NHWC cat", "tuned NCHW cat", "tuned, conv bias", "tuned, 4-gate t0",
+                    "eager, cudnn.bm",
                     "tuned, cudnn.bm", "eager, ch_last"} | tuned, rows
     assert "convs alone" in out and "cat conv Cin=2C" in out
     assert "GPU_LAUNCH = {" in out and "BLOCKED_AT_CP64 = " in out
