@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/gpu_memory.py            # CUDA: SA-LSTM / LSTM-SA, 224x224,
                                                             # float32 and bfloat16, eager and triton
     PYTHONPATH=. python benchmarks/gpu_memory.py --size 112 --dtype bfloat16
+    PYTHONPATH=. python benchmarks/gpu_memory.py --nhwc     # also triton with channels_last convs
 
 ``gpu_check.py`` reports peak training memory against eager; this says what makes it up.  One step
 (``B=2, Cin=C=64, T=2, k=5``, after a warm-up step) runs with the CUDA allocator's history on
@@ -108,11 +109,15 @@ def main(argv=None) -> int:
     import gpu_check  # same folder (the script's own directory is on sys.path)
 
     import salstm_kernels as sk
+    from salstm_kernels import recurrence
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, nargs="+", default=[224])
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--nhwc", action="store_true",
+                    help="also the triton path with channels_last convs (the opt-in whose peak was 1.2-1.4x "
+                         "the NCHW one's in bfloat16 on an H200, unexplained)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_memory.py needs CUDA (the allocator history is CUDA's)")
@@ -126,8 +131,17 @@ def main(argv=None) -> int:
             unit = B * C * size * size * torch.finfo(dtype).bits // 8
             for name, cls in (("SA-LSTM", sk.SALSTM2d), ("LSTM-SA", sk.LSTMSA2d)):
                 ref, tri, x, gy = gpu_check.module_case(cls, device, dtype, B, C, T, k, size, size)
-                for impl, m in (("eager", ref), ("triton", tri)):
-                    peak, blocks, allocated = step_peak(m, x, gy)
+                impls = [("eager", ref, False), ("triton", tri, False)]
+                impls += [("triton NHWC", tri, True)] if args.nhwc else []
+                for impl, m, nhwc in impls:
+                    kept = set(recurrence.CHANNELS_LAST_CONVS)
+                    if nhwc:
+                        recurrence.CHANNELS_LAST_CONVS.add(("triton", "cuda"))
+                    try:
+                        peak, blocks, allocated = step_peak(m, x, gy)
+                    finally:
+                        recurrence.CHANNELS_LAST_CONVS.clear()
+                        recurrence.CHANNELS_LAST_CONVS.update(kept)
                     print(f"\n== {name} {size}x{size} {dname} {impl}: one unit = {unit / 2**20:.2f} MiB; "
                           f"max_memory_allocated {allocated / 2**20:.1f} MiB", flush=True)
                     print(report(blocks, peak, unit, args.top), flush=True)

@@ -144,8 +144,8 @@ def check_lstm_cell_zero_state_args(A, bias=None, op: str = "lstm_cell_zero_stat
     if not isinstance(A, Tensor):
         raise TypeError(f"{op}: A must be a torch.Tensor, got {type(A).__name__}")
     if A.dim() != 4 or A.shape[1] % 3 != 0 or A.shape[1] == 0:
-        raise ValueError(f"{op}: A must be 4-D (B, 3C, H, W) with 3C a positive multiple of 3 (gate rows i, o, g), "
-                         f"got shape {tuple(A.shape)}")
+        raise ValueError(f"{op}: A must be 4-D (B, 3C, H, W) with 3C a positive multiple of 3 "
+                         f"(gate rows i, o, g), got shape {tuple(A.shape)}")
     if A.numel() == 0:
         raise ValueError(f"{op}: empty tensors are not supported by the fused ops (A shape {tuple(A.shape)}); "
                          "the modules handle B=0 themselves")

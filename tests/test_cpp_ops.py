@@ -121,8 +121,10 @@ def test_channels_last_A_runs_channels_last(shape, dtype):
     B, C, H, W = shape
     A, c, g = _inputs(B, C, H, W, dtype, seed=3)
     A_steps = torch.cat([A, A.flip(0)]).contiguous(memory_format=torch.channels_last).split(B)
-    big = torch.cat([A.flip(0), A], 0).contiguous(memory_format=torch.channels_last)
-    strided = big.view(2, B, 4 * C, H, W).transpose(0, 1)[:, 1]  # batch stride 2 * 4C * N
+    # a step's slice of a batch-major (B, 2, ...) channels_last output: batch stride 2 * 4C * N
+    big = torch.stack([A.flip(0), A], 1).reshape(2 * B, 4 * C, H, W).contiguous(memory_format=torch.channels_last)
+    strided = big.view(B, 2, 4 * C, H, W)[:, 1]
+    assert strided.stride(0) == 2 * 4 * C * H * W
     for a_cl in (A_steps[0], strided):
         assert torch.equal(a_cl, A) and not a_cl.is_contiguous()
         dh, dcn, dout = (_randn(c.shape, dtype, g) for _ in range(3))
