@@ -140,7 +140,8 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torc
     label = f"op cell from zero state +bias B{B} C{C} {H}x{W}{tag}"
     try:  # A holds rows i, o, g; the spec is the 4-gate cell with any f row and c = 0
         A3 = A[:, [*range(C), *range(2 * C, 4 * C)]].contiguous(memory_format=fmt)
-        bias = torch.randn(3 * C, generator=g, dtype=torch.float64).to(device, dtype)
+        g_bias = torch.Generator().manual_seed(seed + 1)  # not g: the rows below keep their inputs
+        bias = torch.randn(3 * C, generator=g_bias, dtype=torch.float64).to(device, dtype)
         h, c1 = tk.cell_zero_state_forward(A3, bias)
         dA3, dbias = tk.cell_zero_state_backward(A3, dh, dcn, bias)
         layout_kept(h, c1, dA3)
@@ -263,7 +264,7 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
         A, c = rnd(B, 4 * C, H, W), rnd(B, C, H, W)
         # the conv bias, folded in as the modules launch the kernels (HAS_BIAS); the reference adds it
         bias = torch.randn(4 * C, device=device, dtype=torch.float16, generator=g)
-        biased = lambda a: a.float() + bias.float().view(1, -1, 1, 1)  # noqa: E731
+        biased = lambda a, b=bias: a.float() + b.float().view(1, -1, 1, 1)  # noqa: E731
         last = lambda *ts: [t[-1:].float() for t in ts]  # noqa: E731  (the reference in float32)
 
         def tail(t):
@@ -300,6 +301,19 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
             rdA, rdc = rk.cell_backward(biased(tail(A)), *(tail(t).float() for t in (c, dh, dcn)))
             errs += [("cell dA", err(dA, rdA), True), ("cell dc", err(dc, rdc), True),
                      bias_grad_err(dbias, dA, "cell ")]
+            del dA, dc, rdA, rdc
+        # the cell from a zero state: A's last 3C rows stand for rows i, o, g (3-gate strides and
+        # partial rows at the same offsets; a copy where the slice is not dense in the layout)
+        A3, bias3 = A[:, C:], bias[C:]
+        h, c1 = tk.cell_zero_state_forward(A3, bias=bias3)
+        hr, cr = rk.cell_zero_state_forward(biased(tail(A3), bias3))
+        errs += [("zero-state h", err(h, hr), False), ("zero-state c'", err(c1, cr), False)]
+        del h, c1, hr, cr
+        if backward:
+            with nan_allocations():
+                dA3, dbias3 = tk.cell_zero_state_backward(A3, dh, dcn, bias=bias3)
+            (rdA3,) = rk.cell_zero_state_backward(biased(tail(A3), bias3), tail(dh).float(), tail(dcn).float())
+            errs += [("zero-state dA", err(dA3, rdA3), True), bias_grad_err(dbias3, dA3, "zero-state ")]
         log.row(label, torch.float16, errs)
     except Exception as e:  # noqa: BLE001
         log.row(label, torch.float16, [], error=f"{type(e).__name__}: {e}"[:200])

@@ -23,7 +23,8 @@ a separate broadcast kernel, a read and write of the whole ``(B, 4C, H, W)`` out
 bias gradient (``dA`` summed) is the same either way.
 
 **Memory kept for backward** is what the math needs: per step ``A`` and the previous ``c``, and the
-convs' inputs.  The zero initial ``c`` is an expanded scalar (:func:`zero_cell_state`), so the ops
+convs' inputs (and at ``t = 0`` from the zero state the weight rows i, o, g: a ``3C x Cin x k x k``
+copy).  The zero initial ``c`` is an expanded scalar (:func:`zero_cell_state`), so the ops
 save no state-sized zero tensor; the input conv of an NCHW step takes the step's slice of ``x`` as
 a view and saves that, not a contiguous copy (the conv densifies it as it runs).  So, as with any
 ``nn.Conv2d`` on ``x``, changing ``x`` in place between forward and backward raises autograd's
@@ -155,9 +156,14 @@ def _zero_state_step(x_0: Tensor, w_x: Tensor, bias: Optional[Tensor], C: int, p
     only -- a quarter fewer conv FLOPs there, forward and backward, and a quarter less ``A`` kept
     for backward -- and the fused zero-state cell (``ops.lstm_cell_zero_state``).  The row
     selections are differentiable views and copies of the one parameter, so the forget rows'
-    gradient from this step is exactly zero, as in the 4-gate math.  (One visible difference: with
-    +-inf in ``x_0`` the 4-gate reference's forget rows get ``0 * inf = NaN`` in the weight
-    gradient; here they get the finite exact value.  The other rows are non-finite either way.)"""
+    gradient from this step is exactly zero, as in the 4-gate math.
+
+    Where the 4-gate reference multiplies a non-finite value by that zero, it gets NaN and we do
+    not, as with the skipped recurrent conv (a NaN in ``W_h`` reaches the reference's ``t = 0``
+    through ``conv(0, W_h)``): +-inf in ``x_0`` (the reference's forget rows of the weight gradient
+    are ``0 * inf``; the other rows are non-finite in both), a NaN in the forget rows of the weight
+    or bias (at ``T = 1`` the reference's output is NaN, ours finite: those rows are never used),
+    or a NaN upstream gradient (the forget bias's gradient from ``t = 0``)."""
     w_iog = torch.cat([w_x[:C], w_x[2 * C:]])
     b_iog = None if bias is None else torch.cat([bias[:C], bias[2 * C:]])
     conv_bias, cell_bias = (None, b_iog) if fold else (b_iog, None)

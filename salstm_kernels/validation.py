@@ -143,9 +143,12 @@ def check_lstm_cell_zero_state_args(A, bias=None, op: str = "lstm_cell_zero_stat
     ``(3C,)`` with ``A``'s dtype and device."""
     if not isinstance(A, Tensor):
         raise TypeError(f"{op}: A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() != 4 or A.shape[1] % 3 != 0 or A.shape[1] == 0:
-        raise ValueError(f"{op}: A must be 4-D (B, 3C, H, W) with 3C a positive multiple of 3 "
-                         f"(gate rows i, o, g), got shape {tuple(A.shape)}")
+    if A.dim() != 4:
+        raise ValueError(f"{op}: A must be 4-D (B, 3C, H, W) (gate rows i, o, g), got {A.dim()}-D shape "
+                         f"{tuple(A.shape)}")
+    if A.shape[1] % 3 != 0 or A.shape[1] == 0:
+        raise ValueError(f"{op}: A must be (B, 3C, H, W) (gate rows i, o, g): its {A.shape[1]} channels are "
+                         f"not a positive multiple of 3 (shape {tuple(A.shape)})")
     if A.numel() == 0:
         raise ValueError(f"{op}: empty tensors are not supported by the fused ops (A shape {tuple(A.shape)}); "
                          "the modules handle B=0 themselves")

@@ -741,18 +741,21 @@ if tk is not None:
         tl.store(out_ptr + 16 + tl.arange(0, 16), 3 * gs1 + tl.zeros((16,), tl.int64))
         _, _, _, _, _, gs2 = _blocked._rows_tile(b, 0, 0, C, N, 16, 16, 2)
         tl.store(out_ptr + 32 + tl.arange(0, 16), 3 * gs2 + tl.zeros((16,), tl.int64))
+        # the zero-state cell (GATES = 3: rows i, o, g): gate g's offset
+        tl.store(out_ptr + 48 + tl.arange(0, 16), _cell._gate_i_offsets(idx, gs, 3) + 2 * gs)
 
 
 def test_gate_offsets_stay_64_bit_within_one_image():
     """NCHW gate stride C * N of one image past 2^31 / 3: gate g's offset (i + 3 C N) and the
     kernels' gate stride are computed in 64 bits (they wrapped to negative in 32)."""
     G, C, N = 740_000_000, 64, 40_000_000  # 3 G and C N both pass 2^31
-    out = torch.full((48,), -1, dtype=torch.int64, device=DEVICE)
+    out = torch.full((64,), -1, dtype=torch.int64, device=DEVICE)
     idx0 = G + 5  # second image's first elements: idx // G == 1
     _offsets_probe[(1,)](out, idx0, G, C, N)
     idx = idx0 + torch.arange(16, dtype=torch.int64)
     assert torch.equal(out[:16].cpu(), idx + 3 * G + 3 * G)  # gate i (idx + 3 G), then + 3 G
-    assert torch.equal(out[16:].cpu(), torch.full((32,), 3 * C * N, dtype=torch.int64))
+    assert torch.equal(out[16:48].cpu(), torch.full((32,), 3 * C * N, dtype=torch.int64))
+    assert torch.equal(out[48:].cpu(), idx + 2 * G + 2 * G)  # 3-gate A: gate i at idx + 2 G, g 2 G on
 
 
 def test_layout_code_picks_64_bit_gate_strides_only_where_needed():

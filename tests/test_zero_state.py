@@ -90,8 +90,10 @@ def test_opcheck_zero_state_ops(backend):
 
 
 @pytest.mark.parametrize("A,bias,exc,match", [
-    (torch.zeros(2, 8, 3, 3), None, ValueError, r"A must be 4-D \(B, 3C, H, W\).*got shape \(2, 8, 3, 3\)"),
-    (torch.zeros(2, 9, 3), None, ValueError, r"A must be 4-D \(B, 3C, H, W\).*got shape \(2, 9, 3\)"),
+    (torch.zeros(2, 8, 3, 3), None, ValueError, r"A must be \(B, 3C, H, W\) \(gate rows i, o, g\): its 8 channels "
+                                                r"are not a positive multiple of 3 \(shape \(2, 8, 3, 3\)\)"),
+    (torch.zeros(2, 9, 3), None, ValueError, r"A must be 4-D \(B, 3C, H, W\) \(gate rows i, o, g\), got 3-D shape "
+                                             r"\(2, 9, 3\)"),
     (torch.zeros(0, 9, 3, 3), None, ValueError, "empty tensors are not supported"),
     (torch.zeros(2, 9, 3, 3, dtype=torch.int64), None, TypeError, "A must be floating"),
     (torch.zeros(2, 9, 3, 3), torch.zeros(12), ValueError, r"bias must have shape \(9,\), got \(12,\)"),

@@ -4,9 +4,10 @@ When the previous state is zero (the first step with no initial state), ``c' = f
 the forget gate drops out, so the conv that feeds the step need only compute the three gate rows
 ``i, o, g`` -- a quarter fewer FLOPs for that conv, forward and backward, and a quarter less
 ``A`` kept for backward.  Exact: the same ``h', c'`` and ``dA`` rows as
-:func:`salstm_kernels.ops.lstm_cell` with any finite-or-infinite ``f`` row and ``c = 0`` (``f`` is
-a sigmoid, in ``[0, 1]``; a NaN ``f`` pre-activation comes only from a non-finite conv input, which
-reaches ``i, o, g`` too).
+:func:`salstm_kernels.ops.lstm_cell` with any finite or infinite ``f`` row and ``c = 0`` (``f`` is
+a sigmoid, in ``[0, 1]``).  A NaN ``f`` pre-activation (from a NaN in the conv's forget rows, or
+a non-finite input) would make the 4-gate cell's ``c'`` NaN through ``NaN * 0``; here the forget
+rows are never computed, as the recurrent conv at ``t = 0`` is not (see ``recurrence.py``).
 
 Forward: ``A (B, 3C, H, W)`` (gate rows i, o, g) -> ``(h', c')``.  ``bias`` (optional, ``(3C,)``)
 is the bias of the conv that produced ``A``, run without it (as in :mod:`.lstm_cell`).  Backward

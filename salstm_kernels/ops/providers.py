@@ -1,6 +1,6 @@
 """Kernel providers: what computes a fused op for a given backend name.
 
-A provider is a module with four functions (the *kernel contract*).  Tensors are contiguous NCHW,
+A provider is a module with six functions (the *kernel contract*).  Tensors are contiguous NCHW,
 or, when ``A`` is channels_last per image, every ``(B, C, H, W)`` tensor is channels_last (see
 :mod:`.layout`; the op layer converts inputs and outputs to that layout, so a provider that only
 computes NCHW still gives correct results, with copies; the ``cpp`` provider runs it natively):

@@ -307,8 +307,8 @@ def _cell_bwd_pixels_kernel(a_ptr, c_ptr, dh_ptr, dcn_ptr, da_ptr, dc_ptr, bias_
                             GATES: tl.constexpr = 4):
     """channels_last with the conv bias folded in: ``_cell_bwd_kernel``'s math on a tile of ``BP``
     pixels x all ``C`` channels (padded to ``CP``), so each program also sums its ``dA`` per gate
-    and channel over its pixels -- row ``pid`` of the bias gradient's ``(programs, 4C)`` float32
-    partials (``GATES * C`` wide).  Pixels of every image in a row (``B * N`` of them); offsets are 64-bit."""
+    and channel over its pixels -- row ``pid`` of the bias gradient's ``(programs, GATES * C)``
+    float32 partials.  Pixels of every image in a row (``B * N`` of them); offsets are 64-bit."""
     pid = tl.program_id(0).to(tl.int64)
     pix = pid * BP + tl.arange(0, BP)
     ch = tl.arange(0, CP)
@@ -380,8 +380,9 @@ def _pixels_per_channel_run(c: torch.Tensor, layout: int) -> int:
 
 
 def check_bias(bias, A: torch.Tensor) -> None:
-    """The folded conv bias: ``(4C,)`` with ``A``'s dtype and device (the op layer checks it with
-    its argument names; this guards direct provider calls)."""
+    """The folded conv bias: one per row of ``A`` (``4C``; ``3C`` from a zero state), with ``A``'s
+    dtype and device (the op layer checks it with its argument names; this guards direct provider
+    calls)."""
     if bias is not None and (tuple(bias.shape) != (A.shape[1],) or bias.dtype != A.dtype or bias.device != A.device):
         raise ValueError(f"bias must be ({A.shape[1]},) {A.dtype} on {A.device}, got {tuple(bias.shape)} "
                          f"{bias.dtype} on {bias.device}")
@@ -394,7 +395,7 @@ def bias_args(bias, A: torch.Tensor):
 
 
 def bias_partials(rows: int, A: torch.Tensor) -> torch.Tensor:
-    """The folded conv bias's gradient partials: ``(rows, 4C)`` float32, one row per program (or
+    """The folded conv bias's gradient partials: ``(rows, A.shape[1])`` float32, one row per program (or
     tile) of a backward kernel, each written once (``store_gate_sums``); the gradient is their sum
     over rows, fixed order, no atomics (zeros for no rows)."""
     return torch.empty(rows, A.shape[1], dtype=torch.float32, device=A.device)

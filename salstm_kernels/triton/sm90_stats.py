@@ -172,18 +172,20 @@ def each_kernel():
         (bk.attention_bwd_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, GATED=True, PREC=prec, HAS_DH=False,
                                             HAS_DCN=True)),
         (cl._cell_fwd_kernel, dict(BLOCK=1024)), (cl._cell_bwd_kernel, dict(BLOCK=1024, HAS_DH=True, HAS_DCN=False)),
+        # the cell from a zero state (A rows i, o, g), as t = 0 launches it
+        (cl._cell_fwd_kernel, dict(BLOCK=1024, GATES=3)),
+        (cl._cell_bwd_kernel, dict(BLOCK=1024, HAS_DH=True, HAS_DCN=True, GATES=3)),
     ]
     for layout in cl.LAYOUTS.values():
         for fn, consts in kernels:
             has_bias = {"HAS_BIAS": True} if "HAS_BIAS" in fn.arg_names else {}  # the folded conv bias
-            yield f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}", fn, ptrs, {**consts, "LAYOUT": layout, **has_bias}, 4
+            gates = " GATES=3" if consts.get("GATES") == 3 else ""
+            yield (f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}{gates}", fn, ptrs,
+                   {**consts, "LAYOUT": layout, **has_bias}, 4)
     yield "cell_bwd_plane_kernel bf16 (NCHW)", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
                                                                                       HAS_DCN=False), 4
     yield "cell_bwd_pixels_kernel bf16 (NHWC)", cl._cell_bwd_pixels_kernel, ptrs, dict(BP=16, CP=64, HAS_DH=True,
                                                                                         HAS_DCN=False), 4
-    # the cell from a zero state (A rows i, o, g), as the modules launch it at t = 0: bias folded
-    yield "cell_fwd_kernel bf16 LAYOUT=0 GATES=3", cl._cell_fwd_kernel, ptrs, dict(BLOCK=1024, LAYOUT=0, HAS_BIAS=True,
-                                                                                 GATES=3), 4
     yield "cell_bwd_plane_kernel bf16 GATES=3", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
                                                                                      HAS_DCN=True, GATES=3), 4
     yield "cell_bwd_pixels_kernel bf16 GATES=3", cl._cell_bwd_pixels_kernel, ptrs, dict(BP=16, CP=64, HAS_DH=True,
