@@ -263,12 +263,15 @@ def test_broadcast_initial_state_gets_per_element_gradients(cls):
 
 @pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d])
 @pytest.mark.parametrize("T", [1, 3])
-def test_training_saves_no_zero_state_and_no_copy_of_x(cls, T, conv_form):
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_training_saves_no_zero_state_and_no_copy_of_x(cls, T, conv_form, layout, monkeypatch):
     """What a training step keeps alive for backward, counted by storage: per step ``A`` (4 state
     units; 3 at t=0 when it is not the attention step: no forget gate from the zero state), and for
     ``t > 0`` the previous ``c`` and the recurrent conv's input (``h``; the cat form:
     ``cat(x_t, h)``).  Not the zero initial ``c`` (an expanded scalar) and not a copy of the step's
-    slice of ``x`` (the input conv saves the view)."""
+    slice of ``x`` (the input conv saves the view; channels_last convs too: their weight is
+    channels_last instead, and the conv converts ``x_t`` as it runs)."""
+    monkeypatch.setattr(recurrence, "CHANNELS_LAST_CONVS", {("reference", "cpu")} if layout == "nhwc" else set())
     torch.manual_seed(0)
     B, C, H, W = 2, 8, 12, 11
     m = cls(C, C, 3, backend="reference")
@@ -287,8 +290,12 @@ def test_training_saves_no_zero_state_and_no_copy_of_x(cls, T, conv_form):
     unit = B * C * H * W * 4
     per_later_step = 1 + (2 if conv_form == "cat" else 1)  # c, and the recurrent conv's input
     expected = 4 * T - (1 if T > 1 else 0) + per_later_step * (T - 1)
-    if T > 1:  # and the t=0 conv's weight rows i, o, g (a copy the conv saves; small at real sizes)
-        expected += 3 * C * C * 3 * 3 * 4 / unit
+    # and weight copies the convs save (small at real sizes; at this one about a unit each): the
+    # t=0 conv's rows i, o, g; channels_last, the input conv's weight in that layout (one per layer)
+    weights = 3 * C * C * 3 * 3 if T > 1 else 0
+    if layout == "nhwc" and (T == 1 or conv_form == "split"):
+        weights += 4 * C * C * 3 * 3
+    expected += weights * 4 / unit
     # the rest is small: P (B, C, C) and the expanded zero's one element
     assert sum(saved.values()) / unit == pytest.approx(expected, abs=0.3)
 
