@@ -534,6 +534,12 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
     return out, h, c_new, P
 
 
+def _softmax_scores_grad(P: torch.Tensor, dP: torch.Tensor, scale: float) -> torch.Tensor:
+    """``dS`` of ``P = softmax(scale * S)`` from ``dP``: ``P * (dP - rowsum(dP * P)) * scale``
+    (``(B, C, C)``, float32, dense for the kernels that read it)."""
+    return (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
+
+
 def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None, bias=None):
     """``(dA, dc, dprojections or None)``; with a ``bias``, a fourth element: its gradient, float32
     ``(4C,)``, from per-program sums of ``dA`` the kernels write with it.  ``h`` (the forward's
@@ -569,7 +575,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         HAS_BIAS=has["HAS_BIAS"], **meta
     )
     dP = dp_partials.sum(dim=1)
-    dS = (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
+    dS = _softmax_scores_grad(P, dP, scale)
     if gated:
         dw = torch.empty(B * plan.splits, 3, C, C, dtype=torch.float32, device=A.device)
         db = torch.empty(B * plan.splits, 3, C, dtype=torch.float32, device=A.device)
@@ -704,7 +710,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     del V
     if not gated:
         del h32  # only the projection gradients read it again: at most 4 (B, C, N) float32 live
-    dS = (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
+    dS = _softmax_scores_grad(P, dP, scale)
     dQ = _mm(plan, dS, K, _fp32_like(c), C, N, prec, layout)
     dK = _mm(plan, dS, Q, _fp32_like(c), C, N, prec, layout, trans=True)
     del Q, K
