@@ -90,7 +90,8 @@ def split_conv_recurrence(
         cin = weight.shape[1] - C
         pad = conv.padding
         # Views of the one parameter (the backward is one cat into its gradient).  Copying them to
-        # contiguous / channels_last measured no faster and the copies are saved for backward.
+        # contiguous / channels_last measured no faster and the copies are saved for backward; the
+        # one copy made is the channels_last input-conv weight (see _input_conv).
         w_x, w_h = torch.split(weight, [cin, C], dim=1)
         w_x_in = _input_conv_weight(w_x, fmt)
         if state is not None:
