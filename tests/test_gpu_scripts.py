@@ -99,3 +99,24 @@ def test_memory_peak_replay_lists_what_is_alive_at_the_peak():
     assert gpu_memory.allocation_site(blocks[1][1]) == "backward __init__.py:9"
     text = gpu_memory.report(blocks, peak, unit=100, top=1)
     assert "7.0 units" in text and "4.00 u  lstm_cell lstm_cell.py:7" in text and "(1 smaller blocks)" in text
+
+
+def test_gpu_session_script_names_runnable_commands():
+    """``benchmarks/gpu_session.sh`` (the device-tool calls): valid bash, a clear usage error for an
+    unknown stage, and every ``python benchmarks/<script> --flag`` it runs names an existing script
+    that accepts those flags (a renamed flag would waste a GPU session's minutes)."""
+    path = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
+    res = subprocess.run(["bash", path, "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "usage: bash benchmarks/gpu_session.sh check|tune|full" in res.stderr
+    text = open(path).read()
+    calls = re.findall(r"^\s*run \S+ \d+ python (benchmarks/\S+\.py)((?: --[\w-]+(?: \w+)?)*)\s*(?:;;)?$", text, re.M)
+    assert len(calls) == 4, calls
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for script, args in calls:
+        assert os.path.exists(os.path.join(ROOT, script)), script
+        helped = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert helped.returncode == 0, helped.stderr[-2000:]
+        for flag in re.findall(r"--[\w-]+", args):
+            assert flag in helped.stdout, f"{script} does not take {flag}"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The prepared commands for a lent GPU (the device tool), each stage one call of under 10 minutes:
+#
+#   REV=<commit> bash benchmarks/gpu_session.sh check  # ~3 min: >2^31-offset parity, peak-memory blocks
+#                                                      # (NCHW and the NHWC opt-in)
+#   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: float32 tf32x3 sweep, parity with the
+#                                                      # result, module rows incl. the A/B rows
+#   REV=<commit> bash benchmarks/gpu_session.sh full   # ~8 min: gpu_check.py -- every op / module / dtype,
+#                                                      # then the benchmark table (the issue-3 check)
+#
+# Logs go to $OUT (the device tool brings that folder back) or to benchmarks/logs/; REV names the
+# commit in the log names (the device machine's copy of the tree may have no .git).  Record what
+# they say, with the card's name, in benchmarks/RESULTS.md.
+set -uo pipefail
+stage=${1:-}
+case $stage in
+  check | tune | full) ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh check|tune|full" >&2; exit 2 ;;
+esac
+out=${OUT:-benchmarks/logs}
+mkdir -p "$out"
+rev=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+day=$(date -u +%F)
+export PYTHONPATH=.
+
+run() {  # run NAME LIMIT_S COMMAND...: its output on screen and in $out/<day>-<NAME>-<rev>.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $* (limit ${limit} s)"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$day-$name-$rev.log"
+  echo "== exit ${PIPESTATUS[0]}"
+}
+
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv 2>&1 \
+  | tee "$out/$day-nvidia-smi-$stage-$rev.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+case $stage in
+  check)
+    run only64 120 python benchmarks/gpu_check.py --skip-bench --only-64bit
+    run memory 300 python benchmarks/gpu_memory.py --nhwc ;;
+  tune)
+    run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes float32 --no-compile ;;
+  full)
+    run check 560 python benchmarks/gpu_check.py ;;
+esac
