@@ -49,26 +49,22 @@ def cell_backward(A, c, dh, dc_new):
     return _cell_grads(A, c, _acc(dh), _acc(dc_new))
 
 
-def _zero_state(A):
-    """Gates ``i, o, g`` and the new states from ``A (B, 3C, ...)`` (rows i, o, g) and a zero ``c``."""
-    Ai, Ao, Ag = torch.chunk(_acc(A), 3, dim=1)
-    i, o, g = torch.sigmoid(Ai), torch.sigmoid(Ao), torch.tanh(Ag)
-    c_new = i * g
-    tc = torch.tanh(c_new)
-    return i, o, g, c_new, tc, o * tc
+def _as_4_gates(A):
+    """A zero-state ``A (B, 3C, ...)`` (rows i, o, g) as the 4-gate cell's ``A`` and ``c``: a zero
+    forget row and a zero ``c`` (the forget gate only multiplies ``c``, so any row would do)."""
+    C = A.shape[1] // 3
+    zeros = torch.zeros_like(A[:, :C])
+    return torch.cat([A[:, :C], zeros, A[:, C:]], dim=1), zeros
 
 
 def cell_zero_state_forward(A):
-    _, _, _, c_new, _, h = _zero_state(A)
-    return h.to(A.dtype), c_new.to(A.dtype)
+    return cell_forward(*_as_4_gates(A))
 
 
 def cell_zero_state_backward(A, dh, dc_new):
-    i, o, g, _, tc, _ = _zero_state(A)
-    dh, dct = _acc(dh), _acc(dc_new)
-    dct = dct + dh * o * (1 - tc * tc)
-    dA = torch.cat([dct * g * i * (1 - i), dh * tc * o * (1 - o), dct * i * (1 - g * g)], dim=1)
-    return (dA.to(A.dtype),)
+    dA, _ = cell_backward(*_as_4_gates(A), dh, dc_new)
+    C = A.shape[1] // 3
+    return (torch.cat([dA[:, :C], dA[:, 2 * C:]], dim=1),)
 
 
 def _flat(t):
