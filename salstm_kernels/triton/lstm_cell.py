@@ -435,12 +435,13 @@ def cell_forward(A: torch.Tensor, c: torch.Tensor, bias=None):
 
 def zero_state_layout(A: torch.Tensor):
     """:func:`dense_layout` for a zero-state ``A (B, 3C, ...)``: ``(A, state, fmt, layout)`` with
-    ``state`` an empty ``(B, C, ...)`` tensor of ``A``'s dtype in that layout (for ``h'``)."""
+    ``state`` a ``(B, C, ...)`` meta tensor of ``A``'s dtype in that layout -- the state's shape and
+    strides, no memory."""
     if A.dim() < 3 or A.shape[1] % 3 or A.shape[1] == 0:
         raise ValueError(f"expected A (B, 3C, ...) with rows i, o, g, got {tuple(A.shape)}")
     shape = (A.shape[0], A.shape[1] // 3, *A.shape[2:])
     fmt = layout_of(A) if A.dim() == 4 else torch.contiguous_format
-    state = torch.empty(shape, dtype=A.dtype, device=A.device, memory_format=fmt)
+    state = torch.empty(shape, dtype=A.dtype, device="meta", memory_format=fmt)
     A, _, fmt, layout = dense_layout(A, state)
     return A, state, fmt, layout
 
@@ -448,8 +449,8 @@ def zero_state_layout(A: torch.Tensor):
 def cell_zero_state_forward(A: torch.Tensor, bias=None):
     """``(h', c')`` from a zero state: ``A (B, 3C, ...)`` rows i, o, g (``c' = i g``)."""
     check_dtypes(A, bias)
-    A, h, _, layout = zero_state_layout(A)
-    c_new = torch.empty_like(h)
+    A, state, _, layout = zero_state_layout(A)
+    h, c_new = torch.empty_like(state, device=A.device), torch.empty_like(state, device=A.device)
     cell_forward_into(A, None, h, c_new, layout, bias)
     return h, c_new
 
@@ -481,10 +482,11 @@ def cell_zero_state_backward(A: torch.Tensor, dh, dc_new, bias=None):
 
 def _cell_backward(A, c, state, dc, dh, dc_new, fmt, layout, bias):
     """``(dA[, dbias])``, ``dc`` written when ``c`` is given; ``c`` None: a zero state (``GATES = 3``,
-    ``A`` rows i, o, g).  ``state``: a ``(B, C, ...)`` tensor in the layout (shape and dummy pointer)."""
+    ``A`` rows i, o, g).  ``state``: a ``(B, C, ...)`` tensor in the layout, read for its shape only
+    (meta for the zero state)."""
     gates = 3 if c is None else 4
     has = dict(HAS_DH=dh is not None, HAS_DCN=dc_new is not None, GATES=gates)
-    dh, dc_new = optional_grad(dh, state, fmt), optional_grad(dc_new, state, fmt)
+    dh, dc_new = optional_grad(dh, A, fmt), optional_grad(dc_new, A, fmt)
     c = A if c is None else c  # never read with GATES = 3
     dc = A if dc is None else dc  # never written with GATES = 3
     dA = torch.empty_like(A)
