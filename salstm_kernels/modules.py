@@ -177,7 +177,7 @@ class _AttentionMixin:
         out_dtype = A.dtype  # the attention matmuls' dtype (the autocast dtype under autocast)
         A, c = widen_to_state_dtype(A, c)  # the cell runs in the state dtype
         proj = self._projection_tensors(A.dtype) or (None,) * 6
-        out, h, c_new, _ = ops.lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend,
+        out, h, c_new, _ = ops.apply_lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend,
                                               bias_in(bias, A))
         states[-1] = (h, c_new)
         return out.to(out_dtype), states

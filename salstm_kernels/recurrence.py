@@ -138,7 +138,7 @@ def split_conv_recurrence(
                 last = (A, c, cell_bias)  # the caller widens A (see module docstring)
                 break
             A, c = widen_to_state_dtype(A, c)
-            h, c = ops.lstm_cell(A, c, backend, bias_in(cell_bias, A))
+            h, c = ops.apply_lstm_cell(A, c, backend, bias_in(cell_bias, A))
             outputs.append(h)
         states.append((h if h is not None else torch.zeros_like(c), c))
         inputs = outputs
@@ -186,7 +186,7 @@ def _zero_state_step(x_0: Tensor, w_x: Tensor, bias: Optional[Tensor], C: int, p
     conv_bias, cell_bias = (None, b_iog) if fold else (b_iog, None)
     A = _input_conv(x_0, _input_conv_weight(w_iog, fmt), conv_bias, pad, fmt)
     A, _ = widen_to_state_dtype(A, c_zero)
-    return ops.lstm_cell_zero_state(A, backend, bias_in(cell_bias, A))
+    return ops.apply_lstm_cell_zero_state(A, backend, bias_in(cell_bias, A))
 
 
 #: From the zero state (no initial state given), ``t = 0`` runs a conv over the gate rows i, o, g only

@@ -223,7 +223,7 @@ def test_four_gate_first_step_still_matches(cls, monkeypatch):
         raise AssertionError("the zero-state cell ran with SKIP_FORGET_AT_ZERO_STATE off")
 
     monkeypatch.setattr(recurrence, "SKIP_FORGET_AT_ZERO_STATE", False)
-    monkeypatch.setattr(ops, "lstm_cell_zero_state", not_called)
+    monkeypatch.setattr(ops, "apply_lstm_cell_zero_state", not_called)
     torch.manual_seed(1)
     m = cls(5, 5, 3, backend="reference")
     x = torch.randn(2, 2, 5, 7, 9, requires_grad=True)

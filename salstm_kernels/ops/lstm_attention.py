@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_attention_args
+from .dispatch import call_backward, forward_entry
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
 
@@ -32,8 +33,7 @@ def _projections(wq, bq, wk, bk, wv, bv):
     return proj
 
 
-@torch.library.custom_op("salstm_kernels::lstm_attention", mutates_args=())
-def lstm_attention(
+def _lstm_attention(
     A: Tensor,
     c: Tensor,
     wq: Optional[Tensor],
@@ -58,6 +58,9 @@ def lstm_attention(
     return (*(t.contiguous(memory_format=fmt) for t in (out, h, c_new)), P)
 
 
+lstm_attention = torch.library.custom_op("salstm_kernels::lstm_attention", mutates_args=())(_lstm_attention)
+
+
 @lstm_attention.register_fake
 def _(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend, bias=None):
     _projections(wq, bq, wk, bk, wv, bv)
@@ -68,8 +71,7 @@ def _(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend, bias=None):
             A.new_empty((B, C, C), dtype=torch.float64 if A.dtype == torch.float64 else torch.float32))
 
 
-@torch.library.custom_op("salstm_kernels::lstm_attention_backward", mutates_args=())
-def lstm_attention_backward(
+def _lstm_attention_backward(
     A: Tensor,
     c: Tensor,
     wq: Optional[Tensor],
@@ -108,6 +110,10 @@ def lstm_attention_backward(
             bias_grad(res, 3, dA, bias, bias_grad_wanted))
 
 
+lstm_attention_backward = torch.library.custom_op("salstm_kernels::lstm_attention_backward", mutates_args=())(
+    _lstm_attention_backward)
+
+
 @lstm_attention_backward.register_fake
 def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h=None, bias=None,
       bias_grad_wanted=True):
@@ -133,7 +139,8 @@ def _backward(ctx, dout, dh, dc_new, dP):
     A, c, wq, bq, wk, bk, wv, bv, P, h, bias = ctx.saved_tensors
     dout = torch.zeros_like(c) if dout is None else dout
     wanted = bias is not None and ctx.needs_input_grad[11]
-    grads = lstm_attention_backward(
+    grads = call_backward(
+        lstm_attention_backward, _lstm_attention_backward,
         A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h, bias, wanted
     )
     dA, dc = grads[0], grads[1]
@@ -143,3 +150,5 @@ def _backward(ctx, dout, dh, dc_new, dP):
 
 
 lstm_attention.register_autograd(_backward, setup_context=_setup_context)
+#: What the modules call (:mod:`.dispatch`).
+apply_lstm_attention = forward_entry(lstm_attention, _lstm_attention, _setup_context, _backward)

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_args
+from .dispatch import call_backward, forward_entry
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
 
 
-@torch.library.custom_op("salstm_kernels::lstm_cell", mutates_args=())
-def lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)`` (, conv ``bias (4C,)``) -> ``(h', c')``, both ``(B, C, H, W)``."""
     check_lstm_cell_args(A, c, bias=bias)
     fmt = layout_of(A)
@@ -28,6 +28,9 @@ def lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None)
     return h.contiguous(memory_format=fmt), c_new.contiguous(memory_format=fmt)
 
 
+lstm_cell = torch.library.custom_op("salstm_kernels::lstm_cell", mutates_args=())(_lstm_cell)
+
+
 @lstm_cell.register_fake
 def _(A, c, backend, bias=None):
     check_lstm_cell_args(A, c, bias=bias)
@@ -35,8 +38,7 @@ def _(A, c, backend, bias=None):
     return empty_in(c.shape, A, fmt), empty_in(c.shape, A, fmt)
 
 
-@torch.library.custom_op("salstm_kernels::lstm_cell_backward", mutates_args=())
-def lstm_cell_backward(
+def _lstm_cell_backward(
     A: Tensor, c: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str, bias: Optional[Tensor] = None,
     bias_grad_wanted: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -52,6 +54,9 @@ def lstm_cell_backward(
     dA, dc = res[0], res[1]
     return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt),
             bias_grad(res, 2, dA, bias, bias_grad_wanted))
+
+
+lstm_cell_backward = torch.library.custom_op("salstm_kernels::lstm_cell_backward", mutates_args=())(_lstm_cell_backward)
 
 
 @lstm_cell_backward.register_fake
@@ -70,9 +75,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dh, dc_new):
     A, c, bias = ctx.saved_tensors
     wanted = bias is not None and ctx.needs_input_grad[3]
-    dA, dc, dbias = lstm_cell_backward(A, c, dh, dc_new, ctx.backend, bias, wanted)
+    dA, dc, dbias = call_backward(lstm_cell_backward, _lstm_cell_backward, A, c, dh, dc_new, ctx.backend, bias, wanted)
     dbias = dbias.to(bias.dtype) if wanted else None
     return dA, dc, None, dbias
 
 
 lstm_cell.register_autograd(_backward, setup_context=_setup_context)
+#: What the modules call: ``lstm_cell``'s math without the custom-op dispatch in eager mode
+#: (:mod:`.dispatch`).
+apply_lstm_cell = forward_entry(lstm_cell, _lstm_cell, _setup_context, _backward)

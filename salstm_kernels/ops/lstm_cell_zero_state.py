@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_zero_state_args
+from .dispatch import call_backward, forward_entry
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
 
@@ -31,8 +32,7 @@ def _state_shape(A: Tensor):
     return (B, C3 // 3, H, W)
 
 
-@torch.library.custom_op("salstm_kernels::lstm_cell_zero_state", mutates_args=())
-def lstm_cell_zero_state(A: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _lstm_cell_zero_state(A: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``A (B, 3C, H, W)`` (gate rows i, o, g; conv ``bias (3C,)``) -> ``(h', c')``, both ``(B, C, H, W)``."""
     check_lstm_cell_zero_state_args(A, bias)
     fmt = layout_of(A)
@@ -42,6 +42,10 @@ def lstm_cell_zero_state(A: Tensor, backend: str, bias: Optional[Tensor] = None)
     return h.contiguous(memory_format=fmt), c_new.contiguous(memory_format=fmt)
 
 
+lstm_cell_zero_state = torch.library.custom_op("salstm_kernels::lstm_cell_zero_state", mutates_args=())(
+    _lstm_cell_zero_state)
+
+
 @lstm_cell_zero_state.register_fake
 def _(A, backend, bias=None):
     check_lstm_cell_zero_state_args(A, bias)
@@ -49,8 +53,7 @@ def _(A, backend, bias=None):
     return empty_in(_state_shape(A), A, fmt), empty_in(_state_shape(A), A, fmt)
 
 
-@torch.library.custom_op("salstm_kernels::lstm_cell_zero_state_backward", mutates_args=())
-def lstm_cell_zero_state_backward(
+def _lstm_cell_zero_state_backward(
     A: Tensor, dh: Optional[Tensor], dc_new: Optional[Tensor], backend: str, bias: Optional[Tensor] = None,
     bias_grad_wanted: bool = True,
 ) -> Tuple[Tensor, Tensor]:
@@ -64,6 +67,10 @@ def lstm_cell_zero_state_backward(
     res = prov.cell_zero_state_backward(A, *state_grads_for(prov, like, fmt, dh, dc_new), **bias_kwargs(folded))
     dA = res[0]
     return dA.contiguous(memory_format=fmt), bias_grad(res, 1, dA, bias, bias_grad_wanted)
+
+
+lstm_cell_zero_state_backward = torch.library.custom_op(
+    "salstm_kernels::lstm_cell_zero_state_backward", mutates_args=())(_lstm_cell_zero_state_backward)
 
 
 @lstm_cell_zero_state_backward.register_fake
@@ -81,8 +88,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dh, dc_new):
     A, bias = ctx.saved_tensors
     wanted = bias is not None and ctx.needs_input_grad[2]
-    dA, dbias = lstm_cell_zero_state_backward(A, dh, dc_new, ctx.backend, bias, wanted)
+    dA, dbias = call_backward(lstm_cell_zero_state_backward, _lstm_cell_zero_state_backward,
+                              A, dh, dc_new, ctx.backend, bias, wanted)
     return dA, None, (dbias.to(bias.dtype) if wanted else None)
 
 
 lstm_cell_zero_state.register_autograd(_backward, setup_context=_setup_context)
+#: What the modules call (:mod:`.dispatch`).
+apply_lstm_cell_zero_state = forward_entry(lstm_cell_zero_state, _lstm_cell_zero_state, _setup_context, _backward)

@@ -1,0 +1,157 @@
+"""The ops' eager entries (``ops.apply_*``, :mod:`salstm_kernels.ops.dispatch`): the same numbers as
+the registered custom ops, bit for bit, without going through them in eager mode; through them
+under ``torch.compile``, dispatch modes (``FlopCounterMode``) and ``EAGER_FUNCTION = False``."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+import salstm_kernels as sk
+from salstm_kernels import ops
+from salstm_kernels.backends import available_backends
+from salstm_kernels.ops import dispatch
+from salstm_kernels.testing import grads_of, random_projections
+
+BACKENDS = available_backends("cpu")
+OP_NAMES = ("lstm_cell", "lstm_cell_zero_state", "lstm_attention")
+
+
+def _case(name, backend, bias, gated, combination, seed=0):
+    """``(args, differentiable inputs)`` of op ``name``: B=2, C=12 (not a power of two), 5x7."""
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = 2, 12, 5, 7
+    rand = lambda *s: torch.randn(*s, generator=g).requires_grad_()  # noqa: E731
+    rows = 3 * C if name == "lstm_cell_zero_state" else 4 * C
+    A = rand(B, rows, H, W)
+    b = rand(rows) if bias else None
+    if name == "lstm_cell_zero_state":
+        return (A, backend, b), [A] + ([b] if bias else [])
+    c = rand(B, C, H, W)
+    if name == "lstm_cell":
+        return (A, c, backend, b), [A, c] + ([b] if bias else [])
+    proj = random_projections(C, generator=g) if gated else (None,) * 6
+    args = (A, c, *proj, 0.3, combination, backend, b)
+    return args, [A, c] + (list(proj) if gated else []) + ([b] if bias else [])
+
+
+def _run(fn, args, inputs, drop_last_state_grad, seed=1):
+    """Outputs and every input gradient, under a random upstream gradient (none on the returned
+    ``c'`` when ``drop_last_state_grad``: the ops then see a None gradient there)."""
+    outs = fn(*args)
+    outs = [o for o in outs if o.dim() == 4]  # not the attention's P
+    if drop_last_state_grad:
+        outs = outs[:-1]
+    g = torch.Generator().manual_seed(seed)
+    gys = [torch.randn(o.shape, generator=g) for o in outs]
+    return [o.detach() for o in outs], grads_of(outs, inputs, gys)
+
+
+CASES = [("lstm_cell", False, False, "linear"), ("lstm_cell", True, False, "linear"),
+         ("lstm_cell_zero_state", True, False, "linear"),
+         ("lstm_attention", False, False, "linear"), ("lstm_attention", True, False, "nonlinear"),
+         ("lstm_attention", True, True, "linear"), ("lstm_attention", False, True, "none")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,bias,gated,combination", CASES, ids=str)
+@pytest.mark.parametrize("drop", [False, True], ids=["all-grads", "no-dc"])
+def test_apply_entry_is_the_custom_op_bit_for_bit(backend, name, bias, gated, combination, drop):
+    args, inputs = _case(name, backend, bias, gated, combination)
+    got = _run(getattr(ops, f"apply_{name}"), args, inputs, drop)
+    want = _run(getattr(ops, name), args, inputs, drop)
+    for kind, a_list, b_list in (("output", got[0], want[0]), ("grad", got[1], want[1])):
+        assert len(a_list) == len(b_list)
+        for i, (a, b) in enumerate(zip(a_list, b_list)):
+            assert torch.equal(a, b), f"{name} {backend}: {kind} {i} differs from the custom op's"
+
+
+def _op_events(fn):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("salstm_kernels::")}
+
+
+def _module_step(m, x):
+    def step():
+        m(x).sum().backward()
+    return step
+
+
+@pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d])
+def test_modules_skip_the_custom_op_dispatch_in_eager_mode_unless_told(cls, monkeypatch):
+    """The point of the entries: no ``salstm_kernels::`` op event in an eager training step; with
+    ``EAGER_FUNCTION = False`` the forward and backward ops all show up, and the numbers agree."""
+    torch.manual_seed(0)
+    m = cls(4, [5, 6], 3, backend="reference")
+    x = torch.randn(2, 3, 4, 6, 5)
+    fused = lambda: m._forward_fused(x, None, "reference")[0]  # noqa: E731
+    assert _op_events(lambda: fused().sum().backward()) == set()
+    out_fast = fused()
+    grads_fast = grads_of([out_fast], m.parameters(), [torch.ones_like(out_fast)])
+    monkeypatch.setattr(dispatch, "EAGER_FUNCTION", False)
+    seen = _op_events(lambda: fused().sum().backward())
+    for op in ("lstm_cell", "lstm_cell_zero_state", "lstm_attention"):
+        assert {f"salstm_kernels::{op}", f"salstm_kernels::{op}_backward"} <= seen, seen
+    out_op = fused()
+    assert torch.equal(out_fast, out_op)
+    for a, b in zip(grads_fast, grads_of([out_op], m.parameters(), [torch.ones_like(out_op)])):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_modes_see_the_custom_ops():
+    """Under a TorchDispatchMode (here FlopCounterMode) the entries call the custom op, so its FLOP
+    formula counts: the attention's FLOPs appear in a module forward."""
+    m = sk.SALSTM2d(4, 4, 3, backend="reference")
+    x = torch.randn(1, 2, 4, 6, 6)
+    with FlopCounterMode(display=False) as fc:
+        m._forward_fused(x, None, "reference")
+    counted = {str(k) for k in fc.get_flop_counts()["Global"]}
+    assert any("lstm_attention" in k for k in counted), counted
+
+
+def test_compile_records_the_custom_ops():
+    """``torch.compile`` traces the entries as the registered ops (their fake kernels and autograd):
+    the captured graph calls ``salstm_kernels.lstm_attention`` and ``lstm_cell_zero_state``."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = sk.SALSTM2d(3, 3, 3, backend="reference")
+    x = torch.randn(1, 2, 3, 4, 5)
+    compiled = torch.compile(lambda t: m._forward_fused(t, None, "reference")[0], fullgraph=True, backend=record)
+    torch.testing.assert_close(compiled(x), m._forward_fused(x, None, "reference")[0], rtol=0, atol=0)
+    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"salstm_kernels.lstm_attention.default", "salstm_kernels.lstm_cell_zero_state.default"} <= targets, targets
+
+
+def test_autocast_module_step_is_the_same_either_way(monkeypatch):
+    """Under CPU autocast (bfloat16 convs, float32 state) both paths give identical outputs and
+    parameter gradients."""
+    torch.manual_seed(2)
+    m = sk.LSTMSA2d(4, 6, 3, backend=BACKENDS[-1])
+    x = torch.randn(2, 2, 4, 5, 7)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        return out.detach(), grads_of([out], m.parameters(), [torch.ones_like(out)])
+
+    fast = step()
+    monkeypatch.setattr(dispatch, "EAGER_FUNCTION", False)
+    slow = step()
+    assert fast[0].dtype == torch.bfloat16 and torch.equal(fast[0], slow[0])
+    for a, b in zip(fast[1], slow[1]):
+        assert torch.equal(a, b)
+
+
+def test_entries_fill_defaults_and_reject_wrong_argument_counts():
+    A = torch.randn(1, 8, 3, 3)
+    c = torch.randn(1, 2, 3, 3)
+    assert torch.equal(ops.apply_lstm_cell(A, c, "reference")[0], ops.lstm_cell(A, c, "reference")[0])
+    with pytest.raises(TypeError, match="lstm_cell"):
+        ops.apply_lstm_cell(A)
+    with pytest.raises(TypeError, match="lstm_cell"):
+        ops.apply_lstm_cell(A, c, "reference", None, None)
