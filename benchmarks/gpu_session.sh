@@ -2,7 +2,7 @@
 # The prepared commands for a lent GPU (the device tool), each stage one call of under 10 minutes:
 #
 #   REV=<commit> bash benchmarks/gpu_session.sh check  # ~3 min: >2^31-offset parity, peak-memory blocks
-#                                                      # (NCHW and the NHWC opt-in)
+#                                                      # (NCHW and the NHWC opt-in), host time per step
 #   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: float32 tf32x3 sweep, parity with the
 #                                                      # result, module rows incl. the A/B rows
 #   REV=<commit> bash benchmarks/gpu_session.sh full   # ~8 min: gpu_check.py -- every op / module / dtype,
@@ -37,7 +37,8 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 case $stage in
   check)
     run only64 120 python benchmarks/gpu_check.py --skip-bench --only-64bit
-    run memory 300 python benchmarks/gpu_memory.py --nhwc ;;
+    run memory 300 python benchmarks/gpu_memory.py --nhwc
+    run host 60 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
   tune)
     run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes float32 --no-compile ;;
   full)

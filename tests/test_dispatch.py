@@ -155,3 +155,20 @@ def test_entries_fill_defaults_and_reject_wrong_argument_counts():
         ops.apply_lstm_cell(A)
     with pytest.raises(TypeError, match="lstm_cell"):
         ops.apply_lstm_cell(A, c, "reference", None, None)
+
+
+def test_host_overhead_benchmark_runs():
+    """``benchmarks/host_overhead.py`` (in the GPU session's check stage) prints a row per module and
+    implementation, the entries and the custom-op dispatch of every fused backend it times."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_overhead.py"), "--min-run-time", "0.01"],
+                         cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split()[:3] for line in res.stdout.splitlines() if line.startswith(("SALSTM2d", "LSTMSA2d"))]
+    fused = [b for b in BACKENDS if b not in ("reference", "triton")]
+    assert len(rows) == 2 * (1 + 2 * len(fused)), res.stdout
+    assert "device cpu" in res.stdout and "command: python" in res.stdout
