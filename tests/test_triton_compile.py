@@ -31,3 +31,15 @@ def test_every_kernel_compiles_for_sm90():
     assert res.returncode == 0, out[-3000:]
     # 13 kernels x 3 layouts (2 of them GATES=3: the zero-state cell), 4 cell_bwd_plane / _pixels ones
     assert "43 variants" in out, out[-3000:]
+
+
+def test_blocks_per_sm_follows_the_occupancy_rules():
+    """sm90_stats's occupancy column (sm_90: 228 KiB shared memory with 1 KiB reserved per block,
+    64K registers in 256-register warp units, 64 warps, 32 blocks per SM)."""
+    from salstm_kernels.triton.sm90_stats import blocks_per_sm
+
+    assert blocks_per_sm(163840, 255, 4) == 1  # shared memory bound: 2 x 161 KiB > 228 KiB
+    assert blocks_per_sm(61440, 255, 4) == 2  # register bound: 4 warps x 8192 registers x 2 = 64K
+    assert blocks_per_sm(0, 32, 4) == 16  # warp bound: 64 warps / 4
+    assert blocks_per_sm(0, 16, 1) == 32  # block bound
+    assert blocks_per_sm(75 * 1024, 64, 4) == 3  # 3 x 76 KiB fit in 228 KiB, 4 would not

@@ -1,5 +1,5 @@
 """Compile the channel-blocked attention kernels for sm_90 without a GPU; print shared memory,
-registers and spills per variant (ptxas from Triton's NVIDIA backend).  Also the cell and
+registers, spills and resident blocks per SM per variant (ptxas from Triton's NVIDIA backend).  Also the cell and
 single-pass (C <= 64) backward kernels, each with the state gradients given and absent
 (HAS_DH / HAS_DCN False: a branch the interpreter runs but does not compile), and the single-pass
 kernels with the tiles and warps of the shipped ``GPU_LAUNCH`` table (lines ``shipped ...``).
@@ -31,6 +31,19 @@ from . import lstm_cell as cl
 from .lstm_attention import BLOCK_C
 
 SMEM_LIMIT = 227 * 1024
+#: sm_90 per-SM resources (CUDA occupancy rules): shared memory (the driver reserves 1 KiB per
+#: block), 64K registers (allocated per warp in 256-register units), 64 warps, 32 blocks.
+SM_SMEM, SM_REGS, SM_WARPS, SM_BLOCKS = 228 * 1024, 65536, 64, 32
+
+
+def blocks_per_sm(smem: int, regs: int, warps: int) -> int:
+    """Resident blocks per SM for a kernel using ``smem`` bytes of shared memory and ``regs``
+    registers per thread with ``warps`` warps per block: what bounds the warps in flight (latency
+    hiding) of the streaming kernels here."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = SM_REGS // (regs_per_warp * warps)
+    by_smem = SM_SMEM // (smem + 1024) if smem else SM_BLOCKS
+    return min(by_regs, by_smem, SM_WARPS // warps, SM_BLOCKS)
 DTYPES = tuple(os.environ.get("SM90_DTYPES", "fp32,bf16,fp16").split(","))
 #: float32's ``tl.dot`` precision in the variants table: "ieee" (the default) or "tf32x3" (``Launch.prec``).
 FP32_PREC = os.environ.get("SM90_FP32_PREC", "ieee")
@@ -199,7 +212,7 @@ def main() -> int:
     quick = "--each-kernel" in sys.argv[1:]
     bad = 0
     seen = set()
-    print(f"{'variant':<58} {'smem B':>8} {'regs':>5} {'spill st/ld B':>14}")
+    print(f"{'variant':<58} {'smem B':>8} {'regs':>5} {'spill st/ld B':>14} {'blocks/SM':>9}")
     for name, fn, ptrs, consts, warps in (each_kernel() if quick else (*variants(), *shipped_single_pass())):
         if name in seen:
             continue
@@ -207,7 +220,7 @@ def main() -> int:
         smem, regs, st, ld = _compile(fn, ptrs, consts, warps)
         flag = "" if smem <= SMEM_LIMIT and st == 0 else "  <-- over"
         bad += bool(flag)
-        print(f"{name:<58} {smem:>8} {regs:>5} {st:>6}/{ld:<7}{flag}", flush=True)
+        print(f"{name:<58} {smem:>8} {regs:>5} {st:>6}/{ld:<7} {blocks_per_sm(smem, regs, warps):>9}{flag}", flush=True)
     print(f"{len(seen)} variants, {bad} over the shared-memory limit or spilling")
     if quick:
         return 0  # compiled, every one (an error raises); spills are the full table's business
