@@ -54,15 +54,22 @@ elapsed = gc.elapsed  # seconds since gpu_check was imported, i.e. since this ru
 def grid(path, smoke, key=(False, False, False)):
     """The sweep's points for one path and ``(backward, gated, fp32)`` key; float32 also gets
     "tf32x3" dot precision (``Launch.prec``) where sm_90 compiles of it fit (``sm90_stats``): BN 16
-    single-pass except the gated backward (378 KB of shared memory), BN 16 / 32 blocked."""
+    single-pass except the gated backward (378 KB of shared memory), BN 16 / 32 blocked; 16-bit
+    LSTM-SA single-pass also gets "tf32" (projection dots on float32 operands, not 16-bit weights)."""
     backward, gated, fp32 = key
     x3_fits = fp32 and not (path == "single" and backward and gated)
+    # 16-bit LSTM-SA, single-pass: the projection dots on float32 operands ("tf32", as before
+    # WEIGHT_DOTS_16BIT) against the default, 16-bit weights
+    tf32_dots = path == "single" and gated and not fp32
     if smoke:
         pts = [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
-        return pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits else [])
+        return (pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits else [])
+                + ([pts[0]._replace(prec="tf32")] if tf32_dots else []))
     if path == "single":
         pts = [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
         x3 = [la.Launch(16, per_sm, w, prec="tf32x3") for w, per_sm in itertools.product((4, 8), (1, 2))]
+        if tf32_dots:
+            pts += [la.Launch(bn, per_sm, w, prec="tf32") for bn, w, per_sm in itertools.product((16, 32), (4, 8), (1, 2))]
     else:
         pts = [la.Launch(bn, per_sm, w, red)
                for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]

@@ -32,7 +32,9 @@ Precision: all math and accumulation in float32.  float32 inputs use ``tl.dot(..
 input_precision="ieee")`` (no TF32, exact parity with the reference) unless a measured launch
 setting says "tf32x3" (``Launch.prec``: three TF32 tensor-core products per ``tl.dot``, about
 float32's accuracy); float16/bfloat16 inputs use
-TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits).  float64
+TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits), except the
+learned projections' dots (``W h'``, ``W^T dq``), which take the 16-bit weights as stored
+(:data:`WEIGHT_DOTS_16BIT`: half the shared memory).  float64
 is not supported (raises ``TypeError``): use the reference or cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
 
@@ -83,7 +85,9 @@ class Launch(NamedTuple):
     programs over the whole batch), warps; the blocked path's reductions take their own N tile.
     ``prec``: the ``tl.dot`` input precision for float32 inputs, "" for the default "ieee" (see the
     module docstring); "tf32x3" (three TF32 tensor-core products, about float32's accuracy) is a
-    candidate ``benchmarks/gpu_tune.py`` sweeps.  16-bit inputs always take "tf32"."""
+    candidate ``benchmarks/gpu_tune.py`` sweeps.  16-bit inputs take "tf32" on float32 operands; their
+    ``prec`` says how the learned projections' dots run (:data:`HALF_PRECISIONS`: "" the default
+    :data:`WEIGHT_DOTS_16BIT`, "tf32" or "w16"; single-pass kernels)."""
 
     bn: int
     splits_per_sm: float
@@ -100,7 +104,8 @@ TUNED_CP = 64
 #: ``"single"`` or ``"blocked"``; float16 shares bfloat16's (``float32`` False).  The fastest of a
 #: sweep by ``benchmarks/gpu_tune.py`` on an NVIDIA H200 (triton 3.6, B=2, C=64, 224x224; the
 #: attention op alone, do_bench median; ``benchmarks/RESULTS.md``): the comment is that time and
-#: the compile-time heuristics' time in the same run.
+#: the compile-time heuristics' time in the same run.  The 16-bit LSTM-SA entries were measured
+#: with the projection dots on float32 operands, before :data:`WEIGHT_DOTS_16BIT`.
 GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], "Launch"] = {
     ("single", False, False, False): Launch(16, 2, 4),  # 0.096 ms, was 0.101
     ("single", False, False, True): Launch(16, 4, 4),  # 0.158 ms, was 0.189
@@ -196,9 +201,35 @@ def _load_vec(ptr, C, CP: tl.constexpr):
 
 
 @triton.jit
-def _project(w, bias, h, PREC: tl.constexpr):
-    """Per-pixel ``Linear`` over channels on a tile: ``w (CP, CP) @ h (CP, BN) + bias``."""
-    return tl.dot(w, h, input_precision=PREC) + bias[:, None]
+def _load_weight(ptr, C, CP: tl.constexpr, W16: tl.constexpr):
+    """A ``(C, C)`` projection weight as a zero-padded ``(CP, CP)`` tile: in its 16-bit storage type
+    (exact) for ``W16`` dots, else float32."""
+    w = _load_square(ptr, C, CP)
+    if W16:
+        w = w.to(ptr.dtype.element_ty)
+    return w
+
+
+@triton.jit
+def _project(w, bias, h, PREC: tl.constexpr, W16: tl.constexpr):
+    """Per-pixel ``Linear`` over channels on a tile: ``w (CP, CP) @ h (CP, BN) + bias``; ``W16``:
+    ``h`` rounded to ``w``'s 16-bit type for the product (float32 accumulation)."""
+    # (one return after the branches: with a return in each, the sm_90 compile fails -- triton 3.9)
+    if W16:
+        out = tl.dot(w, h.to(w.dtype))
+    else:
+        out = tl.dot(w, h, input_precision=PREC)
+    return out + bias[:, None]
+
+
+@triton.jit
+def _project_grad(w, d, PREC: tl.constexpr, W16: tl.constexpr):
+    """``w^T d``: a projection's input gradient on a tile (``d`` rounded to ``w``'s type for ``W16``)."""
+    if W16:
+        out = tl.dot(tl.trans(w), d.to(w.dtype))
+    else:
+        out = tl.dot(tl.trans(w), d, input_precision=PREC)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,13 +242,13 @@ def _cell_qk_scores_kernel(
     a_ptr, c_ptr, h_ptr, cn_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, s_ptr, bias_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+    LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if GATED:
-        wq = _load_square(wq_ptr, C, CP)
-        wk = _load_square(wk_ptr, C, CP)
+        wq = _load_weight(wq_ptr, C, CP, W16)
+        wk = _load_weight(wk_ptr, C, CP, W16)
         bq = _load_vec(bq_ptr, C, CP)
         bk = _load_vec(bk_ptr, C, CP)
     acc = tl.zeros((CP, CP), dtype=tl.float32)
@@ -233,11 +264,11 @@ def _cell_qk_scores_kernel(
         if COMB != 2:
             q, k = qk_factors(f, g, c_new, h, COMB)
             if GATED:
-                q = q * _project(wq, bq, h, PREC)
-                k = k * _project(wk, bk, h, PREC)
+                q = q * _project(wq, bq, h, PREC, W16)
+                k = k * _project(wk, bk, h, PREC, W16)
         else:
-            q = _project(wq, bq, h, PREC)
-            k = _project(wk, bk, h, PREC)
+            q = _project(wq, bq, h, PREC, W16)
+            k = _project(wk, bk, h, PREC, W16)
         q = tl.where(mask, q, 0.0)
         k = tl.where(mask, k, 0.0)
         acc = tl.dot(q, tl.trans(k), acc, input_precision=PREC)
@@ -248,14 +279,14 @@ def _cell_qk_scores_kernel(
 def _attention_out_kernel(
     h_ptr, p_ptr, wv_ptr, bv_ptr, o_ptr, C, N,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    LAYOUT: tl.constexpr,
+    LAYOUT: tl.constexpr, W16: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     mask, _, c_offs, _ = _tile_offsets(b, t, C, N, CP, BN, LAYOUT)
     h = tl.load(h_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
     if GATED:
-        v = _project(_load_square(wv_ptr, C, CP), _load_vec(bv_ptr, C, CP), h, PREC)
+        v = _project(_load_weight(wv_ptr, C, CP, W16), _load_vec(bv_ptr, C, CP), h, PREC, W16)
         if COMB != 2:
             v = h * v
         v = tl.where(mask, v, 0.0)
@@ -276,13 +307,13 @@ def _scores_grad_kernel(
     a_ptr, c_ptr, do_ptr, wv_ptr, bv_ptr, dp_ptr, bias_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
-    LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+    LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
 ):
     """Per-split partials of ``dP = dO V^T`` (``V`` recomputed from ``A`` and ``c``)."""
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if GATED:
-        wv = _load_square(wv_ptr, C, CP)
+        wv = _load_weight(wv_ptr, C, CP, W16)
         bv = _load_vec(bv_ptr, C, CP)
     acc = tl.zeros((CP, CP), dtype=tl.float32)
     t0 = split * tiles_per_split
@@ -293,7 +324,7 @@ def _scores_grad_kernel(
         _, _, _, _, _, _, h = lstm_state(ai, af, ao, ag, c)
         h = tl.where(mask, h, 0.0)
         if GATED:
-            v = _project(wv, bv, h, PREC)
+            v = _project(wv, bv, h, PREC, W16)
             if COMB != 2:
                 v = h * v
             v = tl.where(mask, v, 0.0)
@@ -312,7 +343,7 @@ def _attention_bwd_kernel(
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
-    HAS_BIAS: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
 ):
     """``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``, QKV chain rule, then ``dA``, ``dc``.
 
@@ -327,9 +358,9 @@ def _attention_bwd_kernel(
     p = _load_square(p_ptr + b * C * C, C, CP)
     ds = _load_square(ds_ptr + b * C * C, C, CP)
     if GATED:
-        wq = _load_square(wq_ptr, C, CP)
-        wk = _load_square(wk_ptr, C, CP)
-        wv = _load_square(wv_ptr, C, CP)
+        wq = _load_weight(wq_ptr, C, CP, W16)
+        wk = _load_weight(wk_ptr, C, CP, W16)
+        wv = _load_weight(wv_ptr, C, CP, W16)
         bq = _load_vec(bq_ptr, C, CP)
         bk = _load_vec(bk_ptr, C, CP)
         bv = _load_vec(bv_ptr, C, CP)
@@ -350,9 +381,9 @@ def _attention_bwd_kernel(
         if COMB != 2:
             fq, fk = qk_factors(f, g, c_new, h, COMB)
         if GATED:
-            pq = tl.where(mask, _project(wq, bq, h, PREC), 0.0)
-            pk = tl.where(mask, _project(wk, bk, h, PREC), 0.0)
-            pv = tl.where(mask, _project(wv, bv, h, PREC), 0.0)
+            pq = tl.where(mask, _project(wq, bq, h, PREC, W16), 0.0)
+            pk = tl.where(mask, _project(wk, bk, h, PREC, W16), 0.0)
+            pv = tl.where(mask, _project(wv, bv, h, PREC, W16), 0.0)
             if COMB != 2:
                 q = fq * pq
                 k = fk * pk
@@ -393,9 +424,9 @@ def _attention_bwd_kernel(
             dbq += tl.sum(dq, axis=1)
             dbk += tl.sum(dk, axis=1)
             dbv += tl.sum(dv, axis=1)
-            dh_t += tl.dot(tl.trans(wq), dq, input_precision=PREC)
-            dh_t += tl.dot(tl.trans(wk), dk, input_precision=PREC)
-            dh_t += tl.dot(tl.trans(wv), dv, input_precision=PREC)
+            dh_t += _project_grad(wq, dq, PREC, W16)
+            dh_t += _project_grad(wk, dk, PREC, W16)
+            dh_t += _project_grad(wv, dv, PREC, W16)
         else:
             dfq = dq
             dfk = dk
@@ -460,6 +491,7 @@ class _Plan:
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
         self.num_warps = tuned.num_warps if tuned else (4 if self.CP <= 32 else 8)
         self.prec = _precision(A.dtype, tuned)
+        self.w16 = gated and _weight_dots_16bit(A.dtype, tuned)
 
 
 def _padded(C: int) -> int:
@@ -470,13 +502,39 @@ def _padded(C: int) -> int:
 FLOAT32_PRECISIONS = ("", "ieee", "tf32x3")
 
 
+#: ``Launch.prec`` values for 16-bit inputs: "" the default (:data:`WEIGHT_DOTS_16BIT`), "tf32" every
+#: dot on float32 operands, "w16" the projection dots in the 16-bit type.
+HALF_PRECISIONS = ("", "tf32", "w16")
+
+#: 16-bit inputs, LSTM-SA / separated (learned projections), single-pass kernels: the projection
+#: dots (``W h'`` and ``W^T dq``) take ``W`` in its 16-bit storage type (exact: the modules pass the
+#: weights in the input dtype) and ``h'`` / ``dq`` rounded to it, as the reference's 16-bit matmuls
+#: do; float32 accumulation.  Why: on float32 operands each ``(C, C)`` weight is a float32 tile in
+#: shared memory twice (``W`` and ``W^T``); sm_90 compiles (``sm90_stats``, shipped bfloat16
+#: launch, BN 16, 4 warps) of the gated backward: 160 -> 88 KiB of shared memory, so 2 blocks per
+#: SM instead of 1 (registers allow 2), spills 1276 -> 1176 B.  Not yet timed on a GPU:
+#: ``gpu_tune.py`` sweeps both ("w16" / "tf32" in ``Launch.prec``).
+WEIGHT_DOTS_16BIT = True
+
+
 def _precision(dtype: torch.dtype, launch=None) -> str:
-    if dtype != torch.float32:
-        return "tf32"
+    """``tl.dot`` input precision for float32 operands."""
     prec = launch.prec if launch is not None else ""
+    if dtype != torch.float32:
+        if prec not in HALF_PRECISIONS:
+            raise ValueError(f"Launch.prec must be one of {HALF_PRECISIONS} for 16-bit inputs, got {prec!r}")
+        return "tf32"
     if prec not in FLOAT32_PRECISIONS:
         raise ValueError(f"Launch.prec must be one of {FLOAT32_PRECISIONS} for float32, got {prec!r}")
     return prec or "ieee"
+
+
+def _weight_dots_16bit(dtype: torch.dtype, launch=None) -> bool:
+    """Whether the projection dots run in the 16-bit storage type (:data:`WEIGHT_DOTS_16BIT`)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted()):
+        return False  # (the Triton interpreter's bfloat16 tl.dot returns garbage: triton 3.9, numpy 2.4)
+    prec = launch.prec if launch is not None else ""
+    return WEIGHT_DOTS_16BIT if prec == "" else prec == "w16"
 
 
 def _combination(combination: str, gated: bool) -> int:
@@ -523,7 +581,7 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
     plan = _Plan(A, B, C, N, backward=False, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
-    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout,
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout, W16=plan.w16,
                 num_warps=plan.num_warps)
     _cell_qk_scores_kernel[(plan.splits, B)](
         A, c, h, c_new, wq, bq, wk, bk, partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
@@ -566,7 +624,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     b, has["HAS_BIAS"] = bias_args(bias, A)
     plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
-    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout,
+    meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout, W16=plan.w16,
                 num_warps=plan.num_warps)
     grid = (plan.splits, B)
     dp_partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -50,6 +51,7 @@ FP32_PREC = os.environ.get("SM90_FP32_PREC", "ieee")
 #: The kernels' ``LAYOUT`` (``lstm_cell.LAYOUTS``): 0 NCHW, 1 channels_last, 2 NCHW 64-bit gate stride.
 LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
 _TY = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Every pointer argument name of the kernels (a kernel takes the ones it has).
 _PTR_NAMES = ("a_ptr", "c_ptr", "h_ptr", "cn_ptr", "o_ptr", "hsrc_ptr", "do_ptr", "dh_ptr", "dcn_ptr", "da_ptr",
               "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "bias_ptr")
@@ -136,8 +138,10 @@ def variants():
                 if all(has):  # as the modules launch it: the conv bias folded in, its gradient summed
                     yield (f"attention_bwd_rows {tag} gated={int(gated)} +bias", bk.attention_bwd_rows_kernel,
                            {**a, **w, **grads}, dict(rows, HAS_BIAS=True), W)
+                w16 = gated and sp._weight_dots_16bit(_TORCH[dt])
                 yield (f"attention_bwd single-pass C64 {tag} gated={int(gated)}", sp._attention_bwd_kernel,
-                       {**a, **w, **grads, "do_ptr": dt}, dict(CP=64, BN=16, COMB=0, GATED=gated, PREC=prec, **flags), W)
+                       {**a, **w, **grads, "do_ptr": dt},
+                       dict(CP=64, BN=16, COMB=0, GATED=gated, PREC=prec, W16=w16, **flags), W)
         BN = 32
         for xt, ot, tr in (("fp32", dt, False), (dt, dt, False), ("fp32", "fp32", False), (dt, "fp32", True),
                            ("fp32", "fp32", True)):
@@ -156,7 +160,8 @@ def shipped_single_pass():
                 continue
             prec = (launch.prec or "ieee") if dt == "fp32" else "tf32"
             a = _all_ptrs(dt)
-            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec)
+            w16 = gated and sp._weight_dots_16bit(_TORCH[dt], launch)  # as _Plan decides it
+            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, W16=w16)
             # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
             has = dict(HAS_DH=True, HAS_DCN=True)
             tag = f"shipped {dt} gated={int(gated)} BN={launch.bn} warps={launch.num_warps}"
@@ -174,7 +179,7 @@ def each_kernel():
     that all of them compile -- the interpreter accepts code the compiler rejects."""
     prec = "tf32"
     ptrs = _all_ptrs("bf16")
-    single = dict(CP=32, BN=16, COMB=0, GATED=True, PREC=prec)
+    single = dict(CP=32, BN=16, COMB=0, GATED=True, PREC=prec, W16=True)  # 16-bit weight dots, as launched
     kernels = [
         (sp._cell_qk_scores_kernel, single), (sp._attention_out_kernel, single),
         (sp._scores_grad_kernel, single), (sp._attention_bwd_kernel, dict(single, HAS_DH=True, HAS_DCN=False)),
@@ -195,6 +200,9 @@ def each_kernel():
             gates = " GATES=3" if consts.get("GATES") == 3 else ""
             yield (f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}{gates}", fn, ptrs,
                    {**consts, "LAYOUT": layout, **has_bias}, 4)
+    # the single-pass kernels' projection dots on float32 operands (Launch.prec "tf32"; float32 inputs)
+    for fn, consts in kernels[:4]:
+        yield (f"{fn.fn.__name__.strip('_')} bf16 tf32 dots", fn, ptrs, {**consts, "W16": False, "LAYOUT": 0}, 4)
     yield "cell_bwd_plane_kernel bf16 (NCHW)", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
                                                                                       HAS_DCN=False), 4
     yield "cell_bwd_pixels_kernel bf16 (NHWC)", cl._cell_bwd_pixels_kernel, ptrs, dict(BP=16, CP=64, HAS_DH=True,
