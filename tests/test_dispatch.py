@@ -172,3 +172,24 @@ def test_host_overhead_benchmark_runs():
     fused = [b for b in BACKENDS if b not in ("reference", "triton")]
     assert len(rows) == 2 * (1 + 2 * len(fused)), res.stdout
     assert "device cpu" in res.stdout and "command: python" in res.stdout
+
+
+@pytest.mark.parametrize("entries", [True, False], ids=["entries", "custom-ops"])
+def test_activation_checkpointing_and_inference_mode(entries, monkeypatch):
+    """What training scripts wrap the modules in: ``torch.utils.checkpoint`` (non-reentrant; the
+    forward runs again in backward) gives the plain step's gradients, and ``torch.inference_mode``
+    the plain forward, through the entries and through the custom ops alike."""
+    monkeypatch.setattr(dispatch, "EAGER_FUNCTION", entries)
+    torch.manual_seed(3)
+    m = sk.LSTMSA2d(3, [4, 5], 3, backend=BACKENDS[-1])
+    x = torch.randn(2, 2, 3, 6, 5, requires_grad=True)
+    params = [x, *m.parameters()]
+    plain = m(x)
+    gy = torch.randn_like(plain)
+    want = grads_of([plain], params, [gy])
+    ckpt = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False)
+    assert torch.equal(ckpt, plain)
+    for a, b in zip(grads_of([ckpt], params, [gy]), want):
+        assert torch.equal(a, b)
+    with torch.inference_mode():
+        assert torch.equal(m(x), plain.detach())
