@@ -3,8 +3,10 @@
 #
 #   REV=<commit> bash benchmarks/gpu_session.sh check  # ~3 min: >2^31-offset parity, peak-memory blocks
 #                                                      # (NCHW and the NHWC opt-in), host time per step
-#   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: float32 tf32x3 sweep, parity with the
-#                                                      # result, module rows incl. the A/B rows
+#   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: launch sweep (bfloat16: 16-bit against
+#                                                      # float32-operand projection dots; float32:
+#                                                      # tf32x3), parity with the result, module rows
+#                                                      # incl. the A/B rows
 #   REV=<commit> bash benchmarks/gpu_session.sh full   # ~8 min: gpu_check.py -- every op / module / dtype,
 #                                                      # then the benchmark table (the issue-3 check)
 #
@@ -40,7 +42,7 @@ case $stage in
     run memory 300 python benchmarks/gpu_memory.py --nhwc
     run host 60 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
   tune)
-    run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes float32 --no-compile ;;
+    run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes bfloat16,float32 --sweep-budget-s 300 --no-compile ;;
   full)
     run check 560 python benchmarks/gpu_check.py ;;
 esac
