@@ -110,7 +110,7 @@ def test_gpu_session_script_names_runnable_commands():
     res = subprocess.run(["bash", path, "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage: bash benchmarks/gpu_session.sh check|tune|full" in res.stderr
     text = open(path).read()
-    calls = re.findall(r"^\s*run \S+ \d+ python (benchmarks/\S+\.py)((?: --[\w-]+(?: [\w.]+)?)*)\s*(?:;;)?$", text, re.M)
+    calls = re.findall(r"^\s*run \S+ \d+ python (benchmarks/\S+\.py)((?: --[\w-]+(?: [\w.,]+)?)*)\s*(?:;;)?$", text, re.M)
     assert len(calls) == 5, calls
     env = dict(os.environ, PYTHONPATH=ROOT)
     for script, args in calls:
