@@ -193,3 +193,28 @@ def test_activation_checkpointing_and_inference_mode(entries, monkeypatch):
         assert torch.equal(a, b)
     with torch.inference_mode():
         assert torch.equal(m(x), plain.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("entries", [True, False], ids=["entries", "custom-ops"])
+@pytest.mark.parametrize("wrt", ["input", "weight"])
+def test_double_backward_raises_on_the_fused_paths(backend, entries, wrt, monkeypatch):
+    """A gradient penalty (``create_graph=True``, then a gradient of the gradient) cannot go through
+    kernels autograd does not see: it raises a clear error on every fused path, through the entries
+    as through the custom ops, instead of a silently wrong second derivative (before the entries
+    recorded their backward, the input's second derivative came back None and a weight's partial).
+    The reference backend differentiates twice."""
+    monkeypatch.setattr(dispatch, "EAGER_FUNCTION", entries)
+    torch.manual_seed(4)
+    m = sk.SALSTM2d(3, 4, 3, backend="reference")
+    x = torch.randn(1, 2, 3, 5, 4, requires_grad=True)
+    target = x if wrt == "input" else m.cell0.conv.weight
+
+    def penalty(out):
+        g, = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        return g.pow(2).sum()
+
+    gg, = torch.autograd.grad(penalty(m(x)), target)  # reference: supported
+    assert torch.isfinite(gg).all() and gg.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(penalty(m._forward_fused(x, None, backend)[0]), target)

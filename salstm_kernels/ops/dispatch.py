@@ -19,7 +19,10 @@ fake kernels, FLOP formulas) and is what runs whenever it has to be seen as one 
   proxy tensor modes trace it);
 * with a tensor subclass among the inputs.
 
-Both paths run the same functions, so they agree bitwise (``tests/test_dispatch.py``).
+Both paths run the same functions, so they agree bitwise (``tests/test_dispatch.py``).  A backward
+recorded for a double backward (``create_graph=True``) goes through the backward custom op, whose
+autograd formula raises (:func:`refuse_double_backward`): second derivatives need the reference
+backend.
 :data:`EAGER_FUNCTION` ``False`` sends every call through the custom op (the A/B of
 ``benchmarks/host_overhead.py``).
 """
@@ -92,5 +95,20 @@ def forward_entry(op, forward: Callable, setup_context: Callable, backward: Call
 
 def call_backward(op, backward_fn: Callable, *args):
     """A backward op inside a backward formula: the custom op where it is needed (a traced or
-    intercepted backward), else its function directly."""
-    return op(*args) if _op_needed(args) else backward_fn(*args)
+    intercepted backward) and where the backward itself is being recorded (``create_graph=True``:
+    the recorded op then stops a double backward that reaches it with the error of
+    :func:`refuse_double_backward` -- the function's kernels are invisible to autograd and would
+    give a silently wrong second derivative), else its function directly."""
+    return op(*args) if torch.is_grad_enabled() or _op_needed(args) else backward_fn(*args)
+
+
+def refuse_double_backward(backward_op) -> None:
+    """Register an autograd formula for a backward op that raises a clear error: a double backward
+    (``create_graph=True``, e.g. a gradient penalty) through the fused ops is not supported."""
+    name = backward_op._qualname if hasattr(backward_op, "_qualname") else str(backward_op)
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name}: second derivatives (double backward, create_graph=True) are not "
+                           "supported by the fused backends; run the module with backend='reference' for them")
+
+    backward_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)

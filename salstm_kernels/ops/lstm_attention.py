@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_attention_args
-from .dispatch import call_backward, forward_entry
+from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
 
@@ -150,5 +150,6 @@ def _backward(ctx, dout, dh, dc_new, dP):
 
 
 lstm_attention.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(lstm_attention_backward)
 #: What the modules call (:mod:`.dispatch`).
 apply_lstm_attention = forward_entry(lstm_attention, _lstm_attention, _setup_context, _backward)

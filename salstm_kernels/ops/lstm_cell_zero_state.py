@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_zero_state_args
-from .dispatch import call_backward, forward_entry
+from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
 
@@ -94,5 +94,6 @@ def _backward(ctx, dh, dc_new):
 
 
 lstm_cell_zero_state.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(lstm_cell_zero_state_backward)
 #: What the modules call (:mod:`.dispatch`).
 apply_lstm_cell_zero_state = forward_entry(lstm_cell_zero_state, _lstm_cell_zero_state, _setup_context, _backward)
