@@ -147,7 +147,7 @@ def test_autocast_module_step_is_the_same_either_way(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_entries_fill_defaults_and_reject_wrong_argument_counts():
+def test_entries_fill_defaults_take_keywords_and_reject_wrong_arguments():
     A = torch.randn(1, 8, 3, 3)
     c = torch.randn(1, 2, 3, 3)
     assert torch.equal(ops.apply_lstm_cell(A, c, "reference")[0], ops.lstm_cell(A, c, "reference")[0])
@@ -155,6 +155,10 @@ def test_entries_fill_defaults_and_reject_wrong_argument_counts():
         ops.apply_lstm_cell(A)
     with pytest.raises(TypeError, match="lstm_cell"):
         ops.apply_lstm_cell(A, c, "reference", None, None)
+    with pytest.raises(TypeError, match="lstm_cell.*bogus"):
+        ops.apply_lstm_cell(A, c, "reference", bogus=None)
+    b = torch.randn(8)
+    assert torch.equal(ops.apply_lstm_cell(A, c, backend="reference", bias=b)[1], ops.lstm_cell(A, c, "reference", b)[1])
 
 
 def test_host_overhead_benchmark_runs():
@@ -218,3 +222,33 @@ def test_double_backward_raises_on_the_fused_paths(backend, entries, wrt, monkey
     assert torch.isfinite(gg).all() and gg.abs().sum() > 0
     with pytest.raises(RuntimeError, match="second derivatives"):
         torch.autograd.grad(penalty(m._forward_fused(x, None, backend)[0]), target)
+
+
+def test_jit_trace_records_the_custom_ops_and_saves():
+    """``torch.jit.trace`` of a module records the registered ops (an autograd.Function would be a
+    Python call the saved archive cannot hold); the saved and reloaded trace gives the same output."""
+    import io
+    import warnings
+
+    torch.manual_seed(5)
+    m = sk.SALSTM2d(3, 4, 3, backend=BACKENDS[-1]).eval()
+    x = torch.randn(1, 2, 3, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it freezes
+        traced = torch.jit.trace(m, x, check_trace=False)
+    assert "salstm_kernels::lstm_attention" in str(traced.inlined_graph)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    assert torch.equal(torch.jit.load(buf)(x), m(x))
+
+
+def test_meta_tensors_and_vmap_go_through_the_custom_op():
+    """Meta tensors get the fake kernel's shapes; ``torch.func.vmap`` runs the op's batching
+    fallback (the plain Function has no vmap rule)."""
+    A = torch.randn(2, 8, 3, 3)
+    c = torch.randn(2, 2, 3, 3)
+    h, c_new = ops.apply_lstm_cell(A.to("meta"), c.to("meta"), BACKENDS[-1])
+    assert h.is_meta and h.shape == (2, 2, 3, 3) and c_new.shape == (2, 2, 3, 3)
+    batched = torch.func.vmap(lambda a, s: ops.apply_lstm_cell(a, s, "reference")[0])(A[:, None], c[:, None])
+    assert torch.equal(batched[:, 0], ops.lstm_cell(A, c, "reference")[0])

@@ -4,11 +4,12 @@ intercepts the call, and through a plain ``torch.autograd.Function`` running the
 
 Why: a Python ``torch.library.custom_op`` call walks the dispatcher into Python several times (the
 autograd kernel, a redispatch, the backend kernel, filling in defaults) before it reaches the op's
-function.  Measured on CPU (torch 2.13, one thread, cpp provider, tiny shapes so only host work
-counts): 16 us a call without autograd and 32 us with, against 2.7 us for the function itself;
-an SA-LSTM training step (two forward ops, two backward ops) spent about 0.3 ms there, a third of
-the step (``benchmarks/host_overhead.py``).  On a GPU, where steps at 112x112 are host-bound, that
-is wall time.
+function, and its autograd node wraps the backward the same way.  Measured on CPU (torch 2.13, one
+thread, cpp provider, tiny shapes so only host work counts): a forward call 16 us without autograd
+and 32 us with, against 2.7 us for the function itself; a whole SA-LSTM training step (two forward
+and two backward ops) 0.25-0.3 ms faster through the entries, a quarter of it
+(``benchmarks/host_overhead.py``).  On a GPU, where steps at 112x112 are host-bound, that is wall
+time.
 
 The custom op stays the registered, documented entry (``torch.ops.salstm_kernels.*``, ``opcheck``,
 fake kernels, FLOP formulas) and is what runs whenever it has to be seen as one op:
@@ -17,7 +18,9 @@ fake kernels, FLOP formulas) and is what runs whenever it has to be seen as one 
   autograd trace it) -- :func:`torch.compiler.is_compiling`;
 * under any ``TorchDispatchMode`` (``FlopCounterMode`` counts the op by its FLOP formula, fake and
   proxy tensor modes trace it);
-* with a tensor subclass among the inputs.
+* under ``torch.jit.trace`` (the trace records the op, so ``torch.jit.save`` can export it) and
+  ``torch.func`` transforms (``vmap`` runs the op's batching fallback);
+* with a tensor subclass or a meta tensor among the inputs (the fake kernel gives the shapes).
 
 Both paths run the same functions, so they agree bitwise (``tests/test_dispatch.py``).  A backward
 recorded for a double backward (``create_graph=True``) goes through the backward custom op, whose
@@ -43,25 +46,30 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def _op_needed(args) -> bool:
     """Whether this call must go through the registered custom op (see the module docstring)."""
-    if not EAGER_FUNCTION or torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    if (not EAGER_FUNCTION or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or torch.jit.is_tracing() or torch._C._functorch.peek_interpreter_stack() is not None):
         return True
-    return any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args)
+    return any(isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta) for a in args)
 
 
 def _with_defaults(fn: Callable) -> Callable:
-    """``args -> args`` with the trailing defaults of ``fn``'s signature appended where absent
-    (``autograd.Function.apply`` takes positional arguments only)."""
-    params = list(inspect.signature(fn).parameters.values())
-    n = len(params)
-    defaults = tuple(p.default for p in params)
+    """``(args, kwargs) -> args``: every argument of ``fn``'s signature positionally, defaults filled
+    in (``autograd.Function.apply`` takes positional arguments only)."""
+    sig = inspect.signature(fn)
+    n = len(sig.parameters)
+    defaults = tuple(p.default for p in sig.parameters.values())
 
-    def fill(args):
-        if len(args) == n:
+    def fill(args, kwargs):
+        if len(args) == n and not kwargs:
             return args
-        if len(args) > n or any(d is inspect.Parameter.empty for d in defaults[len(args):]):
-            raise TypeError(f"{fn.__name__}() takes {n} arguments ({sum(d is inspect.Parameter.empty for d in defaults)}"
-                            f" required), got {len(args)}")
-        return tuple(args) + defaults[len(args):]
+        if not kwargs and len(args) < n and all(d is not inspect.Parameter.empty for d in defaults[len(args):]):
+            return tuple(args) + defaults[len(args):]
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{fn.__name__.strip('_')}(): {e}") from None
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
 
     return fill
 
@@ -82,8 +90,8 @@ def forward_entry(op, forward: Callable, setup_context: Callable, backward: Call
         "forward": staticmethod(fn_forward), "backward": staticmethod(backward),
     })
 
-    def entry(*args):
-        args = fill(args)
+    def entry(*args, **kwargs):
+        args = fill(args, kwargs)
         if _op_needed(args):
             return op(*args)
         return function.apply(*args)
