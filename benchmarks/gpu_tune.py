@@ -22,7 +22,9 @@
    its row already, "triton" / "triton tuned"); the shipped form with the conv bias added by
    PyTorch after each conv instead of folded into the fused ops ("tuned, conv bias": the A/B of
    the triton provider's ``FOLDS_BIAS``); the shipped form with the 4-gate conv and cell at ``t = 0``
-   ("tuned, 4-gate t0": the A/B of ``recurrence.SKIP_FORGET_AT_ZERO_STATE``); ``torch.compile`` of the reference
+   ("tuned, 4-gate t0": the A/B of ``recurrence.SKIP_FORGET_AT_ZERO_STATE``); 16-bit LSTM-SA with the
+   projection dots on float32 operands ("tuned, f32 proj": the A/B of
+   ``lstm_attention.WEIGHT_DOTS_16BIT``); ``torch.compile`` of the reference
    (inductor, compile time printed apart, while the run is under ``--compile-until-s``).  With
    ``--extra-ab`` also the convs alone NCHW vs channels_last, ``cudnn.benchmark`` rows and the eager
    module with channels_last weights (measured once; no gain for eager).  Columns: wall time per step
@@ -54,22 +56,15 @@ elapsed = gc.elapsed  # seconds since gpu_check was imported, i.e. since this ru
 def grid(path, smoke, key=(False, False, False)):
     """The sweep's points for one path and ``(backward, gated, fp32)`` key; float32 also gets
     "tf32x3" dot precision (``Launch.prec``) where sm_90 compiles of it fit (``sm90_stats``): BN 16
-    single-pass except the gated backward (378 KB of shared memory), BN 16 / 32 blocked; 16-bit
-    LSTM-SA single-pass also gets "tf32" (projection dots on float32 operands, not 16-bit weights)."""
+    single-pass except the gated backward (378 KB of shared memory), BN 16 / 32 blocked."""
     backward, gated, fp32 = key
     x3_fits = fp32 and not (path == "single" and backward and gated)
-    # 16-bit LSTM-SA, single-pass: the projection dots on float32 operands ("tf32", as before
-    # WEIGHT_DOTS_16BIT) against the default, 16-bit weights
-    tf32_dots = path == "single" and gated and not fp32
     if smoke:
         pts = [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
-        return (pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits else [])
-                + ([pts[0]._replace(prec="tf32")] if tf32_dots else []))
+        return pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits else [])
     if path == "single":
         pts = [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
         x3 = [la.Launch(16, per_sm, w, prec="tf32x3") for w, per_sm in itertools.product((4, 8), (1, 2))]
-        if tf32_dots:
-            pts += [la.Launch(bn, per_sm, w, prec="tf32") for bn, w, per_sm in itertools.product((16, 32), (4, 8), (1, 2))]
     else:
         pts = [la.Launch(bn, per_sm, w, red)
                for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]
@@ -226,7 +221,7 @@ def conv_layouts(device, sizes, dtypes, B, C, k):
 def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab):
     tk = providers.kernels("triton")
     kept = (recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark,
-            tk.FOLDS_BIAS, recurrence.SKIP_FORGET_AT_ZERO_STATE)
+            tk.FOLDS_BIAS, recurrence.SKIP_FORGET_AT_ZERO_STATE, la.WEIGHT_DOTS_16BIT)
     # the conv form the package ships on this device, read once: the rows below change the sets
     shipped_convs = (recurrence.channels_last_convs("triton", device.type), device.type in kept[1])
     with gc.launch_tables_kept():
@@ -235,7 +230,7 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, 
                             shipped_convs)
         finally:  # the package's state as found, whatever failed
             (recurrence.CHANNELS_LAST_CONVS, recurrence.CAT_CONV_DEVICES, torch.backends.cudnn.benchmark,
-             tk.FOLDS_BIAS, recurrence.SKIP_FORGET_AT_ZERO_STATE) = kept
+             tk.FOLDS_BIAS, recurrence.SKIP_FORGET_AT_ZERO_STATE, la.WEIGHT_DOTS_16BIT) = kept
 
 
 def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab, shipped_convs):
@@ -258,6 +253,8 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
                   for cl, cat in ((True, True), (False, True), (False, False)) if (cl, cat) != shipped_convs]
         impls.append(("tuned, conv bias", m_tri, tuned, shipped_convs, False, False))
         impls.append(("tuned, 4-gate t0", m_tri, tuned, shipped_convs, False, True))
+        if label == "LSTM-SA" and dtype != torch.float32:  # the A/B of la.WEIGHT_DOTS_16BIT
+            impls.append(("tuned, f32 proj", m_tri, tuned, shipped_convs, False, True))
         if extra_ab:
             # the eager module with channels_last conv weights: its convs then run NHWC (cuDNN
             # follows the weight's layout), the layout a user would try first for tensor-core convs
@@ -271,6 +268,8 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
         for impl, m, state, convs, cudnn_bm, fold in impls:
             # t = 0 from the zero state: gate rows i, o, g only (shipped), or all four (the A/B row)
             recurrence.SKIP_FORGET_AT_ZERO_STATE = impl != "tuned, 4-gate t0"
+            # 16-bit LSTM-SA: projection dots on the 16-bit weights (shipped) or float32 operands
+            la.WEIGHT_DOTS_16BIT = impl != "tuned, f32 proj"
             if fold is not None:  # the conv bias folded into the fused ops (FOLDS_BIAS) or added by PyTorch
                 tk.FOLDS_BIAS = fold
             if state is not None:

@@ -353,11 +353,14 @@ def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
         tk_attention._precision(torch.float32, tk_attention.Launch(32, 2, 4, 32, "tf32"))
     with pytest.raises(ValueError, match="Launch.prec"):  # a float32 value in a 16-bit entry
         tk_attention._Plan(A.half(), 2, 40, 63, backward=True, gated=gated)
-    # 16-bit entries: float32 operands take "tf32"; prec picks the projection dots' type (gated only)
-    for prec, w16 in (("w16", True), ("tf32", False), ("", tk_attention.WEIGHT_DOTS_16BIT)):
-        monkeypatch.setattr(tk_attention, "_tuned", lambda *a: tk_attention.Launch(32, 2, 4, 32, prec))
+    # 16-bit entries: float32 operands take "tf32"; the projection dots follow WEIGHT_DOTS_16BIT on
+    # both paths (gated only)
+    monkeypatch.setattr(tk_attention, "_tuned", lambda *a: tk_attention.Launch(32, 2, 4, 32))
+    for w16 in (True, False):
+        monkeypatch.setattr(tk_attention, "WEIGHT_DOTS_16BIT", w16)
         plan16 = tk_attention._Plan(A.half(), 2, 40, 63, backward=True, gated=gated)
-        assert (plan16.prec, plan16.w16) == ("tf32", gated and w16), prec
+        bplan16 = tk_attention._BlockedPlan(A.half(), 2, 40, 63, gated, backward=False)
+        assert (plan16.prec, plan16.w16, bplan16.w16) == ("tf32", gated and w16, gated and w16)
     monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
     monkeypatch.setattr(tk_attention, "BLOCKED_AT_CP64", {(True, gated, True)})
     _check_attention(ROUTED_SHAPE, torch.float32, "nonlinear", gated)

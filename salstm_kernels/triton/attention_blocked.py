@@ -76,19 +76,34 @@ def _chunk(ptr, b, kr, cols, C, N, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _square_block(ptr, ri, rj, C, TRANS: tl.constexpr):
-    """Block ``M[ri, rj]`` (or ``M[rj, ri]^T`` with ``TRANS``) of a row-major ``(C, C)``, float32."""
+def _square_block(ptr, ri, rj, C, TRANS: tl.constexpr, W16: tl.constexpr = False):
+    """Block ``M[ri, rj]`` (or ``M[rj, ri]^T`` with ``TRANS``) of a row-major ``(C, C)``, float32, or
+    in its 16-bit storage type for ``W16`` (``lstm_attention.WEIGHT_DOTS_16BIT``)."""
     m = (ri < C)[:, None] & (rj < C)[None, :]
     if TRANS:
         offs = rj[None, :].to(tl.int64) * C + ri[:, None]
     else:
         offs = ri[:, None].to(tl.int64) * C + rj[None, :]
-    return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if W16:
+        blk = tl.load(ptr + offs, mask=m, other=0.0)
+    else:
+        blk = tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return blk
+
+
+@triton.jit
+def _weight_dot(w, x, acc, PREC: tl.constexpr, W16: tl.constexpr):
+    """``acc + w @ x`` with a projection weight block: ``x`` rounded to ``w``'s type for ``W16``."""
+    if W16:
+        out = tl.dot(w, x.to(w.dtype), acc)
+    else:
+        out = tl.dot(w, x, acc, input_precision=PREC)
+    return out
 
 
 @triton.jit
 def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                 BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr):
+                 BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr, W16: tl.constexpr):
     """``W[rows, :] @ h' + b[rows]`` for q, k, v on one tile, blocked over input channels."""
     pq = tl.zeros((BC, BN), dtype=tl.float32)
     pk = tl.zeros((BC, BN), dtype=tl.float32)
@@ -96,9 +111,9 @@ def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
     for kk in range(0, C, BC):
         kr = kk + tl.arange(0, BC)
         hk = _chunk(h_ptr, b, kr, cols, C, N, LAYOUT)
-        pq = tl.dot(_square_block(wq_ptr, rows, kr, C, False), hk, pq, input_precision=PREC)
-        pk = tl.dot(_square_block(wk_ptr, rows, kr, C, False), hk, pk, input_precision=PREC)
-        pv = tl.dot(_square_block(wv_ptr, rows, kr, C, False), hk, pv, input_precision=PREC)
+        pq = _weight_dot(_square_block(wq_ptr, rows, kr, C, False, W16), hk, pq, PREC, W16)
+        pk = _weight_dot(_square_block(wk_ptr, rows, kr, C, False, W16), hk, pk, PREC, W16)
+        pv = _weight_dot(_square_block(wv_ptr, rows, kr, C, False, W16), hk, pv, PREC, W16)
     rm = rows < C
     pq += tl.load(bq_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
     pk += tl.load(bk_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
@@ -112,6 +127,7 @@ def qkv_rows_kernel(
     q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, bias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr,
     WRITE_STATE: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+    W16: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     blk = tl.program_id(1)
@@ -119,7 +135,7 @@ def qkv_rows_kernel(
     rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     if GATED:  # projections first: the gate math is not live across their loop (registers)
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC, LAYOUT)
+                                  BC, BN, PREC, LAYOUT, W16)
     if (not GATED) or COMB != 2:
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C,
                                              HAS_BIAS)
@@ -196,7 +212,7 @@ def proj_grad_rows_kernel(
     a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     dqa_ptr, dka_ptr, dva_ptr, dq_ptr, dk_ptr, dv_ptr, bias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
 ):
     """LSTM-SA: ``dq = dQ * fq`` etc. (written); with a combination, ``dQ <- dQ * pq`` in place."""
     t = tl.program_id(0)
@@ -206,7 +222,7 @@ def proj_grad_rows_kernel(
     if COMB != 2:
         # projections first (nothing else live across their loop), then one operand at a time
         pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC, LAYOUT)
+                                  BC, BN, PREC, LAYOUT, W16)
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C,
                                              HAS_BIAS)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
@@ -232,7 +248,7 @@ def attention_bwd_rows_kernel(
     wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
-    HAS_BIAS: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
 ):
     """Total ``dh'``, ``dc'``, ``df``, ``dg`` of a row block, then the cell backward into ``dA``, ``dc``.
 
@@ -250,12 +266,12 @@ def attention_bwd_rows_kernel(
         x = tl.zeros((BC, BN), dtype=tl.float32)
         for kk in range(0, C, BC):
             kr = kk + tl.arange(0, BC)
-            x = tl.dot(_square_block(wq_ptr, rows, kr, C, True), _chunk(dq_ptr, b, kr, cols, C, N, LAYOUT), x,
-                       input_precision=PREC)
-            x = tl.dot(_square_block(wk_ptr, rows, kr, C, True), _chunk(dk_ptr, b, kr, cols, C, N, LAYOUT), x,
-                       input_precision=PREC)
-            x = tl.dot(_square_block(wv_ptr, rows, kr, C, True), _chunk(dv_ptr, b, kr, cols, C, N, LAYOUT), x,
-                       input_precision=PREC)
+            x = _weight_dot(_square_block(wq_ptr, rows, kr, C, True, W16), _chunk(dq_ptr, b, kr, cols, C, N, LAYOUT),
+                            x, PREC, W16)
+            x = _weight_dot(_square_block(wk_ptr, rows, kr, C, True, W16), _chunk(dk_ptr, b, kr, cols, C, N, LAYOUT),
+                            x, PREC, W16)
+            x = _weight_dot(_square_block(wv_ptr, rows, kr, C, True, W16), _chunk(dv_ptr, b, kr, cols, C, N, LAYOUT),
+                            x, PREC, W16)
         dh_t += x
     ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C, HAS_BIAS)
     i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)

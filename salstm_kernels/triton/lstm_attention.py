@@ -34,7 +34,7 @@ setting says "tf32x3" (``Launch.prec``: three TF32 tensor-core products per ``tl
 float32's accuracy); float16/bfloat16 inputs use
 TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits), except the
 learned projections' dots (``W h'``, ``W^T dq``), which take the 16-bit weights as stored
-(:data:`WEIGHT_DOTS_16BIT`: half the shared memory).  float64
+(:data:`WEIGHT_DOTS_16BIT`: half the shared memory; every kernel, both directions).  float64
 is not supported (raises ``TypeError``): use the reference or cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
 
@@ -85,9 +85,8 @@ class Launch(NamedTuple):
     programs over the whole batch), warps; the blocked path's reductions take their own N tile.
     ``prec``: the ``tl.dot`` input precision for float32 inputs, "" for the default "ieee" (see the
     module docstring); "tf32x3" (three TF32 tensor-core products, about float32's accuracy) is a
-    candidate ``benchmarks/gpu_tune.py`` sweeps.  16-bit inputs take "tf32" on float32 operands; their
-    ``prec`` says how the learned projections' dots run (:data:`HALF_PRECISIONS`: "" the default
-    :data:`WEIGHT_DOTS_16BIT`, "tf32" or "w16"; single-pass kernels)."""
+    candidate ``benchmarks/gpu_tune.py`` sweeps.  16-bit inputs take "tf32" on float32 operands (their
+    ``prec`` stays ""), the learned projections' dots as :data:`WEIGHT_DOTS_16BIT` says."""
 
     bn: int
     splits_per_sm: float
@@ -491,7 +490,7 @@ class _Plan:
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
         self.num_warps = tuned.num_warps if tuned else (4 if self.CP <= 32 else 8)
         self.prec = _precision(A.dtype, tuned)
-        self.w16 = gated and _weight_dots_16bit(A.dtype, tuned)
+        self.w16 = gated and _weight_dots_16bit(A.dtype)
 
 
 def _padded(C: int) -> int:
@@ -502,18 +501,15 @@ def _padded(C: int) -> int:
 FLOAT32_PRECISIONS = ("", "ieee", "tf32x3")
 
 
-#: ``Launch.prec`` values for 16-bit inputs: "" the default (:data:`WEIGHT_DOTS_16BIT`), "tf32" every
-#: dot on float32 operands, "w16" the projection dots in the 16-bit type.
-HALF_PRECISIONS = ("", "tf32", "w16")
-
-#: 16-bit inputs, LSTM-SA / separated (learned projections), single-pass kernels: the projection
-#: dots (``W h'`` and ``W^T dq``) take ``W`` in its 16-bit storage type (exact: the modules pass the
-#: weights in the input dtype) and ``h'`` / ``dq`` rounded to it, as the reference's 16-bit matmuls
-#: do; float32 accumulation.  Why: on float32 operands each ``(C, C)`` weight is a float32 tile in
-#: shared memory twice (``W`` and ``W^T``); sm_90 compiles (``sm90_stats``, shipped bfloat16
-#: launch, BN 16, 4 warps) of the gated backward: 160 -> 88 KiB of shared memory, so 2 blocks per
-#: SM instead of 1 (registers allow 2), spills 1276 -> 1176 B.  Not yet timed on a GPU:
-#: ``gpu_tune.py`` sweeps both ("w16" / "tf32" in ``Launch.prec``).
+#: 16-bit inputs, LSTM-SA / separated (learned projections): the projection dots (``W h'`` and
+#: ``W^T dq``) take ``W`` in its 16-bit storage type (exact: the modules pass the weights in the
+#: input dtype) and ``h'`` / ``dq`` rounded to it, as the reference's 16-bit matmuls do; float32
+#: accumulation.  One setting for every kernel, both paths and both directions, so a backward
+#: recomputes ``Q, K, V`` as its forward formed them.  Why: on float32 operands each ``(C, C)``
+#: weight is a float32 tile in shared memory twice (``W`` and ``W^T``); sm_90 compiles
+#: (``sm90_stats``, shipped bfloat16 launch, BN 16, 4 warps) of the single-pass gated backward:
+#: 160 -> 88 KiB of shared memory, so 2 blocks per SM instead of 1 (registers allow 2), spills
+#: 1276 -> 1176 B.  Not yet timed on a GPU: ``gpu_tune.py`` has an A/B module row ("tuned, f32 proj").
 WEIGHT_DOTS_16BIT = True
 
 
@@ -521,20 +517,19 @@ def _precision(dtype: torch.dtype, launch=None) -> str:
     """``tl.dot`` input precision for float32 operands."""
     prec = launch.prec if launch is not None else ""
     if dtype != torch.float32:
-        if prec not in HALF_PRECISIONS:
-            raise ValueError(f"Launch.prec must be one of {HALF_PRECISIONS} for 16-bit inputs, got {prec!r}")
+        if prec:
+            raise ValueError(f"Launch.prec is for float32 entries; a 16-bit entry takes '' (got {prec!r})")
         return "tf32"
     if prec not in FLOAT32_PRECISIONS:
         raise ValueError(f"Launch.prec must be one of {FLOAT32_PRECISIONS} for float32, got {prec!r}")
     return prec or "ieee"
 
 
-def _weight_dots_16bit(dtype: torch.dtype, launch=None) -> bool:
+def _weight_dots_16bit(dtype: torch.dtype) -> bool:
     """Whether the projection dots run in the 16-bit storage type (:data:`WEIGHT_DOTS_16BIT`)."""
     if dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted()):
         return False  # (the Triton interpreter's bfloat16 tl.dot returns garbage: triton 3.9, numpy 2.4)
-    prec = launch.prec if launch is not None else ""
-    return WEIGHT_DOTS_16BIT if prec == "" else prec == "w16"
+    return WEIGHT_DOTS_16BIT
 
 
 def _combination(combination: str, gated: bool) -> int:
@@ -691,6 +686,7 @@ class _BlockedPlan:
         self.red_grid = (self.NB * self.NB, self.splits, B)
         self.num_warps = tuned.num_warps if tuned else 8
         self.prec = _precision(A.dtype, tuned)
+        self.w16 = gated and _weight_dots_16bit(A.dtype)
 
 
 def _abt(plan, X, Y, C, N, prec, layout, rowsum=False):
@@ -731,7 +727,7 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
     blocked.qkv_rows_kernel[plan.rows_grid](
         A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, h, c_new, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
-        HAS_BIAS=has_bias, num_warps=plan.num_warps,
+        HAS_BIAS=has_bias, W16=plan.w16, num_warps=plan.num_warps,
     )
     S = _abt(plan, Q, K, C, N, prec, layout)
     del Q, K
@@ -761,7 +757,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     blocked.qkv_rows_kernel[plan.rows_grid](
         A, c, h32, wq, bq, wk, bk, wv, bv, Q, K, V, h32, c32, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
-        HAS_BIAS=has["HAS_BIAS"], num_warps=plan.num_warps,
+        HAS_BIAS=has["HAS_BIAS"], W16=plan.w16, num_warps=plan.num_warps,
     )
     del c32
     dP = _abt(plan, dout, V, C, N, prec, layout)
@@ -778,7 +774,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
         dq, dk, dv = _fp32_like(c), _fp32_like(c), _fp32_like(c)
         blocked.proj_grad_rows_kernel[plan.rows_grid](
             A, c, h32, wq, bq, wk, bk, wv, bv, dQ, dK, dV, dq, dk, dv, b, C, N,
-            BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"],
+            BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"], W16=plan.w16,
             num_warps=plan.num_warps,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
         grads = [_abt(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)]
@@ -790,6 +786,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     dbias = bias_partials(B * plan.n_tiles, A) if has_bias else dA
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
         A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, b, dbias, C, N,
-        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps, **has,
+        BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, W16=plan.w16,
+        num_warps=plan.num_warps, **has,
     )
     return (dA, dc, dproj, dbias.sum(dim=0)) if has_bias else (dA, dc, dproj)

@@ -103,16 +103,17 @@ def variants():
         for comb, gated in ((0, False), (1, False), (0, True), (1, True), (2, True)):
             tag = f"{dt} comb={comb} gated={int(gated)}"
             BN = 16 if gated and dt == "fp32" else 32
+            w16 = {"W16": gated and sp._weight_dots_16bit(_TORCH[dt])}  # as _BlockedPlan decides it
             for write, hs in ((True, dt), (False, "fp32")) if not gated else ((False, dt), (False, "fp32")):
                 yield (f"qkv_rows {tag} hsrc={hs}", bk.qkv_rows_kernel,
                        {**a, **w, "hsrc_ptr": hs, "h_ptr": hs, "cn_ptr": hs},
-                       dict(BC=BC, BN=BN, COMB=comb, GATED=gated, WRITE_STATE=write, PREC=prec), W)
+                       dict(BC=BC, BN=BN, COMB=comb, GATED=gated, WRITE_STATE=write, PREC=prec, **w16), W)
             if gated:
                 yield (f"proj_grad_rows {tag}", bk.proj_grad_rows_kernel, {**a, **w},
-                       dict(BC=BC, BN=BN, COMB=comb, PREC=prec), W)
+                       dict(BC=BC, BN=BN, COMB=comb, PREC=prec, **w16), W)
             yield (f"attention_bwd_rows {tag}", bk.attention_bwd_rows_kernel,
                    {**a, **w, "dh_ptr": dt, "dcn_ptr": dt, "da_ptr": dt, "dc_ptr": dt},
-                   dict(BC=BC, BN=BN, COMB=comb, GATED=gated, PREC=prec), W)
+                   dict(BC=BC, BN=BN, COMB=comb, GATED=gated, PREC=prec, **w16), W)
         for xt, yt, rs in ((  "fp32", "fp32", False), (dt, "fp32", False), ("fp32", "fp32", True)):
             yield (f"abt_partials {dt} x={xt} rowsum={int(rs)}", bk.abt_partials_kernel,
                    {"x_ptr": xt, "y_ptr": yt}, dict(BC=BC, BN=BNR, ROWSUM=rs, PREC=prec), W)
@@ -132,7 +133,8 @@ def variants():
                     yield (f"cell_bwd_pixels {tag} GATES={gates}", cl._cell_bwd_pixels_kernel, {**a, **grads},
                            dict(BP=16, CP=64, GATES=gates, **flags), 4)
             for gated in (False, True):
-                rows = dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0, GATED=gated, PREC=prec, **flags)
+                rows = dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0, GATED=gated, PREC=prec,
+                            W16=gated and sp._weight_dots_16bit(_TORCH[dt]), **flags)
                 yield (f"attention_bwd_rows {tag} gated={int(gated)}", bk.attention_bwd_rows_kernel,
                        {**a, **w, **grads}, rows, W)
                 if all(has):  # as the modules launch it: the conv bias folded in, its gradient summed
@@ -160,7 +162,7 @@ def shipped_single_pass():
                 continue
             prec = (launch.prec or "ieee") if dt == "fp32" else "tf32"
             a = _all_ptrs(dt)
-            w16 = gated and sp._weight_dots_16bit(_TORCH[dt], launch)  # as _Plan decides it
+            w16 = gated and sp._weight_dots_16bit(_TORCH[dt])  # as _Plan decides it
             consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, W16=w16)
             # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
             has = dict(HAS_DH=True, HAS_DCN=True)
@@ -183,12 +185,12 @@ def each_kernel():
     kernels = [
         (sp._cell_qk_scores_kernel, single), (sp._attention_out_kernel, single),
         (sp._scores_grad_kernel, single), (sp._attention_bwd_kernel, dict(single, HAS_DH=True, HAS_DCN=False)),
-        (bk.qkv_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, GATED=True, WRITE_STATE=False, PREC=prec)),
+        (bk.qkv_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, GATED=True, WRITE_STATE=False, PREC=prec, W16=True)),
+        (bk.proj_grad_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, PREC=prec, W16=True)),
+        (bk.attention_bwd_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, GATED=True, PREC=prec, HAS_DH=False,
+                                            HAS_DCN=True, W16=True)),
         (bk.abt_partials_kernel, dict(BC=BLOCK_C, BN=64, ROWSUM=True, PREC=prec)),
         (bk.mm_rows_kernel, dict(BC=BLOCK_C, BN=32, TRANS=True, PREC=prec)),
-        (bk.proj_grad_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, PREC=prec)),
-        (bk.attention_bwd_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, GATED=True, PREC=prec, HAS_DH=False,
-                                            HAS_DCN=True)),
         (cl._cell_fwd_kernel, dict(BLOCK=1024)), (cl._cell_bwd_kernel, dict(BLOCK=1024, HAS_DH=True, HAS_DCN=False)),
         # the cell from a zero state (A rows i, o, g), as t = 0 launches it
         (cl._cell_fwd_kernel, dict(BLOCK=1024, GATES=3)),
@@ -200,8 +202,8 @@ def each_kernel():
             gates = " GATES=3" if consts.get("GATES") == 3 else ""
             yield (f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}{gates}", fn, ptrs,
                    {**consts, "LAYOUT": layout, **has_bias}, 4)
-    # the single-pass kernels' projection dots on float32 operands (Launch.prec "tf32"; float32 inputs)
-    for fn, consts in kernels[:4]:
+    # the projection dots on float32 operands (WEIGHT_DOTS_16BIT off; float32 inputs)
+    for fn, consts in kernels[:7]:
         yield (f"{fn.fn.__name__.strip('_')} bf16 tf32 dots", fn, ptrs, {**consts, "W16": False, "LAYOUT": 0}, 4)
     yield "cell_bwd_plane_kernel bf16 (NCHW)", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
                                                                                       HAS_DCN=False), 4
