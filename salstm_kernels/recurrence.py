@@ -8,8 +8,8 @@ input channels.  So per layer:
   multiplies ``c = 0``): a ``Cin -> 3C`` conv feeds the zero-state cell op, unless ``t = 0`` is the
   attention step (its ``Q`` reads ``f``) -- 31% fewer conv FLOPs at ``T = 2``, and 3 state units of
   ``A`` kept for backward there instead of 4;
-* the input part runs as one conv batched over ``T`` when no autograd graph is recorded (fewer,
-  larger conv calls), and per step otherwise: a batched output is one storage, and the step-0
+* the input part runs as one conv batched over the 4-gate steps when no autograd graph is recorded
+  and there are two or more of them (fewer, larger conv calls), and per step otherwise: a batched output is one storage, and the step-0
   slice saved for backward would keep every step's ``A`` alive (cpp, SA-LSTM 56x56 fwd+bwd peak
   RSS growth 44.6 -> 35.5 MB per step, eager 41.4 MB; same fwd+bwd speed measured).
 
@@ -81,8 +81,8 @@ def split_conv_recurrence(
     cl = channels_last_convs(backend, x.device.type)
     fold = backend_folds_bias(backend)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    batched = T > 1 and not (torch.is_grad_enabled()
-                             and (x.requires_grad or any(p.requires_grad for conv in convs for p in conv.parameters())))
+    no_graph = not (torch.is_grad_enabled()
+                    and (x.requires_grad or any(p.requires_grad for conv in convs for p in conv.parameters())))
     for layer, conv in enumerate(convs):
         weight, bias = conv.weight, conv.bias
         conv_bias, cell_bias = (None, bias) if fold else (bias, None)
@@ -103,6 +103,9 @@ def split_conv_recurrence(
         zero_first = (SKIP_FORGET_AT_ZERO_STATE and h is None
                       and not (stop_before_last and layer == n_layers - 1 and T == 1))
         first = 1 if zero_first else 0  # the first step the 4-gate convs below run
+        # batching one step would only copy it (T = 2 from the zero state: the step then takes the
+        # per-step convs, the cat form on CUDA)
+        batched = no_graph and T - first > 1
         outputs = []
         if batched:  # no graph: one input conv over the 4-gate steps (time-major), slices are blocks
             A_in = F.conv2d(torch.cat(inputs[first:]).contiguous(memory_format=fmt), w_x, conv_bias,

@@ -680,17 +680,31 @@ def test_portable_row_kernel_builds_match_reference(capability):
     assert cap == "default" if capability == "default" else cap in ("avx2", "default"), cap
 
 
+@pytest.mark.parametrize("T", [2, 3])
 @pytest.mark.parametrize("cls", [sk.ConvLSTM2d, sk.SALSTM2d, sk.LSTMSA2d])
-def test_no_grad_forward_batched_input_conv_matches(cls):
-    """Without an autograd graph the recurrence runs one time-batched input conv per layer (with
-    a graph, one per step); both match the reference, for stacked layers and T = 3."""
+def test_no_grad_forward_batched_input_conv_matches(cls, T, monkeypatch):
+    """Without an autograd graph the recurrence runs one time-batched input conv per layer over
+    its 4-gate steps (with a graph, one per step); both match the reference, for stacked layers.
+    At T = 2 from the zero state one 4-gate step is left: it is not "batched" through a copy
+    (a torch.cat of one tensor)."""
     torch.manual_seed(0)
     m = cls(5, [6, 8], 3, backend="cpp")
-    x = torch.randn(2, 3, 5, 9, 11)
+    x = torch.randn(2, T, 5, 9, 11)
     ref = cls(5, [6, 8], 3, backend="reference")
     ref.load_state_dict(m.state_dict())
+    cat = torch.cat
+    singles = []
+
+    def spy(tensors, *args, **kwargs):
+        singles.append(len(tensors) == 1)
+        return cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", spy)
     with torch.no_grad():
         got, states = m(x, return_state=True)
+    monkeypatch.setattr(torch, "cat", cat)
+    assert singles and not any(singles)  # (the zero-state step's weight rows are one cat of two)
+    with torch.no_grad():
         want, want_states = ref(x, return_state=True)
     graph = m(x)
     assert_close(got, want, torch.float32, name="out")
