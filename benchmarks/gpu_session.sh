@@ -40,7 +40,7 @@ case $stage in
   check)
     run only64 120 python benchmarks/gpu_check.py --skip-bench --only-64bit
     run memory 300 python benchmarks/gpu_memory.py --nhwc
-    run host 60 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
+    run host 150 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
   tune)
     run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes bfloat16,float32 --sweep-budget-s 300 --no-compile ;;
   full)

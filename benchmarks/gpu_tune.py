@@ -101,7 +101,11 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         memory_format=fmt) for _ in range(4))
     scale = 1.0 / (H * W) ** 0.5
     best, heuristic = {}, {}
+    # each dtype gets an equal share of what is left of the budget (the last one is not starved)
+    start = elapsed()
+    share = max(budget_s - start, 0.0) / max(len(dtypes), 1)
     for dtype, gated, backward in itertools.product(dtypes, (False, True), (False, True)):
+        deadline = start + share * (dtypes.index(dtype) + 1)
         A_, c_, do_, dh_, dcn_ = (t.to(dtype) for t in (A, c, dout, dh, dcn))
         proj = tuple(p.detach() for p in random_projections(C, dtype, device)) if gated else None
         P = tk.attention_forward(A_, c_, proj, scale, "linear")[3]
@@ -119,7 +123,7 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         results = []
         for path in ("single", "blocked"):
             for launch in grid(path, smoke, key):
-                if elapsed() > budget_s:
+                if elapsed() > deadline:
                     break
                 try:
                     with setting(key, path, launch):
@@ -322,7 +326,8 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
-    ap.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping new points after this")
+    ap.add_argument("--sweep-budget-s", type=float, default=240.0,
+                    help="stop sweeping new points this many seconds into the run (an equal share per dtype)")
     ap.add_argument("--sweep-dtypes", default="float32,bfloat16",
                     help="dtypes the sweep tunes (float32 includes the tf32x3 candidates)")
     ap.add_argument("--no-sweep", action="store_true",

@@ -59,11 +59,11 @@ def main(argv=None) -> int:
         for backend in fused:
             m.backend = backend
             for entries in (True, False):
-                dispatch.EAGER_FUNCTION = entries
+                kept, dispatch.EAGER_FUNCTION = dispatch.EAGER_FUNCTION, entries
                 try:
                     t = step_us(m, x, args.min_run_time)
                 finally:
-                    dispatch.EAGER_FUNCTION = True
+                    dispatch.EAGER_FUNCTION = kept
                 how = "op entries" if entries else "custom-op dispatch"
                 print(f"{cls.__name__:<10} {backend + ', ' + how:<30} {t:8.0f} {eager / t:8.2f}x")
     return 0
