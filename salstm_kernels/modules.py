@@ -178,7 +178,7 @@ class _AttentionMixin:
         A, c = widen_to_state_dtype(A, c)  # the cell runs in the state dtype
         proj = self._projection_tensors(A.dtype) or (None,) * 6
         out, h, c_new, _ = ops.apply_lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend,
-                                              bias_in(bias, A))
+                                                    bias_in(bias, A))
         states[-1] = (h, c_new)
         return out.to(out_dtype), states
 

@@ -9,9 +9,10 @@ input channels.  So per layer:
   attention step (its ``Q`` reads ``f``) -- 31% fewer conv FLOPs at ``T = 2``, and 3 state units of
   ``A`` kept for backward there instead of 4;
 * the input part runs as one conv batched over the 4-gate steps when no autograd graph is recorded
-  and there are two or more of them (fewer, larger conv calls), and per step otherwise: a batched output is one storage, and the step-0
-  slice saved for backward would keep every step's ``A`` alive (cpp, SA-LSTM 56x56 fwd+bwd peak
-  RSS growth 44.6 -> 35.5 MB per step, eager 41.4 MB; same fwd+bwd speed measured).
+  and there are two or more of them (fewer, larger conv calls), and per step otherwise: a batched
+  output is one storage, and the step-0 slice saved for backward would keep every step's ``A``
+  alive (cpp, SA-LSTM 56x56 fwd+bwd peak RSS growth 44.6 -> 35.5 MB per step, eager 41.4 MB; same
+  fwd+bwd speed measured).
 
 The gates and state update go through the fused ``lstm_cell`` op; the last step of the last layer is
 left to the caller (it feeds the fused attention op).  Parameters stay the single upstream
