@@ -633,8 +633,9 @@ def profile_rows(events, steps, ours):
         if ev.device_type != torch.autograd.DeviceType.CUDA:  # an operator on the host
             total = getattr(ev, "device_time_total", None)
             total = ev.cuda_time_total if total is None else total
-            # operators: aten::* / salstm_kernels::*, and the fused ops' eager entries (ops.dispatch)
-            if total > 0 and ("::" in ev.key or ev.key.endswith(("Function", "FunctionBackward"))):
+            # operators: aten::* / salstm_kernels::* (and autograd's evaluate_function:: of backwards),
+            # and the fused ops' eager entries (ops.dispatch: LstmAttentionFunction, ...)
+            if total > 0 and ("::" in ev.key or ev.key.endswith("Function")):
                 ops.append((ev.key, total / steps / 1e3))
             continue
         t = getattr(ev, "self_device_time_total", None)

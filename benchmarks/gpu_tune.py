@@ -101,11 +101,13 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         memory_format=fmt) for _ in range(4))
     scale = 1.0 / (H * W) ** 0.5
     best, heuristic = {}, {}
-    # each dtype gets an equal share of what is left of the budget (the last one is not starved)
+    # each (dtype, direction) key gets an equal share of what is left of the budget (the last ones
+    # are not starved; what a key leaves unused carries over)
+    keys = list(itertools.product(dtypes, (False, True), (False, True)))
     start = elapsed()
-    share = max(budget_s - start, 0.0) / max(len(dtypes), 1)
-    for dtype, gated, backward in itertools.product(dtypes, (False, True), (False, True)):
-        deadline = start + share * (dtypes.index(dtype) + 1)
+    share = max(budget_s - start, 0.0) / max(len(keys), 1)
+    for n, (dtype, gated, backward) in enumerate(keys):
+        deadline = start + share * (n + 1)
         A_, c_, do_, dh_, dcn_ = (t.to(dtype) for t in (A, c, dout, dh, dcn))
         proj = tuple(p.detach() for p in random_projections(C, dtype, device)) if gated else None
         P = tk.attention_forward(A_, c_, proj, scale, "linear")[3]
@@ -239,6 +241,8 @@ def modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, 
 
 def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s, extra_ab, shipped_convs):
     tk = providers.kernels("triton")
+    # the shipped settings the A/B rows flip (read before any row changes them)
+    shipped_skip, shipped_w16 = recurrence.SKIP_FORGET_AT_ZERO_STATE, la.WEIGHT_DOTS_16BIT
     rows = []
     nan = float("nan")
     for (H, W), dtype, (label, factory) in itertools.product(
@@ -271,9 +275,9 @@ def _modules(device, sizes, dtypes, B, C, T, k, tuned, current, compile_until_s,
             impls.append(("compile", torch.compile(m_ref), None, None, False, None))
         for impl, m, state, convs, cudnn_bm, fold in impls:
             # t = 0 from the zero state: gate rows i, o, g only (shipped), or all four (the A/B row)
-            recurrence.SKIP_FORGET_AT_ZERO_STATE = impl != "tuned, 4-gate t0"
+            recurrence.SKIP_FORGET_AT_ZERO_STATE = shipped_skip != (impl == "tuned, 4-gate t0")
             # 16-bit LSTM-SA: projection dots on the 16-bit weights (shipped) or float32 operands
-            la.WEIGHT_DOTS_16BIT = impl != "tuned, f32 proj"
+            la.WEIGHT_DOTS_16BIT = shipped_w16 != (impl == "tuned, f32 proj")
             if fold is not None:  # the conv bias folded into the fused ops (FOLDS_BIAS) or added by PyTorch
                 tk.FOLDS_BIAS = fold
             if state is not None:
@@ -327,7 +331,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     ap.add_argument("--sweep-budget-s", type=float, default=240.0,
-                    help="stop sweeping new points this many seconds into the run (an equal share per dtype)")
+                    help="stop sweeping new points this many seconds into the run (an equal share per key)")
     ap.add_argument("--sweep-dtypes", default="float32,bfloat16",
                     help="dtypes the sweep tunes (float32 includes the tf32x3 candidates)")
     ap.add_argument("--no-sweep", action="store_true",

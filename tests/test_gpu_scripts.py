@@ -66,12 +66,12 @@ def test_profile_rows_attribute_device_time():
     events = [ev("_attention_bwd_kernel", True, 2000.0), ev("sm90_xmma_fprop_implicit_gemm", True, 6000.0),
               ev("elementwise_kernel", True, 2000.0), ev("aten::copy_", False, total=2000.0),
               ev("aten::convolution", False, total=6000.0), ev("cudaLaunchKernel", False, total=10.0),
-              ev("LstmAttentionFunctionBackward", False, total=2000.0)]  # an op entry's backward (ops.dispatch)
+              ev("LstmAttentionFunction", False, total=2000.0)]  # an op entry (ops.dispatch)
     split, kernels, ops = gpu_check.profile_rows(events, 2, {"_attention_bwd_kernel"})
     assert split == "device time/step 5.000 ms: ours 20%, conv-like 60%, other 20%"
     assert kernels[0] == ("sm90_xmma_fprop_implicit_gemm", 3.0) and len(kernels) == 3
     # runtime calls are not operators
-    assert ops == [("aten::convolution", 3.0), ("aten::copy_", 1.0), ("LstmAttentionFunctionBackward", 1.0)]
+    assert ops == [("aten::convolution", 3.0), ("aten::copy_", 1.0), ("LstmAttentionFunction", 1.0)]
 
 
 def test_memory_peak_replay_lists_what_is_alive_at_the_peak():

@@ -19,7 +19,8 @@ fake kernels, FLOP formulas) and is what runs whenever it has to be seen as one 
 * under any ``TorchDispatchMode`` (``FlopCounterMode`` counts the op by its FLOP formula, fake and
   proxy tensor modes trace it);
 * under ``torch.jit.trace`` (the trace records the op, so ``torch.jit.save`` can export it) and
-  ``torch.func`` transforms (``vmap`` runs the op's batching fallback);
+  ``torch.func`` transforms (``vmap`` runs the op's batching fallback; ``torch.func.grad`` fails
+  either way: the custom op's autograd is an ``autograd.Function`` without a functorch rule);
 * with a tensor subclass or a meta tensor among the inputs (the fake kernel gives the shapes).
 
 Both paths run the same functions, so they agree bitwise (``tests/test_dispatch.py``).  A backward

@@ -504,8 +504,9 @@ FLOAT32_PRECISIONS = ("", "ieee", "tf32x3")
 #: 16-bit inputs, LSTM-SA / separated (learned projections): the projection dots (``W h'`` and
 #: ``W^T dq``) take ``W`` in its 16-bit storage type (exact: the modules pass the weights in the
 #: input dtype) and ``h'`` / ``dq`` rounded to it, as the reference's 16-bit matmuls do; float32
-#: accumulation.  One setting for every kernel, both paths and both directions, so a backward
-#: recomputes ``Q, K, V`` as its forward formed them.  Why: on float32 operands each ``(C, C)``
+#: accumulation.  One setting for every kernel, both paths and both directions, so a backward's
+#: projections round their input as its forward's did (the ``h'`` factor of ``V`` still differs
+#: by rounding: the forward reads the stored 16-bit ``h'``, the backward its float32 recomputation).  Why: on float32 operands each ``(C, C)``
 #: weight is a float32 tile in shared memory twice (``W`` and ``W^T``); sm_90 compiles
 #: (``sm90_stats``, shipped bfloat16 launch, BN 16, 4 warps) of the single-pass gated backward:
 #: 160 -> 88 KiB of shared memory, so 2 blocks per SM instead of 1 (registers allow 2), spills

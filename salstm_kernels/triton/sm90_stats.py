@@ -202,7 +202,7 @@ def each_kernel():
             gates = " GATES=3" if consts.get("GATES") == 3 else ""
             yield (f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}{gates}", fn, ptrs,
                    {**consts, "LAYOUT": layout, **has_bias}, 4)
-    # the projection dots on float32 operands (WEIGHT_DOTS_16BIT off; float32 inputs)
+    # the projection dots on float32 operands (WEIGHT_DOTS_16BIT off, as float32 inputs run them)
     for fn, consts in kernels[:7]:
         yield (f"{fn.fn.__name__.strip('_')} bf16 tf32 dots", fn, ptrs, {**consts, "W16": False, "LAYOUT": 0}, 4)
     yield "cell_bwd_plane_kernel bf16 (NCHW)", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
