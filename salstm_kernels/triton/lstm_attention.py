@@ -509,8 +509,8 @@ FLOAT32_PRECISIONS = ("", "ieee", "tf32x3")
 #: by rounding: the forward reads the stored 16-bit ``h'``, the backward its float32 recomputation).  Why: on float32 operands each ``(C, C)``
 #: weight is a float32 tile in shared memory twice (``W`` and ``W^T``); sm_90 compiles
 #: (``sm90_stats``, shipped bfloat16 launch, BN 16, 4 warps) of the single-pass gated backward:
-#: 160 -> 88 KiB of shared memory, so 2 blocks per SM instead of 1 (registers allow 2), spills
-#: 1276 -> 1176 B.  Not yet timed on a GPU: ``gpu_tune.py`` has an A/B module row ("tuned, f32 proj").
+#: 168 -> 96 KiB of shared memory, so 2 blocks per SM instead of 1 (registers allow 2), spills
+#: 1112 -> 1076 B.  Not yet timed on a GPU: ``gpu_tune.py`` has an A/B module row ("tuned, f32 proj").
 WEIGHT_DOTS_16BIT = True
 
 
