@@ -44,7 +44,7 @@ Channel range: these single-pass kernels run for ``C <= 64`` (:data:`FUSED_MAX_C
 loops over 64-channel blocks) at the cost of float32 ``Q, K, V`` / gradient temporaries and more
 passes.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries,
 except at ``33 <= C <= 64`` in the directions listed in :data:`BLOCKED_AT_CP64` (the float32
-SA-LSTM backward, whose single-pass kernel spills there and measured 7.5x slower on an H200).
+SA-LSTM backward, whose single-pass kernel measured 7.5x slower on an H200).
 Tile width, split count and warps at those widths come from :data:`GPU_LAUNCH`, measured by
 ``benchmarks/gpu_tune.py``.
 sm_90 compile stats: ``python -m salstm_kernels.triton.sm90_stats``.
@@ -118,8 +118,9 @@ GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], "Launch"] = {
 #: ``(backward, gated, float32)`` directions that run the channel-blocked kernels at
 #: :data:`TUNED_CP` too, where they measured faster than the single-pass ones.  The forward and
 #: backward are independent given ``P``, so each direction picks its own path.  The float32
-#: SA-LSTM backward: the single-pass kernel spills at CP = 64 (``sm90_stats``; not at 16 or 32)
-#: and took 2.95 ms against 0.39 ms blocked.
+#: SA-LSTM backward: the single-pass kernel took 2.95 ms against 0.39 ms blocked.  (Why is not
+#: known: ``sm90_stats`` showed spills at CP = 64 when it compiled without a launch's alignment
+#: hints; with them -- triton 3.9 here, the H200 had 3.6 -- 98 registers, no spills.)
 BLOCKED_AT_CP64: Set[Tuple[bool, bool, bool]] = {(True, False, True)}
 
 
