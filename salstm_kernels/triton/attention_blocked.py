@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .lstm_cell import (
     gate_sums, load_lstm_inputs, load_optional_grad, lstm_state, lstm_state_grads, qk_factors, qkv_factor_grads,
-    store_gate_sums, store_lstm_grads,
+    store_gate_sums, store_lstm_grads, weight_dot,
 )
 
 
@@ -92,16 +92,6 @@ def _square_block(ptr, ri, rj, C, TRANS: tl.constexpr, W16: tl.constexpr = False
 
 
 @triton.jit
-def _weight_dot(w, x, acc, PREC: tl.constexpr, W16: tl.constexpr):
-    """``acc + w @ x`` with a projection weight block: ``x`` rounded to ``w``'s type for ``W16``."""
-    if W16:
-        out = tl.dot(w, x.to(w.dtype), acc)
-    else:
-        out = tl.dot(w, x, acc, input_precision=PREC)
-    return out
-
-
-@triton.jit
 def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
                  BC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr, W16: tl.constexpr):
     """``W[rows, :] @ h' + b[rows]`` for q, k, v on one tile, blocked over input channels."""
@@ -111,9 +101,9 @@ def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
     for kk in range(0, C, BC):
         kr = kk + tl.arange(0, BC)
         hk = _chunk(h_ptr, b, kr, cols, C, N, LAYOUT)
-        pq = _weight_dot(_square_block(wq_ptr, rows, kr, C, False, W16), hk, pq, PREC, W16)
-        pk = _weight_dot(_square_block(wk_ptr, rows, kr, C, False, W16), hk, pk, PREC, W16)
-        pv = _weight_dot(_square_block(wv_ptr, rows, kr, C, False, W16), hk, pv, PREC, W16)
+        pq = weight_dot(_square_block(wq_ptr, rows, kr, C, False, W16), hk, pq, PREC, W16)
+        pk = weight_dot(_square_block(wk_ptr, rows, kr, C, False, W16), hk, pk, PREC, W16)
+        pv = weight_dot(_square_block(wv_ptr, rows, kr, C, False, W16), hk, pv, PREC, W16)
     rm = rows < C
     pq += tl.load(bq_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
     pk += tl.load(bk_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
@@ -266,11 +256,11 @@ def attention_bwd_rows_kernel(
         x = tl.zeros((BC, BN), dtype=tl.float32)
         for kk in range(0, C, BC):
             kr = kk + tl.arange(0, BC)
-            x = _weight_dot(_square_block(wq_ptr, rows, kr, C, True, W16), _chunk(dq_ptr, b, kr, cols, C, N, LAYOUT),
+            x = weight_dot(_square_block(wq_ptr, rows, kr, C, True, W16), _chunk(dq_ptr, b, kr, cols, C, N, LAYOUT),
                             x, PREC, W16)
-            x = _weight_dot(_square_block(wk_ptr, rows, kr, C, True, W16), _chunk(dk_ptr, b, kr, cols, C, N, LAYOUT),
+            x = weight_dot(_square_block(wk_ptr, rows, kr, C, True, W16), _chunk(dk_ptr, b, kr, cols, C, N, LAYOUT),
                             x, PREC, W16)
-            x = _weight_dot(_square_block(wv_ptr, rows, kr, C, True, W16), _chunk(dv_ptr, b, kr, cols, C, N, LAYOUT),
+            x = weight_dot(_square_block(wv_ptr, rows, kr, C, True, W16), _chunk(dv_ptr, b, kr, cols, C, N, LAYOUT),
                             x, PREC, W16)
         dh_t += x
     ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C, HAS_BIAS)

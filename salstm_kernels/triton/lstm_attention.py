@@ -64,7 +64,7 @@ from . import attention_blocked as blocked
 from .lstm_cell import (
     bias_args, bias_partials, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_sums,
     load_lstm_inputs, lstm_state, lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads,
-    store_gate_sums, store_lstm_grads,
+    store_gate_sums, store_lstm_grads, weight_dot,
 )
 
 _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
@@ -212,24 +212,14 @@ def _load_weight(ptr, C, CP: tl.constexpr, W16: tl.constexpr):
 
 @triton.jit
 def _project(w, bias, h, PREC: tl.constexpr, W16: tl.constexpr):
-    """Per-pixel ``Linear`` over channels on a tile: ``w (CP, CP) @ h (CP, BN) + bias``; ``W16``:
-    ``h`` rounded to ``w``'s 16-bit type for the product (float32 accumulation)."""
-    # (one return after the branches: with a return in each, the sm_90 compile fails -- triton 3.9)
-    if W16:
-        out = tl.dot(w, h.to(w.dtype))
-    else:
-        out = tl.dot(w, h, input_precision=PREC)
-    return out + bias[:, None]
+    """Per-pixel ``Linear`` over channels on a tile: ``w (CP, CP) @ h (CP, BN) + bias``."""
+    return weight_dot(w, h, None, PREC, W16) + bias[:, None]
 
 
 @triton.jit
 def _project_grad(w, d, PREC: tl.constexpr, W16: tl.constexpr):
-    """``w^T d``: a projection's input gradient on a tile (``d`` rounded to ``w``'s type for ``W16``)."""
-    if W16:
-        out = tl.dot(tl.trans(w), d.to(w.dtype))
-    else:
-        out = tl.dot(tl.trans(w), d, input_precision=PREC)
-    return out
+    """``w^T d``: a projection's input gradient on a tile."""
+    return weight_dot(tl.trans(w), d, None, PREC, W16)
 
 
 # --------------------------------------------------------------------------------------------

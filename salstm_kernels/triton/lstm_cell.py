@@ -251,6 +251,19 @@ def _cell_fwd_kernel(a_ptr, c_ptr, h_ptr, cn_ptr, bias_ptr, G, PIX, total, BLOCK
 
 
 @triton.jit
+def weight_dot(w, x, acc, PREC: tl.constexpr, W16: tl.constexpr):
+    """``acc + w @ x`` (``acc`` None: ``w @ x``) with a learned projection's weight tile ``w``: for
+    ``W16`` (``lstm_attention.WEIGHT_DOTS_16BIT``) ``w`` is in its 16-bit storage type and ``x`` is
+    rounded to it, float32 accumulation; else float32 operands at input precision ``PREC``."""
+    # (one return after the branches: with a return in each, the sm_90 compile fails -- triton 3.9)
+    if W16:
+        out = tl.dot(w, x.to(w.dtype), acc)
+    else:
+        out = tl.dot(w, x, acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
 def load_optional_grad(ptr, offs, mask, PRESENT: tl.constexpr):
     """A gradient tile as float32; zero without a read when the gradient is absent (PRESENT False)."""
     if PRESENT:

@@ -35,6 +35,15 @@ SMEM_LIMIT = 227 * 1024
 #: sm_90 per-SM resources (CUDA occupancy rules): shared memory (the driver reserves 1 KiB per
 #: block), 64K registers (allocated per warp in 256-register units), 64 warps, 32 blocks.
 SM_SMEM, SM_REGS, SM_WARPS, SM_BLOCKS = 228 * 1024, 65536, 64, 32
+DTYPES = tuple(os.environ.get("SM90_DTYPES", "fp32,bf16,fp16").split(","))
+#: float32's ``tl.dot`` precision in the variants table: "ieee" (the default) or "tf32x3" (``Launch.prec``).
+FP32_PREC = os.environ.get("SM90_FP32_PREC", "ieee")
+#: The kernels' ``LAYOUT`` (``lstm_cell.LAYOUTS``): 0 NCHW, 1 channels_last, 2 NCHW 64-bit gate stride.
+LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
+_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Every pointer argument name of the kernels (a kernel takes the ones it has).
+_PTR_NAMES = ("a_ptr", "c_ptr", "h_ptr", "cn_ptr", "o_ptr", "hsrc_ptr", "do_ptr", "dh_ptr", "dcn_ptr", "da_ptr",
+              "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "bias_ptr")
 
 
 def blocks_per_sm(smem: int, regs: int, warps: int) -> int:
@@ -45,16 +54,11 @@ def blocks_per_sm(smem: int, regs: int, warps: int) -> int:
     by_regs = SM_REGS // (regs_per_warp * warps)
     by_smem = SM_SMEM // (smem + 1024) if smem else SM_BLOCKS
     return min(by_regs, by_smem, SM_WARPS // warps, SM_BLOCKS)
-DTYPES = tuple(os.environ.get("SM90_DTYPES", "fp32,bf16,fp16").split(","))
-#: float32's ``tl.dot`` precision in the variants table: "ieee" (the default) or "tf32x3" (``Launch.prec``).
-FP32_PREC = os.environ.get("SM90_FP32_PREC", "ieee")
-#: The kernels' ``LAYOUT`` (``lstm_cell.LAYOUTS``): 0 NCHW, 1 channels_last, 2 NCHW 64-bit gate stride.
-LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
-_TY = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-_TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: Every pointer argument name of the kernels (a kernel takes the ones it has).
-_PTR_NAMES = ("a_ptr", "c_ptr", "h_ptr", "cn_ptr", "o_ptr", "hsrc_ptr", "do_ptr", "dh_ptr", "dcn_ptr", "da_ptr",
-              "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "bias_ptr")
+
+
+def _w16(dt: str, gated: bool) -> bool:
+    """The ``W16`` constexpr as ``_Plan`` / ``_BlockedPlan`` set it for storage type ``dt``."""
+    return gated and sp._weight_dots_16bit(_TORCH[dt])
 
 
 def _all_ptrs(dt):
@@ -109,7 +113,7 @@ def variants():
         for comb, gated in ((0, False), (1, False), (0, True), (1, True), (2, True)):
             tag = f"{dt} comb={comb} gated={int(gated)}"
             BN = 16 if gated and dt == "fp32" else 32
-            w16 = {"W16": gated and sp._weight_dots_16bit(_TORCH[dt])}  # as _BlockedPlan decides it
+            w16 = {"W16": _w16(dt, gated)}
             for write, hs in ((True, dt), (False, "fp32")) if not gated else ((False, dt), (False, "fp32")):
                 yield (f"qkv_rows {tag} hsrc={hs}", bk.qkv_rows_kernel,
                        {**a, **w, "hsrc_ptr": hs, "h_ptr": hs, "cn_ptr": hs},
@@ -140,16 +144,15 @@ def variants():
                            dict(BP=16, CP=64, GATES=gates, **flags), 4)
             for gated in (False, True):
                 rows = dict(BC=BC, BN=16 if gated and dt == "fp32" else 32, COMB=0, GATED=gated, PREC=prec,
-                            W16=gated and sp._weight_dots_16bit(_TORCH[dt]), **flags)
+                            W16=_w16(dt, gated), **flags)
                 yield (f"attention_bwd_rows {tag} gated={int(gated)}", bk.attention_bwd_rows_kernel,
                        {**a, **w, **grads}, rows, W)
                 if all(has):  # as the modules launch it: the conv bias folded in, its gradient summed
                     yield (f"attention_bwd_rows {tag} gated={int(gated)} +bias", bk.attention_bwd_rows_kernel,
                            {**a, **w, **grads}, dict(rows, HAS_BIAS=True), W)
-                w16 = gated and sp._weight_dots_16bit(_TORCH[dt])
                 yield (f"attention_bwd single-pass C64 {tag} gated={int(gated)}", sp._attention_bwd_kernel,
                        {**a, **w, **grads, "do_ptr": dt},
-                       dict(CP=64, BN=16, COMB=0, GATED=gated, PREC=prec, W16=w16, **flags), W)
+                       dict(CP=64, BN=16, COMB=0, GATED=gated, PREC=prec, W16=_w16(dt, gated), **flags), W)
         BN = 32
         for xt, ot, tr in (("fp32", dt, False), (dt, dt, False), ("fp32", "fp32", False), (dt, "fp32", True),
                            ("fp32", "fp32", True)):
@@ -168,8 +171,7 @@ def shipped_single_pass():
                 continue
             prec = (launch.prec or "ieee") if dt == "fp32" else "tf32"
             a = _all_ptrs(dt)
-            w16 = gated and sp._weight_dots_16bit(_TORCH[dt])  # as _Plan decides it
-            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, W16=w16)
+            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, W16=_w16(dt, gated))
             # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
             has = dict(HAS_DH=True, HAS_DCN=True)
             tag = f"shipped {dt} gated={int(gated)} BN={launch.bn} warps={launch.num_warps}"
