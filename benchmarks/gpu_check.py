@@ -5,6 +5,8 @@
                                                              # channels_last rows' compiles; a
                                                              # 240 s limit cut it short once)
     PYTHONPATH=. python benchmarks/gpu_check.py --cpu-smoke  # tiny shapes, Triton interpreter, CPU
+    PYTHONPATH=. python benchmarks/gpu_check.py --wide-only  # C > 64 only: parity and the non-conv
+                                                             # rows with both product paths (~2 min)
 
 1. **Parity** (exit status 1 if any row fails): every Triton op (cell forward/backward, the cell
    from a zero state with its bias gradient, attention
@@ -22,7 +24,9 @@
    part alone (``lstm_attention`` forward+backward of the last step, and ``lstm_cell``
    forward+backward) with achieved GB/s for the bytes it must move against a measured device copy
    bandwidth; the non-conv rows also run at ``C = 128, 256`` (channel-blocked kernels; the note
-   column says which attention kernels ran).  Parity includes ``C = 96, 128, 130`` shapes (blocked).
+   column says which attention kernels ran, and a row forces the other products path: Triton dots
+   or library matmuls, ``MATMUL_PRODUCTS_MIN_C``).  Parity includes ``C = 96, 128, 130`` shapes
+   (channel-blocked, Triton dots but for 130) and ``C = 256`` (matmul products).
    The summary table is printed last.
 """
 from __future__ import annotations
@@ -105,10 +109,10 @@ def _leaf64(t):
     return t.detach().double().requires_grad_(True)
 
 
-def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torch.contiguous_format):
+def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torch.contiguous_format, path=""):
     """Every op on ``shape`` against autograd of the float64 spec; ``fmt`` channels_last: all
     tensors NHWC (what channels_last convs write; the Triton path's opt-in conv layout on CUDA),
-    outputs checked to keep it."""
+    outputs checked to keep it.  ``path``: appended to the labels (a forced attention path)."""
     B, C, H, W = shape
     g = torch.Generator().manual_seed(seed)
 
@@ -119,7 +123,7 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torc
     A, c = rnd(B, 4 * C, H, W, scale=2.0), rnd(B, C, H, W)
     dout, dh, dcn = rnd(B, C, H, W), rnd(B, C, H, W), rnd(B, C, H, W)
     nhwc = fmt == torch.channels_last
-    tag = " NHWC" if nhwc else ""
+    tag = (" NHWC" if nhwc else "") + path
 
     def layout_kept(*ts):
         if not all(t.is_contiguous(memory_format=fmt) for t in ts):
@@ -321,10 +325,31 @@ def offsets_64bit(log: ParityLog, tk, device, fmt=torch.contiguous_format, B=2, 
         torch.cuda.empty_cache()
 
 
-def run_parity(device, smoke: bool, only_64bit: bool = False) -> ParityLog:
+def wide_op_cases(smoke: bool):
+    """Op parity cases at C > 64 (the channel-blocked paths): ``(shape, dtypes, combos[, fmt])``."""
+    if smoke:
+        return [((1, 72, 5, 3), (torch.float32,), (("linear", True), ("nonlinear", False))),
+                ((1, 72, 5, 3), (torch.float32,), (("linear", False),), torch.channels_last)]
+    linear_only = (("linear", False), ("linear", True))
+    return [((2, 128, 17, 15), (torch.float32, torch.bfloat16), COMBOS),
+            ((1, 130, 9, 7), (torch.float16,), COMBOS),
+            ((2, 256, 9, 7), (torch.float32, torch.bfloat16), linear_only),
+            ((2, 128, 17, 15), (torch.float32, torch.bfloat16), linear_only, torch.channels_last)]
+
+
+def run_parity(device, smoke: bool, only_64bit: bool = False, wide_only: bool = False) -> ParityLog:
     tk = providers.kernels("triton")
     log = ParityLog()
     print("== parity vs float64 reference (scaled error / tolerance) ==", flush=True)
+    if wide_only:  # both product paths at every wide case, whichever the routing picks
+        for matmul in (False, True):
+            with forced_products(matmul):
+                for shape, dtypes, combos, *fmt in wide_op_cases(smoke):
+                    for dt in dtypes:
+                        op_parity(log, tk, device, shape, dt, combos, fmt=fmt[0] if fmt else torch.contiguous_format,
+                                  path=" matmul-products" if matmul else " triton-dots")
+        print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
+        return log
     if only_64bit:
         if device.type == "cuda":
             _offset_cases(log, tk, device)
@@ -348,6 +373,8 @@ def run_parity(device, smoke: bool, only_64bit: bool = False) -> ParityLog:
             ((2, 128, 17, 15), (torch.float32, torch.bfloat16), COMBOS),
             ((1, 96, 13, 11), (torch.float16,), linear_only),
             ((1, 130, 9, 7), (torch.float32,), (("nonlinear", True),)),
+            # C >= MATMUL_PRODUCTS_MIN_C: the products as library matmuls (attention_matmul.py)
+            ((2, 256, 9, 7), (torch.float32, torch.bfloat16, torch.float16), COMBOS),
             # channels_last (NHWC): what channels_last convs write (opt-in for the Triton path on CUDA)
             ((2, 64, 33, 31), (torch.float32, torch.bfloat16), COMBOS, torch.channels_last),
             ((2, 24, 13, 11), (torch.float16,), linear_only, torch.channels_last),
@@ -544,8 +571,12 @@ def tuned_width(C) -> bool:
 
 
 def fused_path(C, gated, dtype) -> str:
-    """Which Triton attention kernels run, per direction (single-pass at C <= 64 unless routed)."""
-    name = lambda bwd: "single-pass" if single_pass(C, bwd, gated, dtype) else "channel-blocked"  # noqa: E731
+    """Which Triton attention kernels run, per direction (single-pass at C <= 64 unless routed;
+    channel-blocked with Triton dots or with library matmuls for the products)."""
+    from salstm_kernels.triton import lstm_attention as la
+
+    wide = "channel-blocked, matmul products" if C >= la.MATMUL_PRODUCTS_MIN_C else "channel-blocked"
+    name = lambda bwd: "single-pass" if single_pass(C, bwd, gated, dtype) else wide  # noqa: E731
     fwd, bwd = name(False), name(True)
     return f"C={C} fused {fwd}" if fwd == bwd else f"C={C} fused fwd {fwd}, bwd {bwd}"
 
@@ -588,6 +619,20 @@ def forced_blocked(on: bool):
             la.BLOCKED_AT_CP64.update((bwd, gated, fp32) for bwd in (False, True) for gated in (False, True)
                                       for fp32 in (False, True))
         yield
+
+
+@contextlib.contextmanager
+def forced_products(matmul: bool):
+    """Every channel-blocked call does its products as library matmuls (``matmul``) or as Triton
+    dots, whatever ``MATMUL_PRODUCTS_MIN_C`` says (the A/B at wide C)."""
+    from salstm_kernels.triton import lstm_attention as la
+
+    kept = la.MATMUL_PRODUCTS_MIN_C
+    la.MATMUL_PRODUCTS_MIN_C = 0 if matmul else 2**62
+    try:
+        yield
+    finally:
+        la.MATMUL_PRODUCTS_MIN_C = kept
 
 
 def our_kernel_names() -> set:
@@ -677,14 +722,20 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
         # must move: fwd reads A, c and writes out, h', c' (8CN); bwd reads A, c, dout, dh, dc'
         # and writes dA, dc (13CN)
         nbytes = 21 * B * C * N * es
-        for impl, force_blocked in (("triton ops", False), ("triton blocked", True)):
-            if force_blocked and not tuned_width(C):
-                continue  # A/B only at padded C = 64, where the routing table applies
+        variants = [("triton ops", contextlib.nullcontext(), fused_path(C, gated, dtype))]
+        if tuned_width(C):  # the routing table's A/B at padded C = 64
+            variants.append(("triton blocked", forced_blocked(True), f"C={C} fused channel-blocked (forced)"))
+        if not single_pass(C, False, gated, dtype) and not single_pass(C, True, gated, dtype) and not tuned_width(C):
+            from salstm_kernels.triton import lstm_attention as la
+
+            matmul = C < la.MATMUL_PRODUCTS_MIN_C  # the other products path than the shipped one
+            variants.append(("triton matmul" if matmul else "triton dots", forced_products(matmul),
+                             f"C={C} channel-blocked, {'matmul products' if matmul else 'Triton dots'} (forced)"))
+        for impl, forced, path in variants:
             try:
-                with forced_blocked(force_blocked):
+                with forced:
                     ms = bench_ms(fused, device)
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                path = f"C={C} fused channel-blocked (forced)" if force_blocked else fused_path(C, gated, dtype)
                 table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}", "GB/s": f"{gbs:.0f}",
                           "% copy BW": f"{100 * gbs / copy_gbs:.0f}%",
                           "note": f"{nbytes / 2**20:.0f} MiB moved; {path}"})
@@ -717,12 +768,20 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
         table.add(case=case, impl="triton ops", note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
 
 
-def run_bench(device, smoke: bool, budget_s: float, no_compile: bool) -> Table:
+def run_bench(device, smoke: bool, budget_s: float, no_compile: bool, wide_only: bool = False) -> Table:
     tk = providers.kernels("triton")
     table = Table()
     print("== speed / memory ==", flush=True)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
+    table.copy_gbs = copy_gbs
+    if wide_only:  # the non-conv part at wide C, both product paths
+        sizes = ((6, 5),) if smoke else ((112, 112), (224, 224))
+        for H, W in sizes:
+            for dt in (torch.float32, torch.bfloat16):
+                for wide in ((72,) if smoke else (128, 256)):
+                    bench_fused_part(table, tk, device, dt, 1 if smoke else 2, wide, H, W, copy_gbs)
+        return table
     if smoke:
         B, C, T, k, sizes, dtypes = 1, 40, 2, 3, ((6, 5),), (torch.float32, torch.bfloat16)
         wide_cs = (72,)
@@ -757,6 +816,8 @@ def main() -> int:
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--only-64bit", action="store_true", help="parity: the > 2^31-element offset cases only")
+    ap.add_argument("--wide-only", action="store_true",
+                    help="C > 64 only: parity and the non-conv rows with both product paths (Triton dots, matmuls)")
     ap.add_argument("--budget-s", type=float, default=360.0,
                     help="torch.compile rows still pending after this many seconds are skipped")
     args = ap.parse_args()
@@ -774,14 +835,14 @@ def main() -> int:
     log = ParityLog()
     if not args.skip_parity:
         try:
-            log = run_parity(device, args.cpu_smoke, args.only_64bit)
+            log = run_parity(device, args.cpu_smoke, args.only_64bit, args.wide_only)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             log.failures.append("parity section crashed")
     table = None
     if not args.skip_bench:
         try:
-            table = run_bench(device, args.cpu_smoke, args.budget_s, args.no_compile)
+            table = run_bench(device, args.cpu_smoke, args.budget_s, args.no_compile, args.wide_only)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
     # ---- summary, last

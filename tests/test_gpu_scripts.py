@@ -34,6 +34,17 @@ def test_gpu_check_cpu_smoke():
     assert out.count("PASS  op 64-bit offsets B1 C64 9x7") == 2  # the >2^31 cases' harness, both layouts
 
 
+def test_gpu_check_wide_only_cpu_smoke():
+    """``--wide-only``: parity of both product paths at C > 64 and their non-conv rows."""
+    out = _run("gpu_check.py", "--wide-only")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("parity: ") and " 0 FAIL" in last and not last.startswith("parity: 0 PASS"), last
+    for path in ("triton-dots", "matmul-products"):
+        assert f"PASS  op attention LSTM-SA/linear B1 C72 5x3 {path}" in out, path
+        assert f"PASS  op attention SA-LSTM/linear B1 C72 5x3 NHWC {path}" in out, path
+    assert "triton matmul" in out and "matmul products (forced)" in out and "SUMMARY" in out
+
+
 def test_gpu_tune_cpu_smoke():
     out = _run("gpu_tune.py", "--no-compile", "--sweep-budget-s", "30", "--extra-ab")
     last = out.strip().splitlines()[-1]

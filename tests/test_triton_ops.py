@@ -44,6 +44,20 @@ SHAPES = [(2, 24, 7, 9), (1, 8, 7, 9)]  # (B, C, H, W): N = 63 is not a multiple
 LOW = [torch.float16, torch.bfloat16]
 
 
+#: The attention's three paths, by channel count: single-pass kernels (C <= 64), channel-blocked
+#: Triton dots, and library matmuls for the products; this module moves the last threshold
+#: (``MATMUL_PRODUCTS_MIN_C``) down to ``MATMUL_C`` so both wide paths run at small shapes.
+MATMUL_C = 80
+PATH_WIDTHS, PATH_IDS = [24, 72, MATMUL_C], ["single-pass", "blocked", "matmul"]
+SHIPPED_MATMUL_MIN_C = tk_attention.MATMUL_PRODUCTS_MIN_C if tk_attention is not None else None
+
+
+@pytest.fixture(autouse=True)
+def _matmul_products_from_matmul_c(monkeypatch):
+    if tk_attention is not None:
+        monkeypatch.setattr(tk_attention, "MATMUL_PRODUCTS_MIN_C", MATMUL_C)
+
+
 @pytest.fixture
 def nan_alloc():
     """Fresh ``torch.empty`` / ``empty_like`` tensors are NaN-filled, so unwritten outputs show."""
@@ -179,7 +193,7 @@ def test_attention_low_precision(dtype, combination, gated, nan_alloc):
 
 
 @pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("shape", [(2, 24, 7, 9), (2, 72, 3, 7)], ids=["single-pass", "blocked"])
+@pytest.mark.parametrize("shape", [(2, 24, 7, 9), (2, 72, 3, 7), (2, MATMUL_C, 3, 7)], ids=PATH_IDS)
 def test_attention_channels_last(shape, combination, gated, nan_alloc):
     """channels_last A, c and gradients (what channels_last convs write) on the single-pass and the
     channel-blocked kernels: same values, outputs and dA channels_last."""
@@ -187,7 +201,7 @@ def test_attention_channels_last(shape, combination, gated, nan_alloc):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+@pytest.mark.parametrize("C", PATH_WIDTHS, ids=PATH_IDS)
 def test_mixed_layouts_follow_A(C, gated, nan_alloc):
     """A channels_last (here with a batch stride of two images: every other image of a batch),
     c and the gradients NCHW: the provider brings them to A's layout, outputs follow A."""
@@ -209,6 +223,7 @@ def test_attention_channels_last_fp16(nan_alloc):
 
 
 WIDE_SHAPES = [(1, 72, 3, 7), (2, 130, 3, 5)]  # C > 64, not powers of two; N = 21, 15: partial tiles
+# (blocked Triton dots at 72, library matmuls at 130: MATMUL_C above)
 
 
 @pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
@@ -220,12 +235,14 @@ def test_attention_wide_channels_fp32(shape, combination, gated, nan_alloc):
 
 
 @pytest.mark.parametrize("combination,gated", COMBOS, ids=COMBO_IDS)
-def test_attention_wide_channels_fp16(combination, gated, nan_alloc):
-    _check_attention((1, 72, 3, 7), torch.float16, combination, gated)
+@pytest.mark.parametrize("C", PATH_WIDTHS[1:], ids=PATH_IDS[1:])
+def test_attention_wide_channels_fp16(C, combination, gated, nan_alloc):
+    _check_attention((1, C, 3, 7), torch.float16, combination, gated)
 
 
-def test_attention_wide_channels_bf16(nan_alloc):
-    _check_attention((2, 130, 3, 5), torch.bfloat16, "nonlinear", True)
+@pytest.mark.parametrize("C", [72, 130], ids=PATH_IDS[1:])
+def test_attention_wide_channels_bf16(C, nan_alloc):
+    _check_attention((2, C, 3, 5), torch.bfloat16, "nonlinear", True)
 
 
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])
@@ -258,7 +275,8 @@ def test_blocked_kernels_at_narrow_channels(monkeypatch, nan_alloc):
     _check_attention((2, 24, 7, 9), torch.float32, "nonlinear", False)
 
 
-def test_blocked_backward_allocates_its_outputs_last(monkeypatch):
+@pytest.mark.parametrize("C", PATH_WIDTHS[1:], ids=PATH_IDS[1:])
+def test_blocked_backward_allocates_its_outputs_last(C, monkeypatch):
     """The SA-LSTM blocked backward's peak: ``dA`` and ``dc`` (5 state units) come after the float32
     temporaries are down to ``dQ, dK, dV``, so about 8 units are alive at most (9.1 when they were
     allocated first).  Allocator peak, float32, one unit = one ``(B, C, N)`` float32.  Under the
@@ -279,7 +297,7 @@ def test_blocked_backward_allocates_its_outputs_last(monkeypatch):
             return out
 
         monkeypatch.setattr(interpreter.GridExecutor, "__call__", collecting)
-    A, c, (dout, dh, dc_new), _ = _inputs(1, 72, 32, 32, torch.float32)
+    A, c, (dout, dh, dc_new), _ = _inputs(1, C, 32, 32, torch.float32)
     _, _, _, P = tk.attention_forward(A, c, None, 0.3, "linear")
     unit = c.numel() * 4
 
@@ -289,6 +307,28 @@ def test_blocked_backward_allocates_its_outputs_last(monkeypatch):
     peak_memory(backward, torch.device(DEVICE))  # warm-up: the profiler's first session allocates too
     gc.collect()
     assert peak_memory(backward, torch.device(DEVICE)) / unit <= 8.5
+
+
+@pytest.mark.parametrize("C,threshold,path", [
+    (72, None, "_forward_blocked"), (80, None, "attention_matmul"), (128, "shipped", "_forward_blocked"),
+    (129, "shipped", "attention_matmul"), (200, 10**9, "_forward_blocked")])
+def test_wide_channels_take_their_products_path(C, threshold, path, monkeypatch):
+    """``MATMUL_PRODUCTS_MIN_C`` (shipped: 129) splits the wide channels between blocked Triton dots
+    and library matmuls, forward and backward; the tests above rely on it (``MATMUL_C``)."""
+    if threshold is not None:
+        monkeypatch.setattr(tk_attention, "MATMUL_PRODUCTS_MIN_C",
+                            SHIPPED_MATMUL_MIN_C if threshold == "shipped" else threshold)
+    calls = []
+    for name in ("_forward_blocked", "_backward_blocked"):
+        monkeypatch.setattr(tk_attention, name, lambda *a, _n=name, **k: calls.append(_n))
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(tk_attention.attention_matmul, name, lambda *a, _n=name, **k: calls.append("matmul_" + _n))
+    A, c, (dout, dh, dc_new), _ = _inputs(1, C, 1, 2, torch.float32)
+    tk.attention_forward(A, c, None, 0.3, "linear")
+    tk.attention_backward(A, c, None, torch.zeros(1, C, C), dout, dh, dc_new, 0.3, "linear")
+    want = ["_forward_blocked", "_backward_blocked"] if path == "_forward_blocked" else ["matmul_forward",
+                                                                                          "matmul_backward"]
+    assert calls == want
 
 
 ROUTED_SHAPE = (2, 40, 7, 9)  # padded C = 64 (TUNED_CP): where BLOCKED_AT_CP64 and GPU_LAUNCH apply
@@ -414,7 +454,7 @@ def test_split_and_tile_choices_agree(splits, block_n, monkeypatch, nan_alloc):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("C", [24, 72])  # single-pass and channel-blocked backward kernels
+@pytest.mark.parametrize("C", PATH_WIDTHS, ids=PATH_IDS)
 @pytest.mark.parametrize("gated", [False, True])
 def test_absent_state_grads_read_as_zero(C, gated, nan_alloc):
     """``dh`` / ``dc_new`` = None (no gradient on that output; the ops pass None to this provider)
@@ -525,7 +565,7 @@ def _check_bias_grad(dbias, dA_ref, dtype):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("combination,gated", [("linear", False), ("nonlinear", True), ("none", True)],
                          ids=["linear", "gated-nonlinear", "none"])
-@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+@pytest.mark.parametrize("C", PATH_WIDTHS, ids=PATH_IDS)
 def test_attention_folds_the_conv_bias(C, combination, gated, fmt, nan_alloc):
     """Every attention kernel that reads ``A`` (single-pass and channel-blocked, forward and
     backward) adds the bias; against the reference kernels on ``A + bias``."""
@@ -558,7 +598,7 @@ def test_attention_bias_gradient_with_one_split(gated, monkeypatch, nan_alloc):
     _check_attention_bias(24, "linear", gated, torch.contiguous_format)
 
 
-@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+@pytest.mark.parametrize("C", PATH_WIDTHS, ids=PATH_IDS)
 def test_attention_folds_the_conv_bias_fp16(C, nan_alloc):
     """A float16 bias into the float16 attention kernels (float32 math inside)."""
     _check_attention_bias(C, "linear", True, torch.contiguous_format, torch.float16)
@@ -619,7 +659,7 @@ def test_triton_recurrence_runs_its_convs_without_bias(monkeypatch):
     assert all(b is None for b in seen)
 
 
-@pytest.mark.parametrize("C", [24, 72], ids=["single-pass", "blocked"])
+@pytest.mark.parametrize("C", PATH_WIDTHS, ids=PATH_IDS)
 def test_64_bit_gate_stride_variant_folds_the_bias(C, monkeypatch, nan_alloc):
     """``LAYOUT = 2`` (NCHW, 64-bit gate stride: only images past 2^31 / 3 elements pick it) with a
     bias, forced on small tensors: the same numbers as the reference on ``A + bias``."""

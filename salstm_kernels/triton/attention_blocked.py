@@ -112,20 +112,38 @@ def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
 
 
 @triton.jit
+def _given_projections(pq_ptr, pk_ptr, pv_ptr, bq_ptr, bk_ptr, bv_ptr, rows, offs, mask, C):
+    """``W h'`` for q, k, v computed outside (``PROJ``: a library matmul) at ``offs``, plus ``b[rows]``."""
+    rm = rows < C
+    pq = tl.load(pq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pk = tl.load(pk_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pv = tl.load(pv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pq += tl.load(bq_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+    pk += tl.load(bk_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+    pv += tl.load(bv_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
+    return pq, pk, pv
+
+
+@triton.jit
 def qkv_rows_kernel(
-    a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, pq_ptr, pk_ptr, pv_ptr,
     q_ptr, k_ptr, v_ptr, h_ptr, cn_ptr, bias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr,
     WRITE_STATE: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr, HAS_BIAS: tl.constexpr = False,
-    W16: tl.constexpr = False,
+    W16: tl.constexpr = False, PROJ: tl.constexpr = False,
 ):
+    """``Q, K`` (and LSTM-SA's ``V``) of a row block; the projections ``W h'`` by blocked dots over
+    ``hsrc`` and ``W``, or with ``PROJ`` read from ``pq, pk, pv`` (may be ``q, k, v``: in place)."""
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     if GATED:  # projections first: the gate math is not live across their loop (registers)
-        pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC, LAYOUT, W16)
+        if PROJ:
+            pq, pk, pv = _given_projections(pq_ptr, pk_ptr, pv_ptr, bq_ptr, bk_ptr, bv_ptr, rows, c_offs, mask, C)
+        else:
+            pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+                                      BC, BN, PREC, LAYOUT, W16)
     if (not GATED) or COMB != 2:
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C,
                                              HAS_BIAS)
@@ -199,31 +217,35 @@ def mm_rows_kernel(m_ptr, x_ptr, o_ptr, C, N, TRANS: tl.constexpr, BC: tl.conste
 
 @triton.jit
 def proj_grad_rows_kernel(
-    a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    a_ptr, c_ptr, hsrc_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, pq_ptr, pk_ptr, pv_ptr,
     dqa_ptr, dka_ptr, dva_ptr, dq_ptr, dk_ptr, dv_ptr, bias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, PREC: tl.constexpr, LAYOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False, PROJ: tl.constexpr = False,
 ):
-    """LSTM-SA: ``dq = dQ * fq`` etc. (written); with a combination, ``dQ <- dQ * pq`` in place."""
+    """LSTM-SA: ``dq = dQ * fq`` etc. (written); with a combination, ``dQ <- dQ * pq`` in place.
+    ``PROJ``: the projections ``W h'`` read from ``pq, pk, pv`` (``dq, dk, dv`` may overwrite them)."""
     t = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     if COMB != 2:
         # projections first (nothing else live across their loop), then one operand at a time
-        pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-                                  BC, BN, PREC, LAYOUT, W16)
+        if PROJ:
+            pq, pk, pv = _given_projections(pq_ptr, pk_ptr, pv_ptr, bq_ptr, bk_ptr, bv_ptr, rows, c_offs, mask, C)
+        else:
+            pq, pk, pv = _projections(hsrc_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+                                      BC, BN, PREC, LAYOUT, W16)
         ai, af, ao, ag, c = load_lstm_inputs(a_ptr, c_ptr, a_offs, c_offs, gs, mask, bias_ptr, rows[:, None], C,
                                              HAS_BIAS)
         i, f, o, g, c_new, tc, h = lstm_state(ai, af, ao, ag, c)
         fq, fk = qk_factors(f, g, c_new, h, COMB)
-        dQ = tl.load(dqa_ptr + c_offs, mask=mask, other=0.0)
+        dQ = tl.load(dqa_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dqa_ptr + c_offs, dQ * pq, mask=mask)
         tl.store(dq_ptr + c_offs, dQ * fq, mask=mask)
-        dK = tl.load(dka_ptr + c_offs, mask=mask, other=0.0)
+        dK = tl.load(dka_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dka_ptr + c_offs, dK * pk, mask=mask)
         tl.store(dk_ptr + c_offs, dK * fk, mask=mask)
-        dV = tl.load(dva_ptr + c_offs, mask=mask, other=0.0)
+        dV = tl.load(dva_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dva_ptr + c_offs, dV * pv, mask=mask)
         tl.store(dv_ptr + c_offs, dV * h, mask=mask)
     else:
@@ -235,15 +257,16 @@ def proj_grad_rows_kernel(
 @triton.jit
 def attention_bwd_rows_kernel(
     a_ptr, c_ptr, dh_ptr, dcn_ptr, dfq_ptr, dfk_ptr, dfv_ptr, dq_ptr, dk_ptr, dv_ptr,
-    wq_ptr, wk_ptr, wv_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, N,
+    wq_ptr, wk_ptr, wv_ptr, wdq_ptr, da_ptr, dc_ptr, bias_ptr, dbias_ptr, C, N,
     BC: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
-    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False, PROJ: tl.constexpr = False,
 ):
     """Total ``dh'``, ``dc'``, ``df``, ``dg`` of a row block, then the cell backward into ``dA``, ``dc``.
 
     ``dfq, dfk, dfv`` are the gradients on the LSTM-state factors of ``Q, K, V`` (SA-LSTM: ``dQ, dK,
-    dV``); LSTM-SA adds ``W^T dq`` etc. (``dq`` over all rows, hence a separate pass).
+    dV``); LSTM-SA adds ``W^T dq`` etc. (``dq`` over all rows, hence a separate pass), or with ``PROJ``
+    reads that sum from ``wdq`` (computed outside by a library matmul).
     ``HAS_BIAS``: the tile's ``dA`` summed per gate row too, into row ``b * n_tiles + t`` of the folded
     conv bias's ``(B * n_tiles, 4C)`` gradient partials (no separate pass over ``dA`` for it).
     """
@@ -252,7 +275,9 @@ def attention_bwd_rows_kernel(
     b = tl.program_id(2).to(tl.int64)
     rows, cols, mask, a_offs, c_offs, gs = _rows_tile(b, blk, t, C, N, BC, BN, LAYOUT)
     dh_t = load_optional_grad(dh_ptr, c_offs, mask, HAS_DH)
-    if GATED:  # cross-row term first: the gate math is not live across its loop (registers)
+    if GATED and PROJ:
+        dh_t += tl.load(wdq_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+    elif GATED:  # cross-row term first: the gate math is not live across its loop (registers)
         x = tl.zeros((BC, BN), dtype=tl.float32)
         for kk in range(0, C, BC):
             kr = kk + tl.arange(0, BC)
@@ -269,9 +294,9 @@ def attention_bwd_rows_kernel(
     df = 0.0
     dg = 0.0
     if COMB != 2:
-        dfq = tl.load(dfq_ptr + c_offs, mask=mask, other=0.0)
-        dfk = tl.load(dfk_ptr + c_offs, mask=mask, other=0.0)
-        dfv = tl.load(dfv_ptr + c_offs, mask=mask, other=0.0)
+        dfq = tl.load(dfq_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        dfk = tl.load(dfk_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
+        dfv = tl.load(dfv_ptr + c_offs, mask=mask, other=0.0).to(tl.float32)
         df, dg, dh_t, dc_t = qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh_t, dc_t, COMB)
     dai, daf, dao, dag, dc = lstm_state_grads(i, f, o, g, c, tc, dh_t, dc_t, df, dg)
     store_lstm_grads(da_ptr, dc_ptr, a_offs, c_offs, gs, mask, dai, daf, dao, dag, dc)

@@ -42,7 +42,9 @@ Channel range: these single-pass kernels run for ``C <= 64`` (:data:`FUSED_MAX_C
 (any size; the issue's range is 8..256) runs the channel-blocked kernels of
 :mod:`.attention_blocked`, whose on-chip footprint does not depend on ``C`` (``(C, C)`` products are
 loops over 64-channel blocks) at the cost of float32 ``Q, K, V`` / gradient temporaries and more
-passes.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries,
+passes; from :data:`MATMUL_PRODUCTS_MIN_C` on, the blocked path does its ``(C, C)``-sized products
+as library matmuls (:mod:`.attention_matmul`: cuBLAS, 16-bit tensor cores for 16-bit inputs) and
+keeps the pointwise work in the blocked rows kernels.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries,
 except at ``33 <= C <= 64`` in the directions listed in :data:`BLOCKED_AT_CP64` (the float32
 SA-LSTM backward, whose single-pass kernel measured 7.5x slower on an H200).
 Tile width, split count and warps at those widths come from :data:`GPU_LAUNCH`, measured by
@@ -61,6 +63,7 @@ import triton
 import triton.language as tl
 
 from . import attention_blocked as blocked
+from . import attention_matmul
 from .lstm_cell import (
     bias_args, bias_partials, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_sums,
     load_lstm_inputs, lstm_state, lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads,
@@ -74,6 +77,11 @@ _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
 #: than the 227 KiB of shared memory an H100 block can have (measured by compiling for sm_90), so
 #: wider ``C`` runs the channel-blocked kernels (:mod:`.attention_blocked`).
 FUSED_MAX_CP = 64
+#: Narrowest ``C`` whose channel-blocked path does its ``(C, C)``-sized products (scores, ``P V``,
+#: their gradients, LSTM-SA's projections) as library matmuls (:mod:`.attention_matmul`; cuBLAS on
+#: a GPU) instead of blocked Triton dots.  The Triton dots measured slower than eager at ``C = 256``
+#: and faster at ``C = 128`` (H200, ``RESULTS.md``); the matmul form was not yet measured on a GPU.
+MATMUL_PRODUCTS_MIN_C = 129
 #: Force the number of N splits of the reduction kernels (tests use it to cover 1 and many splits).
 SPLITS_OVERRIDE = None
 #: Force the N tile width (a power of two >= 16).
@@ -563,6 +571,9 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
         P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
         return out, h, c_new, P
     if not _single_pass(C, False, gated, A.dtype):
+        if C >= MATMUL_PRODUCTS_MIN_C:
+            plan = _BlockedPlan(A, B, C, N, gated, backward=False)
+            return attention_matmul.forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan)
         return _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias)
     b, has_bias = bias_args(bias, A)
     plan = _Plan(A, B, C, N, backward=False, gated=gated)
@@ -605,6 +616,10 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         return empty if bias is None else (*empty, bias_partials(0, A).sum(dim=0))
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
     if not _single_pass(C, True, gated, A.dtype):
+        if C >= MATMUL_PRODUCTS_MIN_C:
+            plan = _BlockedPlan(A, B, C, N, gated, backward=True)
+            return attention_matmul.backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan,
+                                             _softmax_scores_grad)
         return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
@@ -717,7 +732,7 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
         cell_forward_into(A, c, h, c_new, layout, bias)
     b, has_bias = bias_args(bias, A)
     blocked.qkv_rows_kernel[plan.rows_grid](
-        A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, h, c_new, b, C, N,
+        A, c, h, wq, bq, wk, bk, wv, bv, A, A, A, Q, K, V, h, c_new, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
         HAS_BIAS=has_bias, W16=plan.w16, num_warps=plan.num_warps,
     )
@@ -747,7 +762,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     if gated:
         cell_forward_into(A, c, h32, c32, layout, bias)
     blocked.qkv_rows_kernel[plan.rows_grid](
-        A, c, h32, wq, bq, wk, bk, wv, bv, Q, K, V, h32, c32, b, C, N,
+        A, c, h32, wq, bq, wk, bk, wv, bv, A, A, A, Q, K, V, h32, c32, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
         HAS_BIAS=has["HAS_BIAS"], W16=plan.w16, num_warps=plan.num_warps,
     )
@@ -765,7 +780,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     if gated:
         dq, dk, dv = _fp32_like(c), _fp32_like(c), _fp32_like(c)
         blocked.proj_grad_rows_kernel[plan.rows_grid](
-            A, c, h32, wq, bq, wk, bk, wv, bv, dQ, dK, dV, dq, dk, dv, b, C, N,
+            A, c, h32, wq, bq, wk, bk, wv, bv, A, A, A, dQ, dK, dV, dq, dk, dv, b, C, N,
             BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"], W16=plan.w16,
             num_warps=plan.num_warps,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
@@ -777,7 +792,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     dA, dc = torch.empty_like(A), torch.empty_like(c)
     dbias = bias_partials(B * plan.n_tiles, A) if has_bias else dA
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
-        A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, dA, dc, b, dbias, C, N,
+        A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, A, dA, dc, b, dbias, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, W16=plan.w16,
         num_warps=plan.num_warps, **has,
     )

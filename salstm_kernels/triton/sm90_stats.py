@@ -124,6 +124,17 @@ def variants():
             yield (f"attention_bwd_rows {tag}", bk.attention_bwd_rows_kernel,
                    {**a, **w, "dh_ptr": dt, "dcn_ptr": dt, "da_ptr": dt, "dc_ptr": dt},
                    dict(BC=BC, BN=BN, COMB=comb, GATED=gated, PREC=prec, **w16), W)
+            if gated:  # attention_matmul (C >= MATMUL_PRODUCTS_MIN_C): projections read, operands in dt
+                pp = {n: dt for n in ("hsrc_ptr", "h_ptr", "cn_ptr", "pq_ptr", "pk_ptr", "pv_ptr", "q_ptr", "k_ptr",
+                                      "v_ptr", "dqa_ptr", "dka_ptr", "dva_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
+                                      "dfq_ptr", "dfk_ptr", "dfv_ptr", "wdq_ptr")}
+                mm = dict(BC=BC, BN=BN, COMB=comb, PREC=prec, PROJ=True, HAS_BIAS=True)
+                yield (f"qkv_rows {tag} PROJ", bk.qkv_rows_kernel, {**a, **w, **pp},
+                       dict(mm, GATED=True, WRITE_STATE=False), W)
+                yield (f"proj_grad_rows {tag} PROJ", bk.proj_grad_rows_kernel, {**a, **w, **pp}, mm, W)
+                yield (f"attention_bwd_rows {tag} PROJ", bk.attention_bwd_rows_kernel,
+                       {**a, **w, **pp, "dh_ptr": dt, "dcn_ptr": dt, "da_ptr": dt, "dc_ptr": dt},
+                       dict(mm, GATED=True), W)
         for xt, yt, rs in ((  "fp32", "fp32", False), (dt, "fp32", False), ("fp32", "fp32", True)):
             yield (f"abt_partials {dt} x={xt} rowsum={int(rs)}", bk.abt_partials_kernel,
                    {"x_ptr": xt, "y_ptr": yt}, dict(BC=BC, BN=BNR, ROWSUM=rs, PREC=prec), W)
@@ -199,6 +210,11 @@ def each_kernel():
                                             HAS_DCN=True, W16=True)),
         (bk.abt_partials_kernel, dict(BC=BLOCK_C, BN=64, ROWSUM=True, PREC=prec)),
         (bk.mm_rows_kernel, dict(BC=BLOCK_C, BN=32, TRANS=True, PREC=prec)),
+        # attention_matmul's launches: the projections read from memory (PROJ)
+        (bk.qkv_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=1, GATED=True, WRITE_STATE=False, PREC=prec, PROJ=True)),
+        (bk.proj_grad_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=1, PREC=prec, PROJ=True)),
+        (bk.attention_bwd_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=1, GATED=True, PREC=prec, HAS_DH=True,
+                                            HAS_DCN=True, PROJ=True)),
         (cl._cell_fwd_kernel, dict(BLOCK=1024)), (cl._cell_bwd_kernel, dict(BLOCK=1024, HAS_DH=True, HAS_DCN=False)),
         # the cell from a zero state (A rows i, o, g), as t = 0 launches it
         (cl._cell_fwd_kernel, dict(BLOCK=1024, GATES=3)),
@@ -208,6 +224,7 @@ def each_kernel():
         for fn, consts in kernels:
             has_bias = {"HAS_BIAS": True} if "HAS_BIAS" in fn.arg_names else {}  # the folded conv bias
             gates = " GATES=3" if consts.get("GATES") == 3 else ""
+            gates += " PROJ" if consts.get("PROJ") else ""
             yield (f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}{gates}", fn, ptrs,
                    {**consts, "LAYOUT": layout, **has_bias}, 4)
     # the projection dots on float32 operands (WEIGHT_DOTS_16BIT off, as float32 inputs run them)

@@ -1,0 +1,164 @@
+"""The attention op at wide ``C`` with its ``(C, C)``-sized products done by ``torch.matmul`` (cuBLAS).
+
+At ``C = 256`` the channel-blocked Triton path (:mod:`.attention_blocked`) measured slower than the
+eager reference on an H200 (float32 SA-LSTM 8.6 against 7.3 ms, LSTM-SA 25.3 against 11.9 ms,
+fwd+bwd, 224x224): its products are Triton dots over 64-channel blocks (float32 "ieee": no tensor
+cores), about 10 TFLOPS, and at ``C = 256`` the products are most of the op's work (``C`` flops per
+byte).  Here every product -- the scores ``Q K^T``, ``P V``, their gradients, LSTM-SA's projections
+``W h'``, ``W^T dq`` and ``dW = dq h'^T`` -- is a library matmul, as the reference's own, while the
+pointwise work stays fused in the blocked rows kernels (gates, ``c'``, ``h'``, ``Q, K, V``
+formation, their chain rule, the cell backward into ``dA``, ``dc``) with ``PROJ`` set: they read
+the projections (and ``sum_j W_j^T dq_j``) from memory instead of computing them.
+
+Operands are in the input dtype, as the reference's matmuls: float32 stays float32 (cuBLAS
+honours ``torch.backends.cuda.matmul`` settings, as the reference does), 16-bit operands run on
+16-bit tensor cores with float32 accumulation.  Softmax and ``dS`` stay float32.  The backward
+recomputes ``h'`` and the projections from ``A`` and ``c`` (nothing more is saved than on the
+other paths), so its ``h'`` is the forward's bit for bit.
+
+Layouts: NCHW tensors are ``(B, C, N)`` matrices per image; channels_last ones ``(B, N, C)``, so
+their products are the transposed ones (no copies either way).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import attention_blocked as blocked
+from .lstm_cell import LAYOUTS, bias_args, bias_partials, cell_forward_into
+
+
+def _matrices(x: torch.Tensor, layout: int) -> torch.Tensor:
+    """A dense state tensor as per-image matrices: ``(B, C, N)`` (NCHW) or ``(B, N, C)`` (channels_last), a view."""
+    if layout == LAYOUTS["channels_last"]:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+    return x.view(x.shape[0], x.shape[1], -1)
+
+
+def _weight_times(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, layout: int, accumulate=False):
+    """``out (+)= w @ x`` at every pixel of every image, ``w (C, C)`` (pass ``w.t()`` for ``w^T x``)."""
+    X, O = _matrices(x, layout), _matrices(out, layout)
+    if layout == LAYOUTS["channels_last"]:  # rows are pixels: x_n^T w^T, all images as one matrix
+        X2, O2 = X.reshape(-1, X.shape[-1]), O.view(-1, O.shape[-1])
+        if accumulate:
+            O2.addmm_(X2, w.t())
+        else:
+            torch.mm(X2, w.t(), out=O2)
+    elif accumulate:
+        O.baddbmm_(w.expand(X.shape[0], -1, -1), X)
+    else:
+        torch.matmul(w, X, out=O)
+    return out
+
+
+def _sum_outer(x: torch.Tensor, y: torch.Tensor, layout: int) -> torch.Tensor:
+    """``sum_n x[:, n] y[:, n]^T`` per image: ``(B, C, C)`` float32 (the matmul in the operands' dtype)."""
+    X, Y = _matrices(x, layout), _matrices(y, layout)
+    if layout == LAYOUTS["channels_last"]:
+        return torch.bmm(X.transpose(1, 2), Y).float()
+    return torch.bmm(X, Y.transpose(1, 2)).float()
+
+
+def _square_times(m: torch.Tensor, x: torch.Tensor, out: torch.Tensor, layout: int, trans=False):
+    """``out = m @ x`` per image (``m^T @ x`` with ``trans``), ``m (B, C, C)`` float32, rounded to ``x``'s dtype."""
+    m = (m.transpose(1, 2) if trans else m).to(x.dtype)
+    X, O = _matrices(x, layout), _matrices(out, layout)
+    if layout == LAYOUTS["channels_last"]:
+        torch.bmm(X, m.transpose(1, 2), out=O)
+    else:
+        torch.bmm(m, X, out=O)
+    return out
+
+
+def _rows_meta(plan, comb, layout, has_bias):
+    return dict(BC=plan.BC, BN=plan.BN, COMB=comb, LAYOUT=layout, HAS_BIAS=has_bias, PREC=plan.prec,
+                num_warps=plan.num_warps)
+
+
+def forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan):
+    """Non-empty; writes the outputs ``attention_forward`` allocated; returns them and ``P``."""
+    B, C = c.shape[:2]
+    N = c[0, 0].numel()
+    gated = proj is not None
+    b, has_bias = bias_args(bias, A)
+    meta = _rows_meta(plan, comb, layout, has_bias)
+    Q, K = torch.empty_like(h), torch.empty_like(h)
+    if gated:  # the projections read h' of every channel: write it first
+        cell_forward_into(A, c, h, c_new, layout, bias)
+        wq, bq, wk, bk, wv, bv = (p.to(h.dtype) for p in proj)
+        V = torch.empty_like(h)
+        for w, p in ((wq, Q), (wk, K), (wv, V)):
+            _weight_times(w, h, p, layout)
+        # Q, K, V formed in place over the projections
+        blocked.qkv_rows_kernel[plan.rows_grid](
+            A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, Q, K, V, h, c_new, b, C, N,
+            GATED=True, WRITE_STATE=False, PROJ=True, **meta,
+        )
+    else:
+        V = h
+        blocked.qkv_rows_kernel[plan.rows_grid](
+            A, c, h, A, A, A, A, A, A, A, A, A, Q, K, V, h, c_new, b, C, N,
+            GATED=False, WRITE_STATE=True, **meta,
+        )
+    P = torch.softmax(_sum_outer(Q, K, layout) * scale, dim=-1).contiguous()
+    del Q, K
+    _square_times(P, V, out, layout)
+    return out, h, c_new, P
+
+
+def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan, scores_grad):
+    """Non-empty, ``P`` float32; ``has``: the ``HAS_DH`` / ``HAS_DCN`` launch flags; ``scores_grad(P, dP,
+    scale)`` gives ``dS``.  Returns ``(dA, dc, dprojections or None[, dbias])`` as the blocked path."""
+    B, C = c.shape[:2]
+    N = c[0, 0].numel()
+    gated = proj is not None
+    b, has_bias = bias_args(bias, A)
+    meta = _rows_meta(plan, comb, layout, has_bias)
+    h, scratch = torch.empty_like(c, dtype=A.dtype), torch.empty_like(c, dtype=A.dtype)
+    Q, K = torch.empty_like(h), torch.empty_like(h)
+    if gated:
+        cell_forward_into(A, c, h, scratch, layout, bias)
+        wq, bq, wk, bk, wv, bv = ws = tuple(p.to(h.dtype) for p in proj)
+        PQ, PK, PV = (_weight_times(w, h, torch.empty_like(h), layout) for w in (wq, wk, wv))
+        V = torch.empty_like(h)
+        blocked.qkv_rows_kernel[plan.rows_grid](
+            A, c, h, *ws, PQ, PK, PV, Q, K, V, h, scratch, b, C, N,
+            GATED=True, WRITE_STATE=False, PROJ=True, **meta,
+        )
+    else:
+        V = h
+        blocked.qkv_rows_kernel[plan.rows_grid](
+            A, c, h, A, A, A, A, A, A, A, A, A, Q, K, V, h, scratch, b, C, N,
+            GATED=False, WRITE_STATE=True, **meta,
+        )
+    del scratch
+    dS = scores_grad(P, _sum_outer(dout, V, layout), scale)
+    del V
+    dQ = _square_times(dS, K, torch.empty_like(h), layout)
+    dK = _square_times(dS, Q, torch.empty_like(h), layout, trans=True)
+    del Q, K
+    dV = _square_times(P, dout, torch.empty_like(h), layout, trans=True)
+    dproj = None
+    wdq = A  # dummy: never read when not GATED
+    if gated:
+        # dq, dk, dv (the gradients on the projections) over PQ, PK, PV; dQ, dK, dV become the
+        # gradients on the LSTM-state factors
+        blocked.proj_grad_rows_kernel[plan.rows_grid](
+            A, c, h, *ws, PQ, PK, PV, dQ, dK, dV, PQ, PK, PV, b, C, N, PROJ=True, **meta,
+        )
+        grads = []
+        for d in (PQ, PK, PV):
+            grads += [_sum_outer(d, h, layout).sum(dim=0), d.sum(dim=(0, *range(2, d.dim())), dtype=torch.float32)]
+        dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
+        wdq = _weight_times(wq.t(), PQ, torch.empty_like(h), layout)
+        _weight_times(wk.t(), PK, wdq, layout, accumulate=True)
+        _weight_times(wv.t(), PV, wdq, layout, accumulate=True)
+        del PQ, PK, PV
+    del h
+    dA, dc = torch.empty_like(A), torch.empty_like(c)
+    dbias = bias_partials(B * plan.n_tiles, A) if has_bias else dA
+    wq_, wk_, wv_ = (ws[0], ws[2], ws[4]) if gated else (A, A, A)
+    blocked.attention_bwd_rows_kernel[plan.rows_grid](
+        A, c, dh, dc_new, dQ, dK, dV, dQ, dK, dV, wq_, wk_, wv_, wdq, dA, dc, b, dbias, C, N,
+        GATED=gated, PROJ=True, W16=False, HAS_DH=has["HAS_DH"], HAS_DCN=has["HAS_DCN"], **meta,
+    )
+    return (dA, dc, dproj, dbias.sum(dim=0)) if has_bias else (dA, dc, dproj)
