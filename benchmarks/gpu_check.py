@@ -622,17 +622,19 @@ def forced_blocked(on: bool):
 
 
 @contextlib.contextmanager
-def forced_products(matmul: bool):
+def forced_products(matmul: bool, split_n: bool = True):
     """Every channel-blocked call does its products as library matmuls (``matmul``) or as Triton
-    dots, whatever ``MATMUL_PRODUCTS_MIN_C`` says (the A/B at wide C)."""
-    from salstm_kernels.triton import lstm_attention as la
+    dots, whatever ``MATMUL_PRODUCTS_MIN_C`` says (the A/B at wide C); ``split_n`` False: the
+    matmul path's sums over pixels as bmm too (``attention_matmul.SPLIT_N_REDUCTIONS``)."""
+    from salstm_kernels.triton import attention_matmul, lstm_attention as la
 
-    kept = la.MATMUL_PRODUCTS_MIN_C
+    kept = la.MATMUL_PRODUCTS_MIN_C, attention_matmul.SPLIT_N_REDUCTIONS
     la.MATMUL_PRODUCTS_MIN_C = 0 if matmul else 2**62
+    attention_matmul.SPLIT_N_REDUCTIONS = split_n
     try:
         yield
     finally:
-        la.MATMUL_PRODUCTS_MIN_C = kept
+        la.MATMUL_PRODUCTS_MIN_C, attention_matmul.SPLIT_N_REDUCTIONS = kept
 
 
 def our_kernel_names() -> set:
@@ -731,6 +733,8 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
             matmul = C < la.MATMUL_PRODUCTS_MIN_C  # the other products path than the shipped one
             variants.append(("triton matmul" if matmul else "triton dots", forced_products(matmul),
                              f"C={C} channel-blocked, {'matmul products' if matmul else 'Triton dots'} (forced)"))
+            variants.append(("triton matmul, bmm sums", forced_products(True, split_n=False),
+                             f"C={C} channel-blocked, matmul products, sums over N by bmm (forced)"))
         for impl, forced, path in variants:
             try:
                 with forced:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared commands for a lent GPU (the device tool), each stage one call of under 10 minutes:
 #
-#   REV=<commit> bash benchmarks/gpu_session.sh check  # ~3 min: >2^31-offset parity, peak-memory blocks
-#                                                      # (NCHW and the NHWC opt-in), host time per step
+#   REV=<commit> bash benchmarks/gpu_session.sh check  # ~5 min: >2^31-offset parity, wide-C parity and
+#                                                      # product-path A/B (C = 128, 256), peak-memory
+#                                                      # blocks (NCHW and the NHWC opt-in), host time
 #   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: launch sweep (bfloat16, float32 with
 #                                                      # tf32x3), parity with the result, module rows
 #                                                      # incl. the A/B rows (f32 proj, 4-gate t0, ...)
@@ -37,9 +38,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu -
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case $stage in
   check)
-    run only64 90 python benchmarks/gpu_check.py --skip-bench --only-64bit
-    run memory 270 python benchmarks/gpu_memory.py --nhwc
-    run host 120 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
+    run only64 60 python benchmarks/gpu_check.py --skip-bench --only-64bit
+    run wide 150 python benchmarks/gpu_check.py --wide-only
+    run memory 240 python benchmarks/gpu_memory.py --nhwc
+    run host 90 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
   tune)
     run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes bfloat16,float32 --sweep-budget-s 300 --no-compile ;;
   full)

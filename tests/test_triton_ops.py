@@ -245,14 +245,50 @@ def test_attention_wide_channels_bf16(C, nan_alloc):
     _check_attention((2, C, 3, 5), torch.bfloat16, "nonlinear", True)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("combination,gated", [("nonlinear", False), ("linear", True)], ids=["salstm", "gated"])
+def test_matmul_path_with_bmm_reductions(combination, gated, fmt, monkeypatch, nan_alloc):
+    """``attention_matmul.SPLIT_N_REDUCTIONS`` off: the sums over pixels as one bmm per image."""
+    from salstm_kernels.triton import attention_matmul
+
+    monkeypatch.setattr(attention_matmul, "SPLIT_N_REDUCTIONS", False)
+    calls = []
+    monkeypatch.setattr(attention_matmul.blocked, "sum_outer", lambda *a, **k: calls.append(1))
+    _check_attention((2, MATMUL_C, 3, 7), torch.float32, combination, gated, fmt=fmt)
+    _check_attention_bias(MATMUL_C, combination, gated, fmt)
+    assert not calls
+
+
+@pytest.mark.parametrize("C", PATH_WIDTHS[1:], ids=PATH_IDS[1:])
+@pytest.mark.parametrize("split_n", [True, False], ids=["split-sums", "bmm-sums"])
+def test_matmul_path_ignores_autocast(split_n, monkeypatch):
+    """float32 operands under a bfloat16 autocast region (the modules' eager entries run inside the
+    caller's): the library products stay float32, the same bits as outside it."""
+    from salstm_kernels.triton import attention_matmul
+
+    monkeypatch.setattr(attention_matmul, "SPLIT_N_REDUCTIONS", split_n)
+    A, c, (dout, dh, dc_new), g = _inputs(1, MATMUL_C, 3, 5, torch.float32, seed=7)
+    proj = tuple(p.detach() for p in random_projections(MATMUL_C, torch.float32, DEVICE, generator=g))
+
+    def run():
+        out = tk.attention_forward(A, c, proj, 0.3, "linear")
+        return (*out, *tk.attention_backward(A, c, proj, out[3], dout, dh, dc_new, 0.3, "linear")[:2])
+
+    plain = run()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under = run()
+    for x, y in zip(plain, under):
+        assert x.dtype == torch.float32 and torch.equal(x, y)
+
+
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])
-def test_blocked_split_and_tile_choices_agree(splits, block_n, monkeypatch, nan_alloc):
+def test_blocked_split_and_tile_choices_agree(splits, block_n, C, monkeypatch, nan_alloc):
     """Blocked path: one split, a split per tile and wider tiles all give the reference; bitwise repeatable."""
     monkeypatch.setattr(tk_attention, "SPLITS_OVERRIDE", splits)
     monkeypatch.setattr(tk_attention, "BLOCK_N_OVERRIDE", block_n)
-    _check_attention((1, 72, 5, 7), torch.float32, "linear", True)
-    A, c, (dout, dh, dc_new), g = _inputs(1, 72, 5, 7, torch.float32, seed=5)
-    proj = tuple(p.detach() for p in random_projections(72, torch.float32, DEVICE, generator=g))
+    _check_attention((1, C, 5, 7), torch.float32, "linear", True)
+    A, c, (dout, dh, dc_new), g = _inputs(1, C, 5, 7, torch.float32, seed=5)
+    proj = tuple(p.detach() for p in random_projections(C, torch.float32, DEVICE, generator=g))
     P = rk.attention_forward(A, c, proj, 0.1, "linear")[3]
     run = lambda: (*tk.attention_forward(A, c, proj, 0.1, "linear"),  # noqa: E731
                    *tk.attention_backward(A, c, proj, P, dout, dh, dc_new, 0.1, "linear")[:2])
@@ -437,6 +473,41 @@ def test_splits_scale_with_the_sm_count(monkeypatch):
     assert tk_attention._splits(fake, 4, 4) == 132
     assert tk_attention._splits(fake, 2, 3) == 88  # cdiv(264, 3)
     assert tk_attention._splits(fake, 0.001, 5) == 1
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("combination,gated", [("nonlinear", False), ("linear", True)], ids=["salstm", "gated"])
+def test_matmul_path_with_bmm_reductions(combination, gated, fmt, monkeypatch, nan_alloc):
+    """``attention_matmul.SPLIT_N_REDUCTIONS`` off: the sums over pixels as one bmm per image."""
+    from salstm_kernels.triton import attention_matmul
+
+    monkeypatch.setattr(attention_matmul, "SPLIT_N_REDUCTIONS", False)
+    calls = []
+    monkeypatch.setattr(attention_matmul.blocked, "sum_outer", lambda *a, **k: calls.append(1))
+    _check_attention((2, MATMUL_C, 3, 7), torch.float32, combination, gated, fmt=fmt)
+    _check_attention_bias(MATMUL_C, combination, gated, fmt)
+    assert not calls
+
+
+@pytest.mark.parametrize("split_n", [True, False], ids=["split-sums", "bmm-sums"])
+def test_matmul_path_ignores_autocast(split_n, monkeypatch):
+    """float32 operands under a bfloat16 autocast region (the modules' eager entries run inside the
+    caller's): the library products stay float32, the same bits as outside it."""
+    from salstm_kernels.triton import attention_matmul
+
+    monkeypatch.setattr(attention_matmul, "SPLIT_N_REDUCTIONS", split_n)
+    A, c, (dout, dh, dc_new), g = _inputs(1, MATMUL_C, 3, 5, torch.float32, seed=7)
+    proj = tuple(p.detach() for p in random_projections(MATMUL_C, torch.float32, DEVICE, generator=g))
+
+    def run():
+        out = tk.attention_forward(A, c, proj, 0.3, "linear")
+        return (*out, *tk.attention_backward(A, c, proj, out[3], dout, dh, dc_new, 0.3, "linear")[:2])
+
+    plain = run()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under = run()
+    for x, y in zip(plain, under):
+        assert x.dtype == torch.float32 and torch.equal(x, y)
 
 
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])

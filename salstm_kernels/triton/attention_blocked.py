@@ -30,6 +30,7 @@ temporaries follow), or NCHW with a 64-bit gate stride.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -303,3 +304,16 @@ def attention_bwd_rows_kernel(
     if HAS_BIAS:
         si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 1)
         store_gate_sums(dbias_ptr + (b * tl.num_programs(0) + t) * 4 * C, rows, C, si, sf, so, sg)
+
+
+def sum_outer(plan, X, Y, C, N, prec, layout, rowsum=False):
+    """``sum_n X Y^T`` per image as (B, C, C) float32 (and ``sum_n X`` (B, C)): per-split partials
+    of :func:`abt_partials_kernel` (``plan``: the split and tile choice), summed in a fixed order."""
+    B = X.shape[0]
+    out = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=X.device)
+    rs = torch.empty(B, plan.splits, C, dtype=torch.float32, device=X.device) if rowsum else out
+    abt_partials_kernel[plan.red_grid](
+        X, Y, out, rs, C, N, plan.tiles_per_split, plan.n_tiles_red, plan.splits, plan.NB,
+        BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
+    )
+    return (out.sum(dim=1), rs.sum(dim=1)) if rowsum else out.sum(dim=1)

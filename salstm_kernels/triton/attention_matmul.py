@@ -5,10 +5,11 @@ eager reference on an H200 (float32 SA-LSTM 8.6 against 7.3 ms, LSTM-SA 25.3 aga
 fwd+bwd, 224x224): its products are Triton dots over 64-channel blocks (float32 "ieee": no tensor
 cores), about 10 TFLOPS, and at ``C = 256`` the products are most of the op's work (``C`` flops per
 byte).  Here every product -- the scores ``Q K^T``, ``P V``, their gradients, LSTM-SA's projections
-``W h'``, ``W^T dq`` and ``dW = dq h'^T`` -- is a library matmul, as the reference's own, while the
-pointwise work stays fused in the blocked rows kernels (gates, ``c'``, ``h'``, ``Q, K, V``
-formation, their chain rule, the cell backward into ``dA``, ``dc``) with ``PROJ`` set: they read
-the projections (and ``sum_j W_j^T dq_j``) from memory instead of computing them.
+``W h'``, ``W^T dq`` and ``dW = dq h'^T`` -- is a library matmul as in the reference (the sums over
+pixels: see :data:`SPLIT_N_REDUCTIONS`), while the pointwise work stays fused in the blocked rows
+kernels (gates, ``c'``, ``h'``, ``Q, K, V`` formation, their chain rule, the cell backward into
+``dA``, ``dc``) with ``PROJ`` set: they read the projections (and ``sum_j W_j^T dq_j``) from memory
+instead of computing them.
 
 Operands are in the input dtype, as the reference's matmuls: float32 stays float32 (cuBLAS
 honours ``torch.backends.cuda.matmul`` settings, as the reference does), 16-bit operands run on
@@ -21,10 +22,20 @@ their products are the transposed ones (no copies either way).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import attention_blocked as blocked
 from .lstm_cell import LAYOUTS, bias_args, bias_partials, cell_forward_into
+
+#: The products that reduce over the pixels (``Q K^T``, ``dO V^T``, ``dq h'^T``: ``(C, C)`` outputs,
+#: ``N``-long sums) run the channel-blocked path's split-N Triton kernel on the same operands
+#: (``blocked.sum_outer``: per-split partials, as many programs as the GPU needs).  One bmm per image
+#: has only ``(C / 128)^2`` output tiles to spread over the SMs (4 at ``C = 256``) unless cuBLAS
+#: splits the sum itself; ``False`` runs them as bmm anyway (the reference's way; an A/B in
+#: ``benchmarks/gpu_check.py --wide-only``).
+SPLIT_N_REDUCTIONS = True
 
 
 def _matrices(x: torch.Tensor, layout: int) -> torch.Tensor:
@@ -50,12 +61,18 @@ def _weight_times(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, layout: i
     return out
 
 
-def _sum_outer(x: torch.Tensor, y: torch.Tensor, layout: int) -> torch.Tensor:
-    """``sum_n x[:, n] y[:, n]^T`` per image: ``(B, C, C)`` float32 (the matmul in the operands' dtype)."""
+def _sum_outer(x: torch.Tensor, y: torch.Tensor, layout: int, plan, rowsum=False):
+    """``sum_n x[:, n] y[:, n]^T`` per image: ``(B, C, C)`` float32 (and with ``rowsum`` ``sum_n x``,
+    ``(B, C)``); see :data:`SPLIT_N_REDUCTIONS`."""
+    if SPLIT_N_REDUCTIONS:
+        B, C = x.shape[:2]
+        return blocked.sum_outer(plan, x, y, C, x[0, 0].numel(), plan.prec, layout, rowsum)
     X, Y = _matrices(x, layout), _matrices(y, layout)
     if layout == LAYOUTS["channels_last"]:
-        return torch.bmm(X.transpose(1, 2), Y).float()
-    return torch.bmm(X, Y.transpose(1, 2)).float()
+        out = torch.bmm(X.transpose(1, 2), Y).float()
+    else:
+        out = torch.bmm(X, Y.transpose(1, 2)).float()
+    return (out, x.sum(dim=tuple(range(2, x.dim())), dtype=torch.float32)) if rowsum else out
 
 
 def _square_times(m: torch.Tensor, x: torch.Tensor, out: torch.Tensor, layout: int, trans=False):
@@ -69,11 +86,23 @@ def _square_times(m: torch.Tensor, x: torch.Tensor, out: torch.Tensor, layout: i
     return out
 
 
+def _without_autocast(fn):
+    """The products in the operands' dtype even when called under autocast (the eager op entries
+    run inside the caller's autocast region; ``out=`` and in-place matmuls ignore it, plain ones not)."""
+    @functools.wraps(fn)
+    def run(A, *args, **kwargs):
+        with torch.autocast(A.device.type, enabled=False):
+            return fn(A, *args, **kwargs)
+
+    return run
+
+
 def _rows_meta(plan, comb, layout, has_bias):
     return dict(BC=plan.BC, BN=plan.BN, COMB=comb, LAYOUT=layout, HAS_BIAS=has_bias, PREC=plan.prec,
                 num_warps=plan.num_warps)
 
 
+@_without_autocast
 def forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan):
     """Non-empty; writes the outputs ``attention_forward`` allocated; returns them and ``P``."""
     B, C = c.shape[:2]
@@ -99,12 +128,13 @@ def forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan):
             A, c, h, A, A, A, A, A, A, A, A, A, Q, K, V, h, c_new, b, C, N,
             GATED=False, WRITE_STATE=True, **meta,
         )
-    P = torch.softmax(_sum_outer(Q, K, layout) * scale, dim=-1).contiguous()
+    P = torch.softmax(_sum_outer(Q, K, layout, plan) * scale, dim=-1).contiguous()
     del Q, K
     _square_times(P, V, out, layout)
     return out, h, c_new, P
 
 
+@_without_autocast
 def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan, scores_grad):
     """Non-empty, ``P`` float32; ``has``: the ``HAS_DH`` / ``HAS_DCN`` launch flags; ``scores_grad(P, dP,
     scale)`` gives ``dS``.  Returns ``(dA, dc, dprojections or None[, dbias])`` as the blocked path."""
@@ -131,7 +161,7 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
             GATED=False, WRITE_STATE=True, **meta,
         )
     del scratch
-    dS = scores_grad(P, _sum_outer(dout, V, layout), scale)
+    dS = scores_grad(P, _sum_outer(dout, V, layout, plan), scale)
     del V
     dQ = _square_times(dS, K, torch.empty_like(h), layout)
     dK = _square_times(dS, Q, torch.empty_like(h), layout, trans=True)
@@ -145,9 +175,7 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
         blocked.proj_grad_rows_kernel[plan.rows_grid](
             A, c, h, *ws, PQ, PK, PV, dQ, dK, dV, PQ, PK, PV, b, C, N, PROJ=True, **meta,
         )
-        grads = []
-        for d in (PQ, PK, PV):
-            grads += [_sum_outer(d, h, layout).sum(dim=0), d.sum(dim=(0, *range(2, d.dim())), dtype=torch.float32)]
+        grads = [x.sum(dim=0) for d in (PQ, PK, PV) for x in _sum_outer(d, h, layout, plan, rowsum=True)]
         dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
         wdq = _weight_times(wq.t(), PQ, torch.empty_like(h), layout)
         _weight_times(wk.t(), PK, wdq, layout, accumulate=True)

@@ -696,18 +696,6 @@ class _BlockedPlan:
         self.w16 = gated and _weight_dots_16bit(A.dtype)
 
 
-def _abt(plan, X, Y, C, N, prec, layout, rowsum=False):
-    """``sum_n X Y^T`` per image as (B, C, C) float32 (and ``sum_n X`` (B, C)), fixed-order split sums."""
-    B = X.shape[0]
-    out = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=X.device)
-    rs = torch.empty(B, plan.splits, C, dtype=torch.float32, device=X.device) if rowsum else out
-    blocked.abt_partials_kernel[plan.red_grid](
-        X, Y, out, rs, C, N, plan.tiles_per_split, plan.n_tiles_red, plan.splits, plan.NB,
-        BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
-    )
-    return (out.sum(dim=1), rs.sum(dim=1)) if rowsum else out.sum(dim=1)
-
-
 def _mm(plan, M, X, out, C, N, prec, layout, trans=False):
     blocked.mm_rows_kernel[plan.rows_grid](M, X, out, C, N, TRANS=trans, BC=plan.BC, BN=plan.BN, PREC=prec,
                                            LAYOUT=layout, num_warps=plan.num_warps)
@@ -736,7 +724,7 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
         HAS_BIAS=has_bias, W16=plan.w16, num_warps=plan.num_warps,
     )
-    S = _abt(plan, Q, K, C, N, prec, layout)
+    S = blocked.sum_outer(plan, Q, K, C, N, prec, layout)
     del Q, K
     P = torch.softmax(S * scale, dim=-1).contiguous()
     _mm(plan, P, V, out, C, N, prec, layout)
@@ -767,7 +755,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
         HAS_BIAS=has["HAS_BIAS"], W16=plan.w16, num_warps=plan.num_warps,
     )
     del c32
-    dP = _abt(plan, dout, V, C, N, prec, layout)
+    dP = blocked.sum_outer(plan, dout, V, C, N, prec, layout)
     del V
     if not gated:
         del h32  # only the projection gradients read it again: at most 4 (B, C, N) float32 live
@@ -784,7 +772,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
             BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"], W16=plan.w16,
             num_warps=plan.num_warps,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
-        grads = [_abt(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)]
+        grads = [blocked.sum_outer(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)]
         dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
         del h32  # the last kernel does not read it
     else:
