@@ -259,7 +259,35 @@ def test_matmul_path_with_bmm_reductions(combination, gated, fmt, monkeypatch, n
     assert not calls
 
 
-@pytest.mark.parametrize("C", PATH_WIDTHS[1:], ids=PATH_IDS[1:])
+@pytest.mark.parametrize("C,splits", [(24, 5), (1, 1), (64, 3), (37, 2)])
+def test_reductions_of_partials(C, splits, nan_alloc):
+    """The single-pass path's partial reductions against torch: ``P``, ``dS`` (rows of C not a
+    multiple of the rows per program, padded columns) and the projection-gradient sums."""
+    from salstm_kernels.triton import attention_partials as ap
+
+    g = torch.Generator().manual_seed(C)
+    B, CP = 2, tk_attention._padded(C)
+    S = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
+    dP = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
+    P_ref = torch.softmax(S.sum(1) * 0.3, dim=-1)
+    dS_ref = tk_attention._softmax_scores_grad(P_ref, dP.sum(1), 0.3)
+    P = ap.softmax_of_partials(S.float().to(DEVICE), 0.3, CP)
+    dS = ap.scores_grad_of_partials(dP.float().to(DEVICE), P_ref.float().to(DEVICE), 0.3, CP)
+    assert_close(P, P_ref, torch.float32, name="P")
+    assert_close(dS, dS_ref, torch.float32, backward=True, name="dS")
+    R = 7
+    dw = torch.randn(R, 3, C, C, generator=g, dtype=torch.float64)
+    db = torch.randn(R, 3, C, generator=g, dtype=torch.float64)
+    proj = [torch.empty(C, C, dtype=torch.float16), torch.empty(C), torch.empty(C, C), torch.empty(C),
+            torch.empty(C, C, dtype=torch.bfloat16), torch.empty(C, dtype=torch.float16)]
+    got = ap.projection_grad_sums(dw.float().to(DEVICE), db.float().to(DEVICE), [p.to(DEVICE) for p in proj])
+    want = [x.sum(0) for k in range(3) for x in (dw[:, k], db[:, k])]
+    assert len({t.data_ptr() for t in got}) == 6  # fresh tensors, no aliases
+    for x, r, p in zip(got, want, proj):
+        assert x.dtype == p.dtype and x.shape == p.shape
+        assert_close(x, r, p.dtype, backward=True)
+
+
 @pytest.mark.parametrize("split_n", [True, False], ids=["split-sums", "bmm-sums"])
 def test_matmul_path_ignores_autocast(split_n, monkeypatch):
     """float32 operands under a bfloat16 autocast region (the modules' eager entries run inside the
@@ -281,6 +309,7 @@ def test_matmul_path_ignores_autocast(split_n, monkeypatch):
         assert x.dtype == torch.float32 and torch.equal(x, y)
 
 
+@pytest.mark.parametrize("C", PATH_WIDTHS[1:], ids=PATH_IDS[1:])
 @pytest.mark.parametrize("splits,block_n", [(1, 16), (64, 16), (2, 32)])
 def test_blocked_split_and_tile_choices_agree(splits, block_n, C, monkeypatch, nan_alloc):
     """Blocked path: one split, a split per tile and wider tiles all give the reference; bitwise repeatable."""
@@ -487,6 +516,35 @@ def test_matmul_path_with_bmm_reductions(combination, gated, fmt, monkeypatch, n
     _check_attention((2, MATMUL_C, 3, 7), torch.float32, combination, gated, fmt=fmt)
     _check_attention_bias(MATMUL_C, combination, gated, fmt)
     assert not calls
+
+
+@pytest.mark.parametrize("C,splits", [(24, 5), (1, 1), (64, 3), (37, 2)])
+def test_reductions_of_partials(C, splits, nan_alloc):
+    """The single-pass path's partial reductions against torch: ``P``, ``dS`` (rows of C not a
+    multiple of the rows per program, padded columns) and the projection-gradient sums."""
+    from salstm_kernels.triton import attention_partials as ap
+
+    g = torch.Generator().manual_seed(C)
+    B, CP = 2, tk_attention._padded(C)
+    S = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
+    dP = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
+    P_ref = torch.softmax(S.sum(1) * 0.3, dim=-1)
+    dS_ref = tk_attention._softmax_scores_grad(P_ref, dP.sum(1), 0.3)
+    P = ap.softmax_of_partials(S.float().to(DEVICE), 0.3, CP)
+    dS = ap.scores_grad_of_partials(dP.float().to(DEVICE), P_ref.float().to(DEVICE), 0.3, CP)
+    assert_close(P, P_ref, torch.float32, name="P")
+    assert_close(dS, dS_ref, torch.float32, backward=True, name="dS")
+    R = 7
+    dw = torch.randn(R, 3, C, C, generator=g, dtype=torch.float64)
+    db = torch.randn(R, 3, C, generator=g, dtype=torch.float64)
+    proj = [torch.empty(C, C, dtype=torch.float16), torch.empty(C), torch.empty(C, C), torch.empty(C),
+            torch.empty(C, C, dtype=torch.bfloat16), torch.empty(C, dtype=torch.float16)]
+    got = ap.projection_grad_sums(dw.float().to(DEVICE), db.float().to(DEVICE), [p.to(DEVICE) for p in proj])
+    want = [x.sum(0) for k in range(3) for x in (dw[:, k], db[:, k])]
+    assert len({t.data_ptr() for t in got}) == 6  # fresh tensors, no aliases
+    for x, r, p in zip(got, want, proj):
+        assert x.dtype == p.dtype and x.shape == p.shape
+        assert_close(x, r, p.dtype, backward=True)
 
 
 @pytest.mark.parametrize("split_n", [True, False], ids=["split-sums", "bmm-sums"])

@@ -11,19 +11,19 @@ Forward (three launches):
 1. ``_cell_qk_scores_kernel`` -- grid ``(SPLITS, B)``; each program walks its share of the N tiles:
    gates, ``c'``, ``h'`` (written), ``Q``, ``K`` in registers (LSTM-SA: ``q = Wq h' + bq`` is a
    ``tl.dot`` on the tile, never written), and accumulates ``Q K^T`` in float32 into its own
-   ``(C, C)`` partial.  The partials are summed over the split axis by ``torch.sum`` (fixed order,
-   no float atomics: deterministic).
-2. ``P = softmax(S * scale)`` in float32 torch (``B x C x C``: negligible).
+   ``(C, C)`` partial.
+2. ``P = softmax(scale * sum of the partials)``, float32, one small kernel
+   (:mod:`.attention_partials`: splits summed in a fixed order, no float atomics: deterministic).
 3. ``_attention_out_kernel`` -- grid ``(N tiles, B)``: ``O = P V`` with ``V`` formed on the fly from
    ``h'`` (LSTM-SA: ``V = h' * (Wv h' + bv)``).
 
 Backward (two passes over N, gates recomputed from ``A`` and ``c``; nothing else saved):
 
-1. ``_scores_grad_kernel`` -- grid ``(SPLITS, B)``: ``dP = dO V^T`` per-split partials, summed in
-   torch; ``dS = P * (dP - rowsum(dP * P)) * scale`` in torch (``C x C``).
+1. ``_scores_grad_kernel`` -- grid ``(SPLITS, B)``: ``dP = dO V^T`` per-split partials; their sum
+   and ``dS = P * (dP - rowsum(dP * P)) * scale`` in one small kernel (``C x C``).
 2. ``_attention_bwd_kernel`` -- grid ``(SPLITS, B)``: per tile ``dV = P^T dO``, ``dQ = dS K``,
    ``dK = dS^T Q``, the QKV-formation chain rule (LSTM-SA: ``dh' += W^T dq`` by ``tl.dot``, and
-   ``dW += dq h'^T``, ``db += sum dq`` into per-split partials), then one pointwise pass into
+   ``dW += dq h'^T``, ``db += sum dq`` into per-split partials, summed by one small kernel), then one pointwise pass into
    ``dA`` and ``dc`` honouring the incoming ``dh'``, ``dc'``; with a folded conv bias, each
    tile's ``dA`` summed per gate row too (the bias gradient's partials, summed in torch: no
    separate reduction over ``dA``).
@@ -64,6 +64,7 @@ import triton.language as tl
 
 from . import attention_blocked as blocked
 from . import attention_matmul
+from .attention_partials import projection_grad_sums, scores_grad_of_partials, softmax_of_partials
 from .lstm_cell import (
     bias_args, bias_partials, cell_forward_into, check_cell_shapes, check_dtypes, dense_layout, gate_sums,
     load_lstm_inputs, lstm_state, lstm_state_grads, load_optional_grad, optional_grad, qk_factors, qkv_factor_grads,
@@ -585,7 +586,7 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
         A, c, h, c_new, wq, bq, wk, bk, partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
         HAS_BIAS=has_bias, **meta
     )
-    P = torch.softmax(partials.sum(dim=1) * scale, dim=-1).contiguous()
+    P = softmax_of_partials(partials, scale, plan.CP)
     _attention_out_kernel[(plan.n_tiles, B)](h, P, wv, bv, out, C, N, **meta)
     return out, h, c_new, P
 
@@ -634,8 +635,8 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         A, c, dout, wv, bv, dp_partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
         HAS_BIAS=has["HAS_BIAS"], **meta
     )
-    dP = dp_partials.sum(dim=1)
-    dS = _softmax_scores_grad(P, dP, scale)
+    dS = scores_grad_of_partials(dp_partials, P, scale, plan.CP)
+    del dp_partials
     if gated:
         dw = torch.empty(B * plan.splits, 3, C, C, dtype=torch.float32, device=A.device)
         db = torch.empty(B * plan.splits, 3, C, dtype=torch.float32, device=A.device)
@@ -646,12 +647,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b, dbias,
         C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta, **has
     )
-    dproj = None
-    if gated:
-        # one fresh tensor per gradient (returned tensors must not alias each other)
-        dproj = tuple(
-            part[:, k].sum(dim=0).to(proj[2 * k + j].dtype) for k in range(3) for j, part in enumerate((dw, db))
-        )
+    dproj = projection_grad_sums(dw, db, proj) if gated else None
     return (dA, dc, dproj, dbias.sum(dim=0)) if has["HAS_BIAS"] else (dA, dc, dproj)
 
 

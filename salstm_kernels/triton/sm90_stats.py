@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import attention_blocked as bk
+from . import attention_partials as ap
 from . import lstm_attention as sp
 from . import lstm_cell as cl
 from .lstm_attention import BLOCK_C
@@ -81,6 +82,8 @@ def _compile(fn, ptr_types, consts, num_warps):
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = "*" + ptr_types.get(name, "fp32")
+        elif name == "scale":
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
     # what a launch specializes on: 16-byte aligned pointers (every fresh torch tensor), and C, N
@@ -230,6 +233,12 @@ def each_kernel():
     # the projection dots on float32 operands (WEIGHT_DOTS_16BIT off, as float32 inputs run them)
     for fn, consts in kernels[:7]:
         yield (f"{fn.fn.__name__.strip('_')} bf16 tf32 dots", fn, ptrs, {**consts, "W16": False, "LAYOUT": 0}, 4)
+    # the single-pass path's reductions of its per-split partials (float32 in; sums cast to bf16 out)
+    rows = dict(CP=64, RB=ap.ROWS_PER_PROGRAM)
+    yield "softmax_of_partials_kernel", ap._softmax_of_partials_kernel, {}, rows, 1
+    yield "scores_grad_of_partials_kernel", ap._scores_grad_of_partials_kernel, {}, rows, 1
+    yield ("sum_three_kernel bf16 out", ap._sum_three_kernel, {f"o{k}_ptr": "bf16" for k in range(3)},
+           dict(BLOCK=ap.SUM_BLOCK), 4)
     yield "cell_bwd_plane_kernel bf16 (NCHW)", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
                                                                                       HAS_DCN=False), 4
     yield "cell_bwd_pixels_kernel bf16 (NHWC)", cl._cell_bwd_pixels_kernel, ptrs, dict(BP=16, CP=64, HAS_DH=True,

@@ -1,0 +1,119 @@
+"""The single-pass attention's reductions of per-split partials, one launch each.
+
+The single-pass kernels (:mod:`.lstm_attention`) leave float32 partials per N split: the scores
+``S``, the score gradient ``dP`` and LSTM-SA's projection gradients.  Summed and finished in torch
+they took 3 device operations in the forward (sum, scale, softmax) and 7 in the backward (sum, the
+``dS`` formula), LSTM-SA's backward 6 to 12 more (a sum, and in 16-bit a cast, per projection
+gradient): each a launch and host work for a few kilobytes, where at 112x112 on an H200 the step is
+host-bound.  These kernels do each reduction with its epilogue in one launch, summing the splits in
+a fixed order (deterministic, no atomics).
+
+* :func:`softmax_of_partials` -- ``P = softmax(scale * sum_s S_s)`` (rows of ``RB`` per program).
+* :func:`scores_grad_of_partials` -- ``dS = P * (dP - rowsum(dP * P)) * scale``, ``dP = sum_s dP_s``.
+* :func:`projection_grad_sums` -- ``(dWq, dbq, dWk, dbk, dWv, dbv)`` from the ``(R, 3, C, C)`` and
+  ``(R, 3, C)`` partials, each its own fresh tensor in its projection's dtype.
+
+``C`` <= 64 here (the single-pass range): one program holds ``RB`` full rows of the ``(C, C)``
+matrices.  Reference: ``torch.softmax(S.sum(1) * scale, -1)`` and ``lstm_attention._softmax_scores_grad``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Rows of the ``(C, C)`` matrices per program: ``B * C / RB`` programs (32 at B = 2, C = 64).
+ROWS_PER_PROGRAM = 4
+#: Elements of the projection-gradient partials' rows per program.
+SUM_BLOCK = 256
+
+
+@triton.jit
+def _rows_tile(rb, C, CP: tl.constexpr, RB: tl.constexpr):
+    rows = rb * RB + tl.arange(0, RB)
+    cols = tl.arange(0, CP)
+    mask = (rows < C)[:, None] & (cols < C)[None, :]
+    return cols, mask, rows[:, None] * C + cols[None, :]
+
+
+@triton.jit
+def _split_sum(ptr, b, offs, mask, C, SPLITS, CP: tl.constexpr, RB: tl.constexpr):
+    """``sum_s X[b, s][rows]`` of ``(B, SPLITS, C, C)`` float32 partials, in split order."""
+    acc = tl.zeros((RB, CP), dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(ptr + (b * SPLITS + s) * C * C + offs, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
+def _softmax_of_partials_kernel(s_ptr, p_ptr, C, SPLITS, scale, CP: tl.constexpr, RB: tl.constexpr):
+    rb = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols, mask, offs = _rows_tile(rb, C, CP, RB)
+    x = _split_sum(s_ptr, b, offs, mask, C, SPLITS, CP, RB) * scale
+    x = tl.where((cols < C)[None, :], x, float("-inf"))  # padding columns: no weight; every row finite
+    x = x - tl.max(x, axis=1)[:, None]
+    e = tl.exp(x)
+    tl.store(p_ptr + b * C * C + offs, e / tl.sum(e, axis=1)[:, None], mask=mask)
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
+def _scores_grad_of_partials_kernel(dp_ptr, p_ptr, ds_ptr, C, SPLITS, scale, CP: tl.constexpr, RB: tl.constexpr):
+    rb = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    _, mask, offs = _rows_tile(rb, C, CP, RB)
+    dp = _split_sum(dp_ptr, b, offs, mask, C, SPLITS, CP, RB)
+    p = tl.load(p_ptr + b * C * C + offs, mask=mask, other=0.0)
+    ds = p * (dp - tl.sum(dp * p, axis=1)[:, None]) * scale
+    tl.store(ds_ptr + b * C * C + offs, ds, mask=mask)
+
+
+@triton.jit(do_not_specialize=["R"])
+def _sum_three_kernel(x_ptr, o0_ptr, o1_ptr, o2_ptr, R, M, BLOCK: tl.constexpr):
+    """``o_k = sum_r x[r, k]`` for ``x (R, 3, M)`` float32, in row order; outputs in their dtypes."""
+    blk = tl.program_id(0)
+    k = tl.program_id(1)
+    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    m = cols < M
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in range(R):
+        acc += tl.load(x_ptr + (r * 3 + k).to(tl.int64) * M + cols, mask=m, other=0.0)
+    if k == 0:
+        tl.store(o0_ptr + cols, acc.to(o0_ptr.dtype.element_ty), mask=m)
+    elif k == 1:
+        tl.store(o1_ptr + cols, acc.to(o1_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(o2_ptr + cols, acc.to(o2_ptr.dtype.element_ty), mask=m)
+
+
+def _launch_rows(kernel, partials, *tensors, scale, CP):
+    B, splits, C = partials.shape[:3]
+    grid = (triton.cdiv(C, ROWS_PER_PROGRAM), B)
+    kernel[grid](partials, *tensors, C, splits, scale, CP=CP, RB=ROWS_PER_PROGRAM, num_warps=1)
+
+
+def softmax_of_partials(partials: torch.Tensor, scale: float, CP: int) -> torch.Tensor:
+    """``(B, C, C)`` float32 ``P`` from ``(B, SPLITS, C, C)`` float32 score partials (``CP``: padded C)."""
+    B, _, C = partials.shape[:3]
+    P = torch.empty(B, C, C, dtype=torch.float32, device=partials.device)
+    _launch_rows(_softmax_of_partials_kernel, partials, P, scale=scale, CP=CP)
+    return P
+
+
+def scores_grad_of_partials(partials: torch.Tensor, P: torch.Tensor, scale: float, CP: int) -> torch.Tensor:
+    """``(B, C, C)`` float32 ``dS`` from ``(B, SPLITS, C, C)`` float32 ``dP`` partials and ``P``."""
+    dS = torch.empty_like(P)
+    _launch_rows(_scores_grad_of_partials_kernel, partials, P, dS, scale=scale, CP=CP)
+    return dS
+
+
+def projection_grad_sums(dw: torch.Tensor, db: torch.Tensor, proj) -> tuple:
+    """``(dWq, dbq, dWk, dbk, dWv, dbv)``: ``dw (R, 3, C, C)``, ``db (R, 3, C)`` float32 partials
+    summed over ``R``, each a fresh tensor in the dtype of its projection (``proj``: ``(wq, bq, wk,
+    bk, wv, bv)``; returned tensors must not alias each other)."""
+    grads = [torch.empty(p.shape, dtype=p.dtype, device=dw.device) for p in proj]
+    for parts, outs in ((dw, grads[0::2]), (db, grads[1::2])):
+        M = outs[0].numel()
+        _sum_three_kernel[(triton.cdiv(M, SUM_BLOCK), 3)](parts, *outs, parts.shape[0], M, BLOCK=SUM_BLOCK,
+                                                          num_warps=4)
+    return tuple(grads)
