@@ -341,13 +341,19 @@ def run_parity(device, smoke: bool, only_64bit: bool = False, wide_only: bool = 
     tk = providers.kernels("triton")
     log = ParityLog()
     print("== parity vs float64 reference (scaled error / tolerance) ==", flush=True)
-    if wide_only:  # both product paths at every wide case, whichever the routing picks
-        for matmul in (False, True):
-            with forced_products(matmul):
-                for shape, dtypes, combos, *fmt in wide_op_cases(smoke):
+    if wide_only:  # every products variant the bench times, at every wide case
+        variants = ((" triton-dots", forced_products(False), wide_op_cases(smoke)),
+                    (" matmul-products", forced_products(True), wide_op_cases(smoke)),
+                    (" matmul-products bmm-sums", forced_products(True, split_n=False), wide_op_cases(smoke)[-2:]),
+                    # the forced blocked + matmul row at padded C = 64
+                    (" blocked matmul-products", _both(forced_blocked(True), forced_products(True)),
+                     [((2, 40, 9, 7), (torch.float32,) if smoke else (torch.float32, torch.bfloat16), COMBOS)]))
+        for path, forced, cases in variants:
+            with forced:
+                for shape, dtypes, combos, *fmt in cases:
                     for dt in dtypes:
                         op_parity(log, tk, device, shape, dt, combos, fmt=fmt[0] if fmt else torch.contiguous_format,
-                                  path=" matmul-products" if matmul else " triton-dots")
+                                  path=path)
         print(f"parity: {log.n_pass} PASS, {len(log.failures)} FAIL  ({elapsed():.0f}s)", flush=True)
         return log
     if only_64bit:
@@ -637,6 +643,12 @@ def forced_products(matmul: bool, split_n: bool = True):
         la.MATMUL_PRODUCTS_MIN_C, attention_matmul.SPLIT_N_REDUCTIONS = kept
 
 
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
 def our_kernel_names() -> set:
     """Names of this package's Triton kernels, as the profiler shows them."""
     import triton
@@ -725,8 +737,10 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
         # and writes dA, dc (13CN)
         nbytes = 21 * B * C * N * es
         variants = [("triton ops", contextlib.nullcontext(), fused_path(C, gated, dtype))]
-        if tuned_width(C):  # the routing table's A/B at padded C = 64
+        if tuned_width(C):  # the routing table's A/B at padded C = 64, both product paths
             variants.append(("triton blocked", forced_blocked(True), f"C={C} fused channel-blocked (forced)"))
+            variants.append(("triton blocked matmul", _both(forced_blocked(True), forced_products(True)),
+                             f"C={C} channel-blocked, matmul products (forced)"))
         if not single_pass(C, False, gated, dtype) and not single_pass(C, True, gated, dtype) and not tuned_width(C):
             from salstm_kernels.triton import lstm_attention as la
 

@@ -39,8 +39,8 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 case $stage in
   check)
     run only64 60 python benchmarks/gpu_check.py --skip-bench --only-64bit
-    run wide 150 python benchmarks/gpu_check.py --wide-only
-    run memory 240 python benchmarks/gpu_memory.py --nhwc
+    run wide 240 python benchmarks/gpu_check.py --wide-only
+    run memory 200 python benchmarks/gpu_memory.py --nhwc
     run host 90 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
   tune)
     run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes bfloat16,float32 --sweep-budget-s 300 --no-compile ;;

@@ -124,7 +124,7 @@ def test_gpu_session_script_names_runnable_commands():
     assert res.returncode == 2 and "usage: bash benchmarks/gpu_session.sh check|tune|full" in res.stderr
     text = open(path).read()
     calls = re.findall(r"^\s*run \S+ \d+ python (benchmarks/\S+\.py)((?: --[\w-]+(?: [\w.,]+)?)*)\s*(?:;;)?$", text, re.M)
-    assert len(calls) == 5, calls
+    assert len(calls) == 6, calls
     env = dict(os.environ, PYTHONPATH=ROOT)
     for script, args in calls:
         assert os.path.exists(os.path.join(ROOT, script)), script

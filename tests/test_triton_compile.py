@@ -29,8 +29,9 @@ def test_every_kernel_compiles_for_sm90():
                          env=env, capture_output=True, text=True, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    # 13 kernels x 3 layouts (2 of them GATES=3: the zero-state cell), the 7 attention kernels with
-    # projections once more with float32-operand dots, 4 cell_bwd_plane / _pixels ones
+    # 16 kernels x 3 layouts (2 of them GATES=3: the zero-state cell, 3 with PROJ: the matmul path's
+    # rows kernels), the 7 attention kernels with projections once more with float32-operand dots,
+    # 3 partial reductions, 4 cell_bwd_plane / _pixels ones
     assert "62 variants" in out, out[-3000:]
 
 

@@ -12,16 +12,21 @@ Kernels (grids: ``T`` = N tiles, ``R`` = channel row blocks, ``S`` = N splits):
 
 * :func:`qkv_rows_kernel` ``(T, R, B)`` -- gates, ``c'``, ``h'`` for a row block (optionally
   written), ``Q``, ``K`` and (LSTM-SA) ``V``; the projections ``W h' + b`` are blocked dots over
-  input-channel chunks of ``h'`` (read from memory: another row block's ``h'``).
+  input-channel chunks of ``h'`` (read from memory: another row block's ``h'``), or with ``PROJ``
+  read from memory (``W h'`` computed by a library matmul, :mod:`.attention_matmul`).
 * :func:`abt_partials_kernel` ``(R*R, S, B)`` -- per-split partials of ``X Y^T`` per ``(BC, BC)``
   block (scores ``Q K^T``, ``dP = dO V^T``, ``dW = dq h'^T``), optional row sums (``db``); summed
-  over splits in a fixed order by the caller (deterministic, no atomics).
+  over splits in a fixed order by :func:`sum_outer` (deterministic, no atomics).
 * :func:`mm_rows_kernel` ``(T, R, B)`` -- ``M X`` or ``M^T X`` for a ``(C, C)`` float32 ``M``
   (``O = P V``, ``dQ = dS K``, ``dK = dS^T Q``, ``dV = P^T dO``).
 * :func:`proj_grad_rows_kernel` ``(T, R, B)`` -- LSTM-SA: ``dq = dQ * fq`` (written) and
   ``dfq = dQ * (Wq h' + bq)`` (written over ``dQ``), same for k, v.
 * :func:`attention_bwd_rows_kernel` ``(T, R, B)`` -- ``dh' += Wq^T dq + Wk^T dk + Wv^T dv``
-  (LSTM-SA), the QKV-formation chain rule and the cell backward into ``dA``, ``dc``.
+  (LSTM-SA; with ``PROJ`` that sum is read from memory), the QKV-formation chain rule and the cell
+  backward into ``dA``, ``dc``.
+
+:mod:`.attention_matmul` (``C >= MATMUL_PRODUCTS_MIN_C``) runs the rows kernels with ``PROJ`` and
+:func:`sum_outer`, with the temporaries in the input dtype and the other products as library matmuls.
 
 All math and accumulation float32; ``input_precision`` "ieee" for float32 inputs, "tf32" else;
 64-bit offsets; masks for any ``C`` and ``N``.  ``LAYOUT`` (``lstm_cell.LAYOUTS``): NCHW, every

@@ -1,19 +1,21 @@
-"""The attention op at wide ``C`` with its ``(C, C)``-sized products done by ``torch.matmul`` (cuBLAS).
+"""The attention op at wide ``C`` with its long-output products done by ``torch.matmul`` (cuBLAS).
 
 At ``C = 256`` the channel-blocked Triton path (:mod:`.attention_blocked`) measured slower than the
 eager reference on an H200 (float32 SA-LSTM 8.6 against 7.3 ms, LSTM-SA 25.3 against 11.9 ms,
 fwd+bwd, 224x224): its products are Triton dots over 64-channel blocks (float32 "ieee": no tensor
 cores), about 10 TFLOPS, and at ``C = 256`` the products are most of the op's work (``C`` flops per
-byte).  Here every product -- the scores ``Q K^T``, ``P V``, their gradients, LSTM-SA's projections
-``W h'``, ``W^T dq`` and ``dW = dq h'^T`` -- is a library matmul as in the reference (the sums over
-pixels: see :data:`SPLIT_N_REDUCTIONS`), while the pointwise work stays fused in the blocked rows
+byte).  Here the products with a long ``(C, N)`` output -- ``P V``, ``dS K``, ``dS^T Q``, ``P^T dO``,
+LSTM-SA's projections ``W h'`` and ``W^T dq`` -- are library matmuls as in the reference; the sums
+over pixels with a ``(C, C)`` output (``Q K^T``, ``dO V^T``, ``dW = dq h'^T``) run the blocked
+path's split-N Triton kernel (tf32 dots for 16-bit operands, "ieee" for float32; see
+:data:`SPLIT_N_REDUCTIONS`); the pointwise work stays fused in the blocked rows
 kernels (gates, ``c'``, ``h'``, ``Q, K, V`` formation, their chain rule, the cell backward into
 ``dA``, ``dc``) with ``PROJ`` set: they read the projections (and ``sum_j W_j^T dq_j``) from memory
 instead of computing them.
 
 Operands are in the input dtype, as the reference's matmuls: float32 stays float32 (cuBLAS
-honours ``torch.backends.cuda.matmul`` settings, as the reference does), 16-bit operands run on
-16-bit tensor cores with float32 accumulation.  Softmax and ``dS`` stay float32.  The backward
+honours ``torch.backends.cuda.matmul`` settings, as the reference does), 16-bit operands of the
+library matmuls run on 16-bit tensor cores with float32 accumulation.  Softmax and ``dS`` stay float32.  The backward
 recomputes ``h'`` and the projections from ``A`` and ``c`` (nothing more is saved than on the
 other paths), so its ``h'`` is the forward's bit for bit.
 
@@ -102,32 +104,37 @@ def _rows_meta(plan, comb, layout, has_bias):
                 num_warps=plan.num_warps)
 
 
+def _state_and_qkv(A, c, ws, h, c_new, b, bias, layout, plan, meta, in_place):
+    """``h', c'`` (into ``h``, ``c_new``) and ``Q, K, V`` in ``h``'s dtype, ``V`` = ``h`` for SA-LSTM.
+    LSTM-SA (``ws``: the projections in ``h``'s dtype): ``W h'`` by matmuls first, which ``Q, K, V``
+    overwrite (``in_place``) or which are kept and returned (the backward reads them again)."""
+    B, C = c.shape[:2]
+    N = c[0, 0].numel()
+    Q, K = torch.empty_like(h), torch.empty_like(h)
+    if ws is None:
+        blocked.qkv_rows_kernel[plan.rows_grid](
+            A, c, h, A, A, A, A, A, A, A, A, A, Q, K, h, h, c_new, b, C, N,
+            GATED=False, WRITE_STATE=True, **meta,
+        )
+        return Q, K, h, None
+    cell_forward_into(A, c, h, c_new, layout, bias)  # the projections read h' of every channel
+    V = torch.empty_like(h)
+    projected = (Q, K, V) if in_place else tuple(torch.empty_like(h) for _ in range(3))
+    for w, p in zip(ws[0::2], projected):
+        _weight_times(w, h, p, layout)
+    blocked.qkv_rows_kernel[plan.rows_grid](
+        A, c, h, *ws, *projected, Q, K, V, h, c_new, b, C, N, GATED=True, WRITE_STATE=False, PROJ=True, **meta,
+    )
+    return Q, K, V, None if in_place else projected
+
+
 @_without_autocast
 def forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan):
     """Non-empty; writes the outputs ``attention_forward`` allocated; returns them and ``P``."""
-    B, C = c.shape[:2]
-    N = c[0, 0].numel()
-    gated = proj is not None
     b, has_bias = bias_args(bias, A)
-    meta = _rows_meta(plan, comb, layout, has_bias)
-    Q, K = torch.empty_like(h), torch.empty_like(h)
-    if gated:  # the projections read h' of every channel: write it first
-        cell_forward_into(A, c, h, c_new, layout, bias)
-        wq, bq, wk, bk, wv, bv = (p.to(h.dtype) for p in proj)
-        V = torch.empty_like(h)
-        for w, p in ((wq, Q), (wk, K), (wv, V)):
-            _weight_times(w, h, p, layout)
-        # Q, K, V formed in place over the projections
-        blocked.qkv_rows_kernel[plan.rows_grid](
-            A, c, h, wq, bq, wk, bk, wv, bv, Q, K, V, Q, K, V, h, c_new, b, C, N,
-            GATED=True, WRITE_STATE=False, PROJ=True, **meta,
-        )
-    else:
-        V = h
-        blocked.qkv_rows_kernel[plan.rows_grid](
-            A, c, h, A, A, A, A, A, A, A, A, A, Q, K, V, h, c_new, b, C, N,
-            GATED=False, WRITE_STATE=True, **meta,
-        )
+    ws = None if proj is None else tuple(p.to(h.dtype) for p in proj)
+    Q, K, V, _ = _state_and_qkv(A, c, ws, h, c_new, b, bias, layout, plan, _rows_meta(plan, comb, layout, has_bias),
+                                in_place=True)
     P = torch.softmax(_sum_outer(Q, K, layout, plan) * scale, dim=-1).contiguous()
     del Q, K
     _square_times(P, V, out, layout)
@@ -144,22 +151,8 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
     b, has_bias = bias_args(bias, A)
     meta = _rows_meta(plan, comb, layout, has_bias)
     h, scratch = torch.empty_like(c, dtype=A.dtype), torch.empty_like(c, dtype=A.dtype)
-    Q, K = torch.empty_like(h), torch.empty_like(h)
-    if gated:
-        cell_forward_into(A, c, h, scratch, layout, bias)
-        wq, bq, wk, bk, wv, bv = ws = tuple(p.to(h.dtype) for p in proj)
-        PQ, PK, PV = (_weight_times(w, h, torch.empty_like(h), layout) for w in (wq, wk, wv))
-        V = torch.empty_like(h)
-        blocked.qkv_rows_kernel[plan.rows_grid](
-            A, c, h, *ws, PQ, PK, PV, Q, K, V, h, scratch, b, C, N,
-            GATED=True, WRITE_STATE=False, PROJ=True, **meta,
-        )
-    else:
-        V = h
-        blocked.qkv_rows_kernel[plan.rows_grid](
-            A, c, h, A, A, A, A, A, A, A, A, A, Q, K, V, h, scratch, b, C, N,
-            GATED=False, WRITE_STATE=True, **meta,
-        )
+    ws = tuple(p.to(h.dtype) for p in proj) if gated else None
+    Q, K, V, projected = _state_and_qkv(A, c, ws, h, scratch, b, bias, layout, plan, meta, in_place=False)
     del scratch
     dS = scores_grad(P, _sum_outer(dout, V, layout, plan), scale)
     del V
@@ -170,23 +163,25 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
     dproj = None
     wdq = A  # dummy: never read when not GATED
     if gated:
-        # dq, dk, dv (the gradients on the projections) over PQ, PK, PV; dQ, dK, dV become the
-        # gradients on the LSTM-state factors
+        # dq, dk, dv (the gradients on the projections) over the projections; dQ, dK, dV become
+        # the gradients on the LSTM-state factors
         blocked.proj_grad_rows_kernel[plan.rows_grid](
-            A, c, h, *ws, PQ, PK, PV, dQ, dK, dV, PQ, PK, PV, b, C, N, PROJ=True, **meta,
+            A, c, h, *ws, *projected, dQ, dK, dV, *projected, b, C, N, PROJ=True, **meta,
         )
-        grads = [x.sum(dim=0) for d in (PQ, PK, PV) for x in _sum_outer(d, h, layout, plan, rowsum=True)]
+        dqkv = projected
+        del projected
+        grads = [x.sum(dim=0) for d in dqkv for x in _sum_outer(d, h, layout, plan, rowsum=True)]
         dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
-        wdq = _weight_times(wq.t(), PQ, torch.empty_like(h), layout)
-        _weight_times(wk.t(), PK, wdq, layout, accumulate=True)
-        _weight_times(wv.t(), PV, wdq, layout, accumulate=True)
-        del PQ, PK, PV
+        wdq = _weight_times(ws[0].t(), dqkv[0], torch.empty_like(h), layout)
+        for w, d in zip(ws[2::2], dqkv[1:]):
+            _weight_times(w.t(), d, wdq, layout, accumulate=True)
+        del dqkv
     del h
     dA, dc = torch.empty_like(A), torch.empty_like(c)
     dbias = bias_partials(B * plan.n_tiles, A) if has_bias else dA
-    wq_, wk_, wv_ = (ws[0], ws[2], ws[4]) if gated else (A, A, A)
+    wq, wk, wv = ws[0::2] if gated else (A, A, A)  # never read: PROJ gives their products
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
-        A, c, dh, dc_new, dQ, dK, dV, dQ, dK, dV, wq_, wk_, wv_, wdq, dA, dc, b, dbias, C, N,
+        A, c, dh, dc_new, dQ, dK, dV, dQ, dK, dV, wq, wk, wv, wdq, dA, dc, b, dbias, C, N,
         GATED=gated, PROJ=True, W16=False, HAS_DH=has["HAS_DH"], HAS_DCN=has["HAS_DCN"], **meta,
     )
     return (dA, dc, dproj, dbias.sum(dim=0)) if has_bias else (dA, dc, dproj)

@@ -23,7 +23,8 @@ Backward (two passes over N, gates recomputed from ``A`` and ``c``; nothing else
    and ``dS = P * (dP - rowsum(dP * P)) * scale`` in one small kernel (``C x C``).
 2. ``_attention_bwd_kernel`` -- grid ``(SPLITS, B)``: per tile ``dV = P^T dO``, ``dQ = dS K``,
    ``dK = dS^T Q``, the QKV-formation chain rule (LSTM-SA: ``dh' += W^T dq`` by ``tl.dot``, and
-   ``dW += dq h'^T``, ``db += sum dq`` into per-split partials, summed by one small kernel), then one pointwise pass into
+   ``dW += dq h'^T``, ``db += sum dq`` into per-split partials, summed by a small kernel per
+   ``dW`` / ``db`` triple), then one pointwise pass into
    ``dA`` and ``dc`` honouring the incoming ``dh'``, ``dc'``; with a folded conv bias, each
    tile's ``dA`` summed per gate row too (the bias gradient's partials, summed in torch: no
    separate reduction over ``dA``).
@@ -42,9 +43,11 @@ Channel range: these single-pass kernels run for ``C <= 64`` (:data:`FUSED_MAX_C
 (any size; the issue's range is 8..256) runs the channel-blocked kernels of
 :mod:`.attention_blocked`, whose on-chip footprint does not depend on ``C`` (``(C, C)`` products are
 loops over 64-channel blocks) at the cost of float32 ``Q, K, V`` / gradient temporaries and more
-passes; from :data:`MATMUL_PRODUCTS_MIN_C` on, the blocked path does its ``(C, C)``-sized products
-as library matmuls (:mod:`.attention_matmul`: cuBLAS, 16-bit tensor cores for 16-bit inputs) and
-keeps the pointwise work in the blocked rows kernels.  The single-pass kernels are kept for ``C <= 64``: fewer launches and no temporaries,
+passes; from :data:`MATMUL_PRODUCTS_MIN_C` on, the blocked path does its products with a long
+output (projections, ``P V`` and their gradients) as library matmuls (:mod:`.attention_matmul`:
+cuBLAS, 16-bit tensor cores for 16-bit inputs), its sums over pixels with the split-N Triton kernel
+on input-dtype operands, and its pointwise work in the blocked rows kernels.  The single-pass
+kernels are kept for ``C <= 64``: fewer launches and no temporaries,
 except at ``33 <= C <= 64`` in the directions listed in :data:`BLOCKED_AT_CP64` (the float32
 SA-LSTM backward, whose single-pass kernel measured 7.5x slower on an H200).
 Tile width, split count and warps at those widths come from :data:`GPU_LAUNCH`, measured by
@@ -78,9 +81,9 @@ _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
 #: than the 227 KiB of shared memory an H100 block can have (measured by compiling for sm_90), so
 #: wider ``C`` runs the channel-blocked kernels (:mod:`.attention_blocked`).
 FUSED_MAX_CP = 64
-#: Narrowest ``C`` whose channel-blocked path does its ``(C, C)``-sized products (scores, ``P V``,
-#: their gradients, LSTM-SA's projections) as library matmuls (:mod:`.attention_matmul`; cuBLAS on
-#: a GPU) instead of blocked Triton dots.  The Triton dots measured slower than eager at ``C = 256``
+#: Narrowest ``C`` whose channel-blocked path does its products with a long output (``P V``, ``dS K``,
+#: LSTM-SA's projections and their gradients) as library matmuls (:mod:`.attention_matmul`; cuBLAS
+#: on a GPU) instead of blocked Triton dots (the sums over pixels: ``attention_matmul.SPLIT_N_REDUCTIONS``).  The Triton dots measured slower than eager at ``C = 256``
 #: and faster at ``C = 128`` (H200, ``RESULTS.md``); the matmul form was not yet measured on a GPU.
 MATMUL_PRODUCTS_MIN_C = 129
 #: Force the number of N splits of the reduction kernels (tests use it to cover 1 and many splits).
