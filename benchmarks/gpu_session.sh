@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The prepared commands for a lent GPU (the device tool), each stage one call of under 10 minutes:
 #
-#   REV=<commit> bash benchmarks/gpu_session.sh check  # ~5 min: >2^31-offset parity, wide-C parity and
-#                                                      # product-path A/B (C = 128, 256), peak-memory
-#                                                      # blocks (NCHW and the NHWC opt-in), host time
+#   REV=<commit> bash benchmarks/gpu_session.sh check  # ~4 min: >2^31-offset parity, wide-C parity and
+#                                                      # product-path A/B (C = 128, 256), host time
 #   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: launch sweep (bfloat16, float32 with
 #                                                      # tf32x3), parity with the result, module rows
 #                                                      # incl. the A/B rows (f32 proj, 4-gate t0, ...)
 #   REV=<commit> bash benchmarks/gpu_session.sh full   # ~8 min: gpu_check.py -- every op / module / dtype,
 #                                                      # then the benchmark table (the issue-3 check)
+#   REV=<commit> bash benchmarks/gpu_session.sh memory # ~4 min: the blocks alive at the training peak
+#                                                      # (NCHW and the NHWC opt-in)
+#
+# A session has 15 minutes of device time, start-up included: check + tune fill it.
 #
 # Logs go to $OUT (the device tool brings that folder back) or to benchmarks/logs/; REV names the
 # commit in the log names (the device machine's copy of the tree may have no .git).  Record what
@@ -16,8 +19,8 @@
 set -uo pipefail
 stage=${1:-}
 case $stage in
-  check | tune | full) ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh check|tune|full" >&2; exit 2 ;;
+  check | tune | full | memory) ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh check|tune|full|memory" >&2; exit 2 ;;
 esac
 out=${OUT:-benchmarks/logs}
 mkdir -p "$out"
@@ -40,8 +43,9 @@ case $stage in
   check)
     run only64 60 python benchmarks/gpu_check.py --skip-bench --only-64bit
     run wide 240 python benchmarks/gpu_check.py --wide-only
-    run memory 200 python benchmarks/gpu_memory.py --nhwc
     run host 90 python benchmarks/host_overhead.py --min-run-time 0.5 ;;
+  memory)
+    run memory 240 python benchmarks/gpu_memory.py --nhwc ;;
   tune)
     run tune 560 python benchmarks/gpu_tune.py --sweep-dtypes bfloat16,float32 --sweep-budget-s 300 --no-compile ;;
   full)

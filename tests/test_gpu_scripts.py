@@ -121,7 +121,7 @@ def test_gpu_session_script_names_runnable_commands():
     path = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
     assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0
     res = subprocess.run(["bash", path, "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "usage: bash benchmarks/gpu_session.sh check|tune|full" in res.stderr
+    assert res.returncode == 2 and "usage: bash benchmarks/gpu_session.sh check|tune|full|memory" in res.stderr
     text = open(path).read()
     calls = re.findall(r"^\s*run \S+ \d+ python (benchmarks/\S+\.py)((?: --[\w-]+(?: [\w.,]+)?)*)\s*(?:;;)?$", text, re.M)
     assert len(calls) == 6, calls

@@ -494,6 +494,22 @@ def test_launch_table_applies_to_cuda_at_the_tuned_width_only(monkeypatch):
     assert tk_attention._tuned(fake, "single", True, False, 64) is None  # routed: no single entry
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch):
+    """On CUDA the matmul path's rows kernels take MATMUL_ROWS_BLOCK_N (they only stream), never the
+    dots path's tile nor its measured table (at padded C = 64, where the forced A/B runs it)."""
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(tk_attention, "_interpreted", lambda: False)
+    monkeypatch.setattr(tk_attention, "MATMUL_ROWS_BLOCK_N", 128)  # no other plan picks 128
+    fake = _FakeCuda()
+    for C in (40, 256):
+        dots = tk_attention._BlockedPlan(fake, 2, C, 50176, gated, backward=True)
+        mm = tk_attention._BlockedPlan(fake, 2, C, 50176, gated, backward=True, matmul=True)
+        assert mm.BN == 128 != dots.BN
+        assert mm.rows_grid == (-(-50176 // 128), -(-C // 64), 2)
+
+
 def test_splits_scale_with_the_sm_count(monkeypatch):
     """splits_per_sm * SMs programs over the batch (the old heuristic is splits_per_sm = 2)."""
     props = type("Props", (), {"multi_processor_count": 132})()

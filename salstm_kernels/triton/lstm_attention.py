@@ -576,7 +576,7 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
         return out, h, c_new, P
     if not _single_pass(C, False, gated, A.dtype):
         if C >= MATMUL_PRODUCTS_MIN_C:
-            plan = _BlockedPlan(A, B, C, N, gated, backward=False)
+            plan = _BlockedPlan(A, B, C, N, gated, backward=False, matmul=True)
             return attention_matmul.forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan)
         return _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias)
     b, has_bias = bias_args(bias, A)
@@ -621,7 +621,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
     if not _single_pass(C, True, gated, A.dtype):
         if C >= MATMUL_PRODUCTS_MIN_C:
-            plan = _BlockedPlan(A, B, C, N, gated, backward=True)
+            plan = _BlockedPlan(A, B, C, N, gated, backward=True, matmul=True)
             return attention_matmul.backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan,
                                              _softmax_scores_grad)
         return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias)
@@ -662,16 +662,25 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
 BLOCK_C = 64
 
 
+#: N tile of the matmul path's rows kernels on a GPU (:mod:`.attention_matmul`): with ``PROJ`` they
+#: only stream, so not the blocked path's tile (16 for gated float32, sized for the projection dots).
+#: sm_90 (``sm90_stats``, 8 warps): 30-127 registers, no spills, 2-8 blocks per SM at 32; at 64 the
+#: backward kernels hold 1 block per SM (fewer elements in flight).
+MATMUL_ROWS_BLOCK_N = 32
+
+
 class _BlockedPlan:
-    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, gated: bool, backward: bool):
+    def __init__(self, A: torch.Tensor, B: int, C: int, N: int, gated: bool, backward: bool, matmul=False):
         self.BC = BLOCK_C
         self.NB = triton.cdiv(C, self.BC)
         gpu = A.device.type == "cuda" and not _interpreted()
-        tuned = _tuned(A, "blocked", backward, gated, C)
+        tuned = None if matmul else _tuned(A, "blocked", backward, gated, C)  # measured for the dots path
         if BLOCK_N_OVERRIDE is not None:
             self.BN = self.BN_red = BLOCK_N_OVERRIDE
         elif tuned is not None:
             self.BN, self.BN_red = tuned.bn, tuned.bn_red
+        elif matmul and gpu:
+            self.BN, self.BN_red = MATMUL_ROWS_BLOCK_N, 64
         else:
             # rows kernels: (BC, BN) tiles; reductions: (BC, BC) accumulator + two (BC, BN) loads
             # (from sm_90 ptxas counts, 8 warps: no spills; float32 "ieee" projections need BN 16)

@@ -131,7 +131,7 @@ def variants():
                 pp = {n: dt for n in ("hsrc_ptr", "h_ptr", "cn_ptr", "pq_ptr", "pk_ptr", "pv_ptr", "q_ptr", "k_ptr",
                                       "v_ptr", "dqa_ptr", "dka_ptr", "dva_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
                                       "dfq_ptr", "dfk_ptr", "dfv_ptr", "wdq_ptr")}
-                mm = dict(BC=BC, BN=BN, COMB=comb, PREC=prec, PROJ=True, HAS_BIAS=True)
+                mm = dict(BC=BC, BN=sp.MATMUL_ROWS_BLOCK_N, COMB=comb, PREC=prec, PROJ=True, HAS_BIAS=True)
                 yield (f"qkv_rows {tag} PROJ", bk.qkv_rows_kernel, {**a, **w, **pp},
                        dict(mm, GATED=True, WRITE_STATE=False), W)
                 yield (f"proj_grad_rows {tag} PROJ", bk.proj_grad_rows_kernel, {**a, **w, **pp}, mm, W)
