@@ -763,23 +763,24 @@ def test_64_bit_gate_stride_variant_folds_the_bias(C, monkeypatch, nan_alloc):
 # --------------------------------------------------------------------------------------------
 # torch.library registration with the triton provider
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("C", [8, MATMUL_C], ids=["single-pass", "matmul"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-def test_opcheck_triton_provider(fmt):
+def test_opcheck_triton_provider(fmt, C):
     """Schema, fake kernels (their output strides too, channels_last included) and autograd."""
-    A, c, (d, _, _), g = _inputs(2, 8, 3, 5, torch.float32, fmt=fmt)
+    A, c, (d, _, _), g = _inputs(2, C, 3, 5, torch.float32, fmt=fmt)
     A.requires_grad_(True)
     c.requires_grad_(True)
     opcheck = torch.library.opcheck
-    bias = torch.randn(32, generator=g).to(DEVICE).requires_grad_(True)
+    bias = torch.randn(4 * C, generator=g).to(DEVICE).requires_grad_(True)
     opcheck(torch.ops.salstm_kernels.lstm_cell.default, (A, c, "triton"))
     opcheck(torch.ops.salstm_kernels.lstm_cell.default, (A, c, "triton", bias))
-    proj = random_projections(8, torch.float32, DEVICE, generator=g)
+    proj = random_projections(C, torch.float32, DEVICE, generator=g)
     for args, comb in ((proj, "linear"), ((None,) * 6, "nonlinear"), (proj, "none")):
         opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *args, 0.3, comb, "triton"))
         opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *args, 0.3, comb, "triton", bias))
     for extra in ((), (bias.detach(),)):
         opcheck(torch.ops.salstm_kernels.lstm_cell_backward.default, (A.detach(), c.detach(), d, d, "triton", *extra))
-    P = torch.softmax(torch.randn(2, 8, 8, generator=g), -1).to(DEVICE)
+    P = torch.softmax(torch.randn(2, C, C, generator=g), -1).to(DEVICE)
     for args in ([p.detach() for p in proj], (None,) * 6):
         for extra in ((), (None, bias.detach())):
             opcheck(
