@@ -763,10 +763,16 @@ def test_64_bit_gate_stride_variant_folds_the_bias(C, monkeypatch, nan_alloc):
 # --------------------------------------------------------------------------------------------
 # torch.library registration with the triton provider
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("C", [8, MATMUL_C], ids=["single-pass", "matmul"])
+@pytest.mark.parametrize("path", ["single-pass", "matmul"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-def test_opcheck_triton_provider(fmt, C):
-    """Schema, fake kernels (their output strides too, channels_last included) and autograd."""
+def test_opcheck_triton_provider(fmt, path, monkeypatch):
+    """Schema, fake kernels (their output strides too, channels_last included) and autograd; the
+    matmul path forced at C = 8 (one channel block: interpreter time)."""
+    C = 8
+    if path == "matmul":
+        monkeypatch.setattr(tk_attention, "FUSED_MAX_CP", 4)
+        monkeypatch.setattr(tk_attention, "MATMUL_PRODUCTS_MIN_C", 1)
+        monkeypatch.setattr(tk_attention.attention_matmul, "forward", _counted(tk_attention.attention_matmul.forward))
     A, c, (d, _, _), g = _inputs(2, C, 3, 5, torch.float32, fmt=fmt)
     A.requires_grad_(True)
     c.requires_grad_(True)
@@ -787,6 +793,17 @@ def test_opcheck_triton_provider(fmt, C):
                 torch.ops.salstm_kernels.lstm_attention_backward.default,
                 (A.detach(), c.detach(), *args, P, d, d, d, 0.3, "linear", "triton", *extra),
             )
+    if path == "matmul":
+        assert tk_attention.attention_matmul.forward.calls  # the path under test ran
+
+
+def _counted(fn):
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return fn(*args, **kwargs)
+
+    counted.calls = 0
+    return counted
 
 
 def test_ops_autograd_through_triton_provider():
