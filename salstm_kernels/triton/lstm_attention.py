@@ -81,10 +81,12 @@ _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
 #: than the 227 KiB of shared memory an H100 block can have (measured by compiling for sm_90), so
 #: wider ``C`` runs the channel-blocked kernels (:mod:`.attention_blocked`).
 FUSED_MAX_CP = 64
-#: Narrowest ``C`` whose channel-blocked path does its products with a long output (``P V``, ``dS K``,
-#: LSTM-SA's projections and their gradients) as library matmuls (:mod:`.attention_matmul`; cuBLAS
-#: on a GPU) instead of blocked Triton dots (the sums over pixels: ``attention_matmul.SPLIT_N_REDUCTIONS``).  The Triton dots measured slower than eager at ``C = 256``
-#: and faster at ``C = 128`` (H200, ``RESULTS.md``); the matmul form was not yet measured on a GPU.
+#: Narrowest ``C`` whose channel-blocked path does its products with a long output (``P V``,
+#: ``dS K``, LSTM-SA's projections and their gradients) as library matmuls (:mod:`.attention_matmul`;
+#: cuBLAS on a GPU) instead of blocked Triton dots (the sums over pixels: see
+#: ``attention_matmul.SPLIT_N_REDUCTIONS``).  The Triton dots measured slower than eager at
+#: ``C = 256`` and faster at ``C = 128`` (H200, ``RESULTS.md``); the matmul form is not yet measured
+#: on a GPU.
 MATMUL_PRODUCTS_MIN_C = 129
 #: Force the number of N splits of the reduction kernels (tests use it to cover 1 and many splits).
 SPLITS_OVERRIDE = None
