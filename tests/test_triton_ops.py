@@ -253,26 +253,26 @@ def test_matmul_path_with_bmm_reductions(combination, gated, fmt, monkeypatch, n
 
     monkeypatch.setattr(attention_matmul, "SPLIT_N_REDUCTIONS", False)
     calls = []
-    monkeypatch.setattr(attention_matmul.blocked, "sum_outer", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(attention_matmul.blocked, "outer_partials", lambda *a, **k: calls.append(1))
     _check_attention((2, MATMUL_C, 3, 7), torch.float32, combination, gated, fmt=fmt)
     _check_attention_bias(MATMUL_C, combination, gated, fmt)
     assert not calls
 
 
-@pytest.mark.parametrize("C,splits", [(24, 5), (1, 1), (64, 3), (37, 2)])
+@pytest.mark.parametrize("C,splits", [(24, 5), (1, 1), (64, 3), (37, 2), (130, 2)])
 def test_reductions_of_partials(C, splits, nan_alloc):
     """The single-pass path's partial reductions against torch: ``P``, ``dS`` (rows of C not a
     multiple of the rows per program, padded columns) and the projection-gradient sums."""
     from salstm_kernels.triton import attention_partials as ap
 
     g = torch.Generator().manual_seed(C)
-    B, CP = 2, tk_attention._padded(C)
+    B = 2
     S = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
     dP = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
     P_ref = torch.softmax(S.sum(1) * 0.3, dim=-1)
     dS_ref = tk_attention._softmax_scores_grad(P_ref, dP.sum(1), 0.3)
-    P = ap.softmax_of_partials(S.float().to(DEVICE), 0.3, CP)
-    dS = ap.scores_grad_of_partials(dP.float().to(DEVICE), P_ref.float().to(DEVICE), 0.3, CP)
+    P = ap.softmax_of_partials(S.float().to(DEVICE), 0.3)
+    dS = ap.scores_grad_of_partials(dP.float().to(DEVICE), P_ref.float().to(DEVICE), 0.3)
     assert_close(P, P_ref, torch.float32, name="P")
     assert_close(dS, dS_ref, torch.float32, backward=True, name="dS")
     R = 7

@@ -311,9 +311,11 @@ def attention_bwd_rows_kernel(
         store_gate_sums(dbias_ptr + (b * tl.num_programs(0) + t) * 4 * C, rows, C, si, sf, so, sg)
 
 
-def sum_outer(plan, X, Y, C, N, prec, layout, rowsum=False):
-    """``sum_n X Y^T`` per image as (B, C, C) float32 (and ``sum_n X`` (B, C)): per-split partials
-    of :func:`abt_partials_kernel` (``plan``: the split and tile choice), summed in a fixed order."""
+def outer_partials(plan, X, Y, C, N, prec, layout, rowsum=False):
+    """Per-split partials of ``sum_n X Y^T`` per image, ``(B, SPLITS, C, C)`` float32 (and of
+    ``sum_n X``, ``(B, SPLITS, C)``), from :func:`abt_partials_kernel` (``plan``: the split and tile
+    choice); the caller sums the splits in a fixed order (:func:`sum_outer`, or
+    ``attention_partials`` with its epilogue)."""
     B = X.shape[0]
     out = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=X.device)
     rs = torch.empty(B, plan.splits, C, dtype=torch.float32, device=X.device) if rowsum else out
@@ -321,4 +323,10 @@ def sum_outer(plan, X, Y, C, N, prec, layout, rowsum=False):
         X, Y, out, rs, C, N, plan.tiles_per_split, plan.n_tiles_red, plan.splits, plan.NB,
         BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
     )
-    return (out.sum(dim=1), rs.sum(dim=1)) if rowsum else out.sum(dim=1)
+    return (out, rs) if rowsum else out
+
+
+def sum_outer(plan, X, Y, C, N, prec, layout, rowsum=False):
+    """:func:`outer_partials` summed over the splits: ``(B, C, C)`` (and ``(B, C)``) float32."""
+    parts = outer_partials(plan, X, Y, C, N, prec, layout, rowsum)
+    return tuple(p.sum(dim=1) for p in parts) if rowsum else parts.sum(dim=1)

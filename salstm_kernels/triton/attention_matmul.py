@@ -29,6 +29,7 @@ import functools
 import torch
 
 from . import attention_blocked as blocked
+from .attention_partials import scores_grad_of_partials, softmax_of_partials
 from .lstm_cell import LAYOUTS, bias_args, bias_partials, cell_forward_into
 
 #: The products that reduce over the pixels (``Q K^T``, ``dO V^T``, ``dq h'^T``: ``(C, C)`` outputs,
@@ -63,18 +64,20 @@ def _weight_times(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, layout: i
     return out
 
 
-def _sum_outer(x: torch.Tensor, y: torch.Tensor, layout: int, plan, rowsum=False):
-    """``sum_n x[:, n] y[:, n]^T`` per image: ``(B, C, C)`` float32 (and with ``rowsum`` ``sum_n x``,
-    ``(B, C)``); see :data:`SPLIT_N_REDUCTIONS`."""
+def _outer_partials(x: torch.Tensor, y: torch.Tensor, layout: int, plan, rowsum=False):
+    """Split partials of ``sum_n x[:, n] y[:, n]^T`` per image, ``(B, SPLITS, C, C)`` float32 (and
+    with ``rowsum`` of ``sum_n x``, ``(B, SPLITS, C)``); one split when :data:`SPLIT_N_REDUCTIONS`
+    is off (a bmm)."""
     if SPLIT_N_REDUCTIONS:
         B, C = x.shape[:2]
-        return blocked.sum_outer(plan, x, y, C, x[0, 0].numel(), plan.prec, layout, rowsum)
+        return blocked.outer_partials(plan, x, y, C, x[0, 0].numel(), plan.prec, layout, rowsum)
     X, Y = _matrices(x, layout), _matrices(y, layout)
     if layout == LAYOUTS["channels_last"]:
         out = torch.bmm(X.transpose(1, 2), Y).float()
     else:
         out = torch.bmm(X, Y.transpose(1, 2)).float()
-    return (out, x.sum(dim=tuple(range(2, x.dim())), dtype=torch.float32)) if rowsum else out
+    out = out.unsqueeze(1)
+    return (out, x.sum(dim=tuple(range(2, x.dim())), dtype=torch.float32).unsqueeze(1)) if rowsum else out
 
 
 def _square_times(m: torch.Tensor, x: torch.Tensor, out: torch.Tensor, layout: int, trans=False):
@@ -135,16 +138,16 @@ def forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan):
     ws = None if proj is None else tuple(p.to(h.dtype) for p in proj)
     Q, K, V, _ = _state_and_qkv(A, c, ws, h, c_new, b, bias, layout, plan, _rows_meta(plan, comb, layout, has_bias),
                                 in_place=True)
-    P = torch.softmax(_sum_outer(Q, K, layout, plan) * scale, dim=-1).contiguous()
+    P = softmax_of_partials(_outer_partials(Q, K, layout, plan), scale)
     del Q, K
     _square_times(P, V, out, layout)
     return out, h, c_new, P
 
 
 @_without_autocast
-def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan, scores_grad):
-    """Non-empty, ``P`` float32; ``has``: the ``HAS_DH`` / ``HAS_DCN`` launch flags; ``scores_grad(P, dP,
-    scale)`` gives ``dS``.  Returns ``(dA, dc, dprojections or None[, dbias])`` as the blocked path."""
+def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan):
+    """Non-empty, ``P`` float32; ``has``: the ``HAS_DH`` / ``HAS_DCN`` launch flags.  Returns
+    ``(dA, dc, dprojections or None[, dbias])`` as the blocked path."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
@@ -154,7 +157,7 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
     ws = tuple(p.to(h.dtype) for p in proj) if gated else None
     Q, K, V, projected = _state_and_qkv(A, c, ws, h, scratch, b, bias, layout, plan, meta, in_place=False)
     del scratch
-    dS = scores_grad(P, _sum_outer(dout, V, layout, plan), scale)
+    dS = scores_grad_of_partials(_outer_partials(dout, V, layout, plan), P, scale)
     del V
     dQ = _square_times(dS, K, torch.empty_like(h), layout)
     dK = _square_times(dS, Q, torch.empty_like(h), layout, trans=True)
@@ -170,7 +173,7 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
         )
         dqkv = projected
         del projected
-        grads = [x.sum(dim=0) for d in dqkv for x in _sum_outer(d, h, layout, plan, rowsum=True)]
+        grads = [x.sum(dim=(0, 1)) for d in dqkv for x in _outer_partials(d, h, layout, plan, rowsum=True)]
         dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
         wdq = _weight_times(ws[0].t(), dqkv[0], torch.empty_like(h), layout)
         for w, d in zip(ws[2::2], dqkv[1:]):

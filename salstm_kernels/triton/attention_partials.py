@@ -8,13 +8,15 @@ gradient): each a launch and host work for a few kilobytes, where at 112x112 on 
 host-bound.  These kernels do each reduction with its epilogue in one launch, summing the splits in
 a fixed order (deterministic, no atomics).
 
-* :func:`softmax_of_partials` -- ``P = softmax(scale * sum_s S_s)`` (rows of ``RB`` per program).
+* :func:`softmax_of_partials` -- ``P = softmax(scale * sum_s S_s)`` (``RB`` rows per program).
 * :func:`scores_grad_of_partials` -- ``dS = P * (dP - rowsum(dP * P)) * scale``, ``dP = sum_s dP_s``.
 * :func:`projection_grad_sums` -- ``(dWq, dbq, dWk, dbk, dWv, dbv)`` from the ``(R, 3, C, C)`` and
   ``(R, 3, C)`` partials, each its own fresh tensor in its projection's dtype.
 
-``C`` <= 64 here (the single-pass range): one program holds ``RB`` full rows of the ``(C, C)``
-matrices.  Reference: ``torch.softmax(S.sum(1) * scale, -1)`` and ``lstm_attention._softmax_scores_grad``.
+The channel-blocked paths (``C > 64``) finish their split partials with the first two as well.
+One program holds ``RB`` full rows of the ``(C, C)`` matrices (padded to a power of two), with more
+warps for wider rows.  Reference: ``torch.softmax(S.sum(1) * scale, -1)`` and
+``lstm_attention._softmax_scores_grad``.
 """
 from __future__ import annotations
 
@@ -86,24 +88,26 @@ def _sum_three_kernel(x_ptr, o0_ptr, o1_ptr, o2_ptr, R, M, BLOCK: tl.constexpr):
         tl.store(o2_ptr + cols, acc.to(o2_ptr.dtype.element_ty), mask=m)
 
 
-def _launch_rows(kernel, partials, *tensors, scale, CP):
+def _launch_rows(kernel, partials, *tensors, scale):
     B, splits, C = partials.shape[:3]
+    CP = triton.next_power_of_2(C)
+    warps = max(1, min(8, CP * ROWS_PER_PROGRAM // 512))  # 1 warp up to C = 128, 8 from C = 1024
     grid = (triton.cdiv(C, ROWS_PER_PROGRAM), B)
-    kernel[grid](partials, *tensors, C, splits, scale, CP=CP, RB=ROWS_PER_PROGRAM, num_warps=1)
+    kernel[grid](partials, *tensors, C, splits, scale, CP=CP, RB=ROWS_PER_PROGRAM, num_warps=warps)
 
 
-def softmax_of_partials(partials: torch.Tensor, scale: float, CP: int) -> torch.Tensor:
-    """``(B, C, C)`` float32 ``P`` from ``(B, SPLITS, C, C)`` float32 score partials (``CP``: padded C)."""
+def softmax_of_partials(partials: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(B, C, C)`` float32 ``P`` from ``(B, SPLITS, C, C)`` float32 score partials."""
     B, _, C = partials.shape[:3]
     P = torch.empty(B, C, C, dtype=torch.float32, device=partials.device)
-    _launch_rows(_softmax_of_partials_kernel, partials, P, scale=scale, CP=CP)
+    _launch_rows(_softmax_of_partials_kernel, partials, P, scale=scale)
     return P
 
 
-def scores_grad_of_partials(partials: torch.Tensor, P: torch.Tensor, scale: float, CP: int) -> torch.Tensor:
+def scores_grad_of_partials(partials: torch.Tensor, P: torch.Tensor, scale: float) -> torch.Tensor:
     """``(B, C, C)`` float32 ``dS`` from ``(B, SPLITS, C, C)`` float32 ``dP`` partials and ``P``."""
     dS = torch.empty_like(P)
-    _launch_rows(_scores_grad_of_partials_kernel, partials, P, dS, scale=scale, CP=CP)
+    _launch_rows(_scores_grad_of_partials_kernel, partials, P, dS, scale=scale)
     return dS
 
 

@@ -591,7 +591,7 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
         A, c, h, c_new, wq, bq, wk, bk, partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
         HAS_BIAS=has_bias, **meta
     )
-    P = softmax_of_partials(partials, scale, plan.CP)
+    P = softmax_of_partials(partials, scale)
     _attention_out_kernel[(plan.n_tiles, B)](h, P, wv, bv, out, C, N, **meta)
     return out, h, c_new, P
 
@@ -624,8 +624,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     if not _single_pass(C, True, gated, A.dtype):
         if C >= MATMUL_PRODUCTS_MIN_C:
             plan = _BlockedPlan(A, B, C, N, gated, backward=True, matmul=True)
-            return attention_matmul.backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan,
-                                             _softmax_scores_grad)
+            return attention_matmul.backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan)
         return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
@@ -640,7 +639,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         A, c, dout, wv, bv, dp_partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
         HAS_BIAS=has["HAS_BIAS"], **meta
     )
-    dS = scores_grad_of_partials(dp_partials, P, scale, plan.CP)
+    dS = scores_grad_of_partials(dp_partials, P, scale)
     del dp_partials
     if gated:
         dw = torch.empty(B * plan.splits, 3, C, C, dtype=torch.float32, device=A.device)
@@ -734,9 +733,8 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
         HAS_BIAS=has_bias, W16=plan.w16, num_warps=plan.num_warps,
     )
-    S = blocked.sum_outer(plan, Q, K, C, N, prec, layout)
+    P = softmax_of_partials(blocked.outer_partials(plan, Q, K, C, N, prec, layout), scale)
     del Q, K
-    P = torch.softmax(S * scale, dim=-1).contiguous()
     _mm(plan, P, V, out, C, N, prec, layout)
     return out, h, c_new, P
 
@@ -765,11 +763,12 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
         HAS_BIAS=has["HAS_BIAS"], W16=plan.w16, num_warps=plan.num_warps,
     )
     del c32
-    dP = blocked.sum_outer(plan, dout, V, C, N, prec, layout)
+    dP_partials = blocked.outer_partials(plan, dout, V, C, N, prec, layout)
     del V
     if not gated:
         del h32  # only the projection gradients read it again: at most 4 (B, C, N) float32 live
-    dS = _softmax_scores_grad(P, dP, scale)
+    dS = scores_grad_of_partials(dP_partials, P, scale)
+    del dP_partials
     dQ = _mm(plan, dS, K, _fp32_like(c), C, N, prec, layout)
     dK = _mm(plan, dS, Q, _fp32_like(c), C, N, prec, layout, trans=True)
     del Q, K

@@ -234,9 +234,10 @@ def each_kernel():
     for fn, consts in kernels[:7]:
         yield (f"{fn.fn.__name__.strip('_')} bf16 tf32 dots", fn, ptrs, {**consts, "W16": False, "LAYOUT": 0}, 4)
     # the single-pass path's reductions of its per-split partials (float32 in; sums cast to bf16 out)
-    rows = dict(CP=64, RB=ap.ROWS_PER_PROGRAM)
-    yield "softmax_of_partials_kernel", ap._softmax_of_partials_kernel, {}, rows, 1
-    yield "scores_grad_of_partials_kernel", ap._scores_grad_of_partials_kernel, {}, rows, 1
+    for cp, warps in ((64, 1), (256, 2)):  # single-pass widths; the blocked paths' (C = 256)
+        rows = dict(CP=cp, RB=ap.ROWS_PER_PROGRAM)
+        yield f"softmax_of_partials_kernel CP={cp}", ap._softmax_of_partials_kernel, {}, rows, warps
+        yield f"scores_grad_of_partials_kernel CP={cp}", ap._scores_grad_of_partials_kernel, {}, rows, warps
     yield ("sum_three_kernel bf16 out", ap._sum_three_kernel, {f"o{k}_ptr": "bf16" for k in range(3)},
            dict(BLOCK=ap.SUM_BLOCK), 4)
     yield "cell_bwd_plane_kernel bf16 (NCHW)", cl._cell_bwd_plane_kernel, ptrs, dict(BLOCK=1024, HAS_DH=True,
