@@ -261,8 +261,8 @@ def test_matmul_path_with_bmm_reductions(combination, gated, fmt, monkeypatch, n
 
 @pytest.mark.parametrize("C,splits", [(24, 5), (1, 1), (64, 3), (37, 2), (130, 2)])
 def test_reductions_of_partials(C, splits, nan_alloc):
-    """The single-pass path's partial reductions against torch: ``P``, ``dS`` (rows of C not a
-    multiple of the rows per program, padded columns) and the projection-gradient sums."""
+    """The partial reductions against torch: ``P``, ``dS`` (rows of C not a multiple of the rows per
+    program, padded columns, the blocked paths' widths) and the projection-gradient sums."""
     from salstm_kernels.triton import attention_partials as ap
 
     g = torch.Generator().manual_seed(C)
@@ -270,7 +270,8 @@ def test_reductions_of_partials(C, splits, nan_alloc):
     S = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
     dP = torch.randn(B, splits, C, C, generator=g, dtype=torch.float64)
     P_ref = torch.softmax(S.sum(1) * 0.3, dim=-1)
-    dS_ref = tk_attention._softmax_scores_grad(P_ref, dP.sum(1), 0.3)
+    dP_ref = dP.sum(1)
+    dS_ref = P_ref * (dP_ref - (dP_ref * P_ref).sum(dim=-1, keepdim=True)) * 0.3
     P = ap.softmax_of_partials(S.float().to(DEVICE), 0.3)
     dS = ap.scores_grad_of_partials(dP.float().to(DEVICE), P_ref.float().to(DEVICE), 0.3)
     assert_close(P, P_ref, torch.float32, name="P")

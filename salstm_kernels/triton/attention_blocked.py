@@ -26,7 +26,7 @@ Kernels (grids: ``T`` = N tiles, ``R`` = channel row blocks, ``S`` = N splits):
   backward into ``dA``, ``dc``.
 
 :mod:`.attention_matmul` (``C >= MATMUL_PRODUCTS_MIN_C``) runs the rows kernels with ``PROJ`` and
-:func:`sum_outer`, with the temporaries in the input dtype and the other products as library matmuls.
+:func:`outer_partials`, with the temporaries in the input dtype and the other products as library matmuls.
 
 All math and accumulation float32; ``input_precision`` "ieee" for float32 inputs, "tf32" else;
 64-bit offsets; masks for any ``C`` and ``N``.  ``LAYOUT`` (``lstm_cell.LAYOUTS``): NCHW, every

@@ -34,7 +34,7 @@ from .lstm_cell import LAYOUTS, bias_args, bias_partials, cell_forward_into
 
 #: The products that reduce over the pixels (``Q K^T``, ``dO V^T``, ``dq h'^T``: ``(C, C)`` outputs,
 #: ``N``-long sums) run the channel-blocked path's split-N Triton kernel on the same operands
-#: (``blocked.sum_outer``: per-split partials, as many programs as the GPU needs).  One bmm per image
+#: (``blocked.outer_partials``: per-split partials, as many programs as the GPU needs).  One bmm per image
 #: has only ``(C / 128)^2`` output tiles to spread over the SMs (4 at ``C = 256``) unless cuBLAS
 #: splits the sum itself; ``False`` runs them as bmm anyway (the reference's way; an A/B in
 #: ``benchmarks/gpu_check.py --wide-only``).

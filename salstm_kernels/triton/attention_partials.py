@@ -16,7 +16,7 @@ a fixed order (deterministic, no atomics).
 The channel-blocked paths (``C > 64``) finish their split partials with the first two as well.
 One program holds ``RB`` full rows of the ``(C, C)`` matrices (padded to a power of two), with more
 warps for wider rows.  Reference: ``torch.softmax(S.sum(1) * scale, -1)`` and
-``lstm_attention._softmax_scores_grad``.
+``P * (dP - rowsum(dP * P)) * scale`` in torch (``tests/test_triton_ops.py``).
 """
 from __future__ import annotations
 

@@ -596,12 +596,6 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
     return out, h, c_new, P
 
 
-def _softmax_scores_grad(P: torch.Tensor, dP: torch.Tensor, scale: float) -> torch.Tensor:
-    """``dS`` of ``P = softmax(scale * S)`` from ``dP``: ``P * (dP - rowsum(dP * P)) * scale``
-    (``(B, C, C)``, float32, dense for the kernels that read it)."""
-    return (P * (dP - (dP * P).sum(dim=-1, keepdim=True)) * scale).contiguous()
-
-
 def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None, bias=None):
     """``(dA, dc, dprojections or None)``; with a ``bias``, a fourth element: its gradient, float32
     ``(4C,)``, from per-program sums of ``dA`` the kernels write with it.  ``h`` (the forward's
