@@ -342,9 +342,10 @@ def run_parity(device, smoke: bool, only_64bit: bool = False, wide_only: bool = 
     log = ParityLog()
     print("== parity vs float64 reference (scaled error / tolerance) ==", flush=True)
     if wide_only:  # every products variant the bench times, at every wide case
-        variants = ((" triton-dots", forced_products(False), wide_op_cases(smoke)),
-                    (" matmul-products", forced_products(True), wide_op_cases(smoke)),
-                    (" matmul-products bmm-sums", forced_products(True, split_n=False), wide_op_cases(smoke)[-2:]),
+        wide = wide_op_cases(smoke)
+        variants = ((" triton-dots", forced_products(False), wide),
+                    (" matmul-products", forced_products(True), wide),
+                    (" matmul-products bmm-sums", forced_products(True, split_n=False), wide[-2:]),
                     # the forced blocked + matmul row at padded C = 64
                     (" blocked matmul-products", _both(forced_blocked(True), forced_products(True)),
                      [((2, 40, 9, 7), (torch.float32,) if smoke else (torch.float32, torch.bfloat16), COMBOS)]))
@@ -741,7 +742,7 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
             variants.append(("triton blocked", forced_blocked(True), f"C={C} fused channel-blocked (forced)"))
             variants.append(("triton blocked matmul", _both(forced_blocked(True), forced_products(True)),
                              f"C={C} channel-blocked, matmul products (forced)"))
-        if not single_pass(C, False, gated, dtype) and not single_pass(C, True, gated, dtype) and not tuned_width(C):
+        elif not single_pass(C, False, gated, dtype):  # wider: the channel-blocked path, both product forms
             from salstm_kernels.triton import lstm_attention as la
 
             matmul = C < la.MATMUL_PRODUCTS_MIN_C  # the other products path than the shipped one

@@ -378,8 +378,8 @@ def test_blocked_backward_allocates_its_outputs_last(C, monkeypatch):
 
 
 @pytest.mark.parametrize("C,threshold,path", [
-    (72, None, "_forward_blocked"), (80, None, "attention_matmul"), (128, "shipped", "_forward_blocked"),
-    (129, "shipped", "attention_matmul"), (200, 10**9, "_forward_blocked")])
+    (72, None, "dots"), (80, None, "matmul"), (128, "shipped", "dots"), (129, "shipped", "matmul"),
+    (200, 10**9, "dots")])
 def test_wide_channels_take_their_products_path(C, threshold, path, monkeypatch):
     """``MATMUL_PRODUCTS_MIN_C`` (shipped: 129) splits the wide channels between blocked Triton dots
     and library matmuls, forward and backward; the tests above rely on it (``MATMUL_C``)."""
@@ -394,9 +394,8 @@ def test_wide_channels_take_their_products_path(C, threshold, path, monkeypatch)
     A, c, (dout, dh, dc_new), _ = _inputs(1, C, 1, 2, torch.float32)
     tk.attention_forward(A, c, None, 0.3, "linear")
     tk.attention_backward(A, c, None, torch.zeros(1, C, C), dout, dh, dc_new, 0.3, "linear")
-    want = ["_forward_blocked", "_backward_blocked"] if path == "_forward_blocked" else ["matmul_forward",
-                                                                                          "matmul_backward"]
-    assert calls == want
+    want = {"dots": ["_forward_blocked", "_backward_blocked"], "matmul": ["matmul_forward", "matmul_backward"]}
+    assert calls == want[path]
 
 
 ROUTED_SHAPE = (2, 40, 7, 9)  # padded C = 64 (TUNED_CP): where BLOCKED_AT_CP64 and GPU_LAUNCH apply

@@ -16,7 +16,7 @@ Kernels (grids: ``T`` = N tiles, ``R`` = channel row blocks, ``S`` = N splits):
   read from memory (``W h'`` computed by a library matmul, :mod:`.attention_matmul`).
 * :func:`abt_partials_kernel` ``(R*R, S, B)`` -- per-split partials of ``X Y^T`` per ``(BC, BC)``
   block (scores ``Q K^T``, ``dP = dO V^T``, ``dW = dq h'^T``), optional row sums (``db``); summed
-  over splits in a fixed order by :func:`sum_outer` (deterministic, no atomics).
+  over splits in a fixed order by the caller (deterministic, no atomics).
 * :func:`mm_rows_kernel` ``(T, R, B)`` -- ``M X`` or ``M^T X`` for a ``(C, C)`` float32 ``M``
   (``O = P V``, ``dQ = dS K``, ``dK = dS^T Q``, ``dV = P^T dO``).
 * :func:`proj_grad_rows_kernel` ``(T, R, B)`` -- LSTM-SA: ``dq = dQ * fq`` (written) and
@@ -110,20 +110,22 @@ def _projections(h_ptr, b, rows, cols, C, N, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_
         pq = weight_dot(_square_block(wq_ptr, rows, kr, C, False, W16), hk, pq, PREC, W16)
         pk = weight_dot(_square_block(wk_ptr, rows, kr, C, False, W16), hk, pk, PREC, W16)
         pv = weight_dot(_square_block(wv_ptr, rows, kr, C, False, W16), hk, pv, PREC, W16)
-    rm = rows < C
-    pq += tl.load(bq_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
-    pk += tl.load(bk_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
-    pv += tl.load(bv_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
-    return pq, pk, pv
+    return _plus_biases(pq, pk, pv, bq_ptr, bk_ptr, bv_ptr, rows, C)
 
 
 @triton.jit
 def _given_projections(pq_ptr, pk_ptr, pv_ptr, bq_ptr, bk_ptr, bv_ptr, rows, offs, mask, C):
     """``W h'`` for q, k, v computed outside (``PROJ``: a library matmul) at ``offs``, plus ``b[rows]``."""
-    rm = rows < C
     pq = tl.load(pq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pk = tl.load(pk_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pv = tl.load(pv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return _plus_biases(pq, pk, pv, bq_ptr, bk_ptr, bv_ptr, rows, C)
+
+
+@triton.jit
+def _plus_biases(pq, pk, pv, bq_ptr, bk_ptr, bv_ptr, rows, C):
+    """The projections' biases ``b[rows]`` added to ``W h'`` tiles of q, k, v."""
+    rm = rows < C
     pq += tl.load(bq_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
     pk += tl.load(bk_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
     pv += tl.load(bv_ptr + rows, mask=rm, other=0.0).to(tl.float32)[:, None]
@@ -314,8 +316,8 @@ def attention_bwd_rows_kernel(
 def outer_partials(plan, X, Y, C, N, prec, layout, rowsum=False):
     """Per-split partials of ``sum_n X Y^T`` per image, ``(B, SPLITS, C, C)`` float32 (and of
     ``sum_n X``, ``(B, SPLITS, C)``), from :func:`abt_partials_kernel` (``plan``: the split and tile
-    choice); the caller sums the splits in a fixed order (:func:`sum_outer`, or
-    ``attention_partials`` with its epilogue)."""
+    choice); the caller sums the splits in a fixed order (a torch sum, or ``attention_partials``
+    with its epilogue)."""
     B = X.shape[0]
     out = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=X.device)
     rs = torch.empty(B, plan.splits, C, dtype=torch.float32, device=X.device) if rowsum else out
@@ -324,9 +326,3 @@ def outer_partials(plan, X, Y, C, N, prec, layout, rowsum=False):
         BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
     )
     return (out, rs) if rowsum else out
-
-
-def sum_outer(plan, X, Y, C, N, prec, layout, rowsum=False):
-    """:func:`outer_partials` summed over the splits: ``(B, C, C)`` (and ``(B, C)``) float32."""
-    parts = outer_partials(plan, X, Y, C, N, prec, layout, rowsum)
-    return tuple(p.sum(dim=1) for p in parts) if rowsum else parts.sum(dim=1)

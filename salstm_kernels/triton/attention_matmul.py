@@ -166,12 +166,12 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
     dproj = None
     wdq = A  # dummy: never read when not GATED
     if gated:
-        # dq, dk, dv (the gradients on the projections) over the projections; dQ, dK, dV become
-        # the gradients on the LSTM-state factors
-        blocked.proj_grad_rows_kernel[plan.rows_grid](
-            A, c, h, *ws, *projected, dQ, dK, dV, *projected, b, C, N, PROJ=True, **meta,
-        )
+        # dq, dk, dv (the gradients on the projections) written over the projections; dQ, dK, dV
+        # become the gradients on the LSTM-state factors
         dqkv = projected
+        blocked.proj_grad_rows_kernel[plan.rows_grid](
+            A, c, h, *ws, *projected, dQ, dK, dV, *dqkv, b, C, N, PROJ=True, **meta,
+        )
         del projected
         grads = [x.sum(dim=(0, 1)) for d in dqkv for x in _outer_partials(d, h, layout, plan, rowsum=True)]
         dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
@@ -182,9 +182,9 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
     del h
     dA, dc = torch.empty_like(A), torch.empty_like(c)
     dbias = bias_partials(B * plan.n_tiles, A) if has_bias else dA
-    wq, wk, wv = ws[0::2] if gated else (A, A, A)  # never read: PROJ gives their products
+    # the weights and dq, dk, dv are never read: PROJ gives sum_j W_j^T dq_j as wdq
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
-        A, c, dh, dc_new, dQ, dK, dV, dQ, dK, dV, wq, wk, wv, wdq, dA, dc, b, dbias, C, N,
+        A, c, dh, dc_new, dQ, dK, dV, A, A, A, A, A, A, wdq, dA, dc, b, dbias, C, N,
         GATED=gated, PROJ=True, W16=False, HAS_DH=has["HAS_DH"], HAS_DCN=has["HAS_DCN"], **meta,
     )
     return (dA, dc, dproj, dbias.sum(dim=0)) if has_bias else (dA, dc, dproj)

@@ -775,8 +775,9 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
             BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"], W16=plan.w16,
             num_warps=plan.num_warps,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
-        grads = [blocked.sum_outer(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)]
-        dproj = tuple(x.sum(dim=0).to(proj[2 * k + j].dtype) for k, pair in enumerate(grads) for j, x in enumerate(pair))
+        grads = [x.sum(dim=(0, 1)) for d in (dq, dk, dv)
+                 for x in blocked.outer_partials(plan, d, h32, C, N, prec, layout, rowsum=True)]
+        dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
         del h32  # the last kernel does not read it
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
