@@ -52,6 +52,11 @@ from salstm_kernels.ops import providers  # noqa: E402
 from salstm_kernels.testing import nan_allocations, random_projections, scaled_error, tolerance  # noqa: E402
 from salstm_kernels.verify import DESIGNS, module_runner, parity  # noqa: E402
 
+if SMOKE:
+    from salstm_kernels.testing import patch_triton_interpreter_once  # noqa: E402
+
+    patch_triton_interpreter_once()  # interpreter time only
+
 COMBOS = (("linear", False), ("nonlinear", False), ("linear", True), ("nonlinear", True), ("none", True))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 T0 = time.perf_counter()

@@ -89,3 +89,49 @@ def random_projections(C: int, dtype=torch.float32, device="cpu", generator: Opt
         t = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
         out.append(t.to(device=device, dtype=dtype).requires_grad_(True))
     return tuple(out)
+
+
+def patch_triton_interpreter_once() -> bool:
+    """Make the Triton interpreter patch ``triton.language`` once per kernel launch, not once per
+    ``@triton.jit`` helper call as well (a third of the interpreted kernel tests' time went to
+    re-patching: ``inspect.getmembers`` of the language modules on every helper call).
+
+    The launch's patch is already in place when a helper runs, so the skipped re-patch changed
+    nothing; a helper whose module sees a language module the launch did not patch (``tl.zeros``
+    sees ``triton.language.core``) still patches it, as before.  A wrong skip fails loudly (an
+    unpatched builtin raises).  Returns False, changing nothing, when the interpreter lacks the
+    internals this relies on (other Triton versions)."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    scope_type = getattr(interpreter, "_LangPatchScope", None)
+    if patch_lang is None or scope_type is None or getattr(patch_lang, "once", False):
+        return bool(getattr(patch_lang, "once", False))
+    patched = []  # per launch in flight: ids of the language modules patched so far
+
+    def once(fn):
+        langs = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        if patched:  # a helper's call inside a launch
+            if langs <= patched[-1]:
+                return scope_type()
+            patched[-1] |= langs
+            return patch_lang(fn)
+        scope = patch_lang(fn)  # a launch: its scope is restored when the grid has run
+        patched.append(langs)
+        restore = scope.restore
+
+        def restore_and_pop():
+            try:
+                restore()
+            finally:
+                patched.pop()
+
+        scope.restore = restore_and_pop
+        return scope
+
+    once.once = True
+    interpreter._patch_lang = once
+    return True

@@ -12,3 +12,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 # so every test that sweeps available_backends("cpu") covers the Triton backend too.
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from salstm_kernels.testing import patch_triton_interpreter_once
+
+    patch_triton_interpreter_once()
