@@ -85,6 +85,26 @@ def test_profile_rows_attribute_device_time():
     assert ops == [("aten::convolution", 3.0), ("aten::copy_", 1.0), ("LstmAttentionFunction", 1.0)]
 
 
+def test_sweep_tries_pipelining_depths_first():
+    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, the other path's first point
+    at depth 1, then both grids once each; the printed table entries read back as the same Launch."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_tune
+    finally:
+        sys.path.pop(0)
+    la = gpu_tune.la
+    for key in ((True, False, True), (True, True, False)):  # routed blocked / single-pass in the table
+        pts = gpu_tune.candidates(key, smoke=False)
+        path0, launch0 = gpu_tune.shipped_setting(key)
+        assert pts[:2] == [(path0, launch0._replace(num_stages=1)), (path0, launch0._replace(num_stages=2))]
+        assert pts[2][0] != path0 and pts[2][1].num_stages == 1
+        grids = [(p, lt) for p in ("single", "blocked") for lt in gpu_tune.grid(p, False, key)]
+        assert len(pts) == len(set(pts)) and set(grids) <= set(pts) and len(pts) <= len(grids) + 3
+    for launch in (la.Launch(16, 2, 4), la.Launch(32, 2, 4, 64, "tf32x3"), la.Launch(16, 2, 8, num_stages=1)):
+        assert eval(gpu_tune.launch_literal(launch), {"Launch": la.Launch}) == launch
+
+
 def test_memory_peak_replay_lists_what_is_alive_at_the_peak():
     """``gpu_memory.py``'s trace replay on a stand-in allocator trace: the peak, the blocks alive at
     it (not those freed before or allocated after), and their allocation sites."""

@@ -45,3 +45,18 @@ def test_blocks_per_sm_follows_the_occupancy_rules():
     assert blocks_per_sm(0, 32, 4) == 16  # warp bound: 64 warps / 4
     assert blocks_per_sm(0, 16, 1) == 32  # block bound
     assert blocks_per_sm(75 * 1024, 64, 4) == 3  # 3 x 76 KiB fit in 228 KiB, 4 would not
+
+
+def test_stage_survey_covers_every_tuned_direction():
+    """``sm90_stats --stages``: each C = 64 direction of the launch table (the blocked-routed ones at
+    the single-pass heuristics' launch) has both of its single-pass kernels at depths 1, 2, 3."""
+    from salstm_kernels.triton import lstm_attention as la
+    from salstm_kernels.triton import sm90_stats
+
+    rows = list(sm90_stats.stage_variants())
+    directions = {k[1:] for k in la.GPU_LAUNCH} | set(la.BLOCKED_AT_CP64)
+    per_dtype = {fp32: len(sm90_stats._dtypes_of(fp32)) for fp32 in (False, True)}
+    assert len(rows) == sum(per_dtype[fp32] for _, _, fp32 in directions) * 2 * 3
+    assert {r[-1] for r in rows} == {1, 2, 3}
+    assert all(r[3].get("HAS_BIAS") for r in rows if "HAS_BIAS" in r[1].arg_names)  # as the modules launch
+    assert any(r[0].startswith("attention_bwd_kernel fp32 gated=0 BN=16 warps=8 stages=1") for r in rows)

@@ -448,15 +448,21 @@ def test_shipped_launch_table_is_well_formed():
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
-    """A GPU_LAUNCH setting (here forced on CPU) sets the plans' tiles, warps and float32 dot
-    precision (16-bit inputs keep "tf32"), and the ops stay exact."""
-    launch = tk_attention.Launch(32, 2, 4, 32, "tf32x3")
+    """A GPU_LAUNCH setting (here forced on CPU) sets the plans' tiles, warps, pipelining depth and
+    float32 dot precision (16-bit inputs keep "tf32"), and the ops stay exact."""
+    launch = tk_attention.Launch(32, 2, 4, 32, "tf32x3", num_stages=2)
     monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
     A = torch.empty(2, 160, 7, 9, device=DEVICE)
     plan = tk_attention._Plan(A, 2, 40, 63, backward=True, gated=gated)
     assert (plan.BN, plan.num_warps, plan.prec) == (32, 4, "tf32x3")
+    assert plan.options == {"num_warps": 4, "num_stages": 2}
     bplan = tk_attention._BlockedPlan(A, 2, 40, 63, gated, backward=True)
     assert (bplan.BN, bplan.BN_red, bplan.num_warps, bplan.prec) == (32, 32, 4, "tf32x3")
+    assert bplan.options == {"num_warps": 4, "num_stages": 2}
+    # no depth in the entry: Triton's default (the option left out of the launch)
+    monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch._replace(num_stages=0))
+    assert tk_attention._Plan(A, 2, 40, 63, backward=True, gated=gated).options == {"num_warps": 4}
+    monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
     with pytest.raises(ValueError, match="Launch.prec"):
         tk_attention._precision(torch.float32, tk_attention.Launch(32, 2, 4, 32, "tf32"))
     with pytest.raises(ValueError, match="Launch.prec"):  # a float32 value in a 16-bit entry
@@ -471,7 +477,35 @@ def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
         assert (plan16.prec, plan16.w16, bplan16.w16) == ("tf32", gated and w16, gated and w16)
     monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
     monkeypatch.setattr(tk_attention, "BLOCKED_AT_CP64", {(True, gated, True)})
+    single = _spy_launches(monkeypatch, tk_attention, ("_cell_qk_scores_kernel", "_attention_out_kernel"))
+    rows = _spy_launches(monkeypatch, tk_attention.blocked, ("attention_bwd_rows_kernel", "abt_partials_kernel"))
     _check_attention(ROUTED_SHAPE, torch.float32, "nonlinear", gated)
+    launched = single + rows
+    assert sorted(name for name, _ in launched) == [
+        "_attention_out_kernel", "_cell_qk_scores_kernel", "abt_partials_kernel", "attention_bwd_rows_kernel"]
+    assert all(kw["num_stages"] == 2 and kw["num_warps"] == 4 for _, kw in launched), launched
+
+
+def _spy_launches(monkeypatch, module, names):
+    """Replace ``module.<name>`` kernels by ones that record each launch's keywords (first launch
+    of each), then launch the original."""
+    seen = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if self.name not in [n for n, _ in seen]:
+                    seen.append((self.name, {k: kwargs.get(k) for k in ("num_warps", "num_stages")}))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in names:
+        monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
+    return seen
 
 
 class _FakeCuda:

@@ -323,6 +323,6 @@ def outer_partials(plan, X, Y, C, N, prec, layout, rowsum=False):
     rs = torch.empty(B, plan.splits, C, dtype=torch.float32, device=X.device) if rowsum else out
     abt_partials_kernel[plan.red_grid](
         X, Y, out, rs, C, N, plan.tiles_per_split, plan.n_tiles_red, plan.splits, plan.NB,
-        BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, LAYOUT=layout, num_warps=plan.num_warps,
+        BC=plan.BC, BN=plan.BN_red, ROWSUM=rowsum, PREC=prec, LAYOUT=layout, **plan.options,
     )
     return (out, rs) if rowsum else out

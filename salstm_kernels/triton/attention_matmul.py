@@ -104,7 +104,7 @@ def _without_autocast(fn):
 
 def _rows_meta(plan, comb, layout, has_bias):
     return dict(BC=plan.BC, BN=plan.BN, COMB=comb, LAYOUT=layout, HAS_BIAS=has_bias, PREC=plan.prec,
-                num_warps=plan.num_warps)
+                **plan.options)
 
 
 def _state_and_qkv(A, c, ws, h, c_new, b, bias, layout, plan, meta, in_place):

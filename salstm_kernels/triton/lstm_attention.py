@@ -59,7 +59,7 @@ Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``at
 from __future__ import annotations
 
 import os
-from typing import Dict, NamedTuple, Set, Tuple
+from typing import Dict, NamedTuple, Optional, Set, Tuple
 
 import torch
 import triton
@@ -107,6 +107,13 @@ class Launch(NamedTuple):
     num_warps: int
     bn_red: int = 64
     prec: str = ""
+    num_stages: int = 0  # software-pipelining depth of the kernels' N loops; 0: Triton's default
+
+
+def _launch_options(num_warps: int, tuned: Optional[Launch]) -> dict:
+    """The launch keywords of a plan's kernels: warps, and a pipelining depth where the table sets one."""
+    stages = tuned.num_stages if tuned is not None else 0
+    return dict(num_warps=num_warps, **({"num_stages": stages} if stages else {}))
 
 
 #: The padded channel count the launch table was measured at (``33 <= C <= 64``).  Other widths
@@ -132,9 +139,10 @@ GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], "Launch"] = {
 #: ``(backward, gated, float32)`` directions that run the channel-blocked kernels at
 #: :data:`TUNED_CP` too, where they measured faster than the single-pass ones.  The forward and
 #: backward are independent given ``P``, so each direction picks its own path.  The float32
-#: SA-LSTM backward: the single-pass kernel took 2.95 ms against 0.39 ms blocked.  (Why is not
-#: known: ``sm90_stats`` showed spills at CP = 64 when it compiled without a launch's alignment
-#: hints; with them -- triton 3.9 here, the H200 had 3.6 -- 98 registers, no spills.)
+#: SA-LSTM backward: the single-pass kernel took 2.95 ms against 0.39 ms blocked.  Triton 3.6 (the
+#: H200's) compiles it to 32 registers and 3 KB of spills at its default pipelining depth, to 80
+#: registers and none at ``num_stages=1`` (``sm90_stats --stages``; Triton 3.9: no spills at any
+#: depth), a setting ``benchmarks/gpu_tune.py`` now sweeps first.
 BLOCKED_AT_CP64: Set[Tuple[bool, bool, bool]] = {(True, False, True)}
 
 
@@ -494,6 +502,7 @@ class _Plan:
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
         self.num_warps = tuned.num_warps if tuned else (4 if self.CP <= 32 else 8)
+        self.options = _launch_options(self.num_warps, tuned)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
 
@@ -586,7 +595,7 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6  # dummies: never read when not GATED
     partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout, W16=plan.w16,
-                num_warps=plan.num_warps)
+                **plan.options)
     _cell_qk_scores_kernel[(plan.splits, B)](
         A, c, h, c_new, wq, bq, wk, bk, partials, b, C, N, plan.tiles_per_split, plan.n_tiles, plan.splits,
         HAS_BIAS=has_bias, **meta
@@ -626,7 +635,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     plan = _Plan(A, B, C, N, backward=True, gated=gated)
     wq, bq, wk, bk, wv, bv = proj if gated else (A,) * 6
     meta = dict(CP=plan.CP, BN=plan.BN, COMB=comb, GATED=gated, PREC=plan.prec, LAYOUT=layout, W16=plan.w16,
-                num_warps=plan.num_warps)
+                **plan.options)
     grid = (plan.splits, B)
     dp_partials = torch.empty(B, plan.splits, C, C, dtype=torch.float32, device=A.device)
     _scores_grad_kernel[grid](
@@ -695,13 +704,14 @@ class _BlockedPlan:
         self.rows_grid = (self.n_tiles, self.NB, B)
         self.red_grid = (self.NB * self.NB, self.splits, B)
         self.num_warps = tuned.num_warps if tuned else 8
+        self.options = _launch_options(self.num_warps, tuned)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
 
 
 def _mm(plan, M, X, out, C, N, prec, layout, trans=False):
     blocked.mm_rows_kernel[plan.rows_grid](M, X, out, C, N, TRANS=trans, BC=plan.BC, BN=plan.BN, PREC=prec,
-                                           LAYOUT=layout, num_warps=plan.num_warps)
+                                           LAYOUT=layout, **plan.options)
     return out
 
 
@@ -725,7 +735,7 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
     blocked.qkv_rows_kernel[plan.rows_grid](
         A, c, h, wq, bq, wk, bk, wv, bv, A, A, A, Q, K, V, h, c_new, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
-        HAS_BIAS=has_bias, W16=plan.w16, num_warps=plan.num_warps,
+        HAS_BIAS=has_bias, W16=plan.w16, **plan.options,
     )
     P = softmax_of_partials(blocked.outer_partials(plan, Q, K, C, N, prec, layout), scale)
     del Q, K
@@ -754,7 +764,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     blocked.qkv_rows_kernel[plan.rows_grid](
         A, c, h32, wq, bq, wk, bk, wv, bv, A, A, A, Q, K, V, h32, c32, b, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, WRITE_STATE=not gated, PREC=prec, LAYOUT=layout,
-        HAS_BIAS=has["HAS_BIAS"], W16=plan.w16, num_warps=plan.num_warps,
+        HAS_BIAS=has["HAS_BIAS"], W16=plan.w16, **plan.options,
     )
     del c32
     dP_partials = blocked.outer_partials(plan, dout, V, C, N, prec, layout)
@@ -773,7 +783,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
         blocked.proj_grad_rows_kernel[plan.rows_grid](
             A, c, h32, wq, bq, wk, bk, wv, bv, A, A, A, dQ, dK, dV, dq, dk, dv, b, C, N,
             BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"], W16=plan.w16,
-            num_warps=plan.num_warps,
+            **plan.options,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
         grads = [x.sum(dim=(0, 1)) for d in (dq, dk, dv)
                  for x in blocked.outer_partials(plan, d, h32, C, N, prec, layout, rowsum=True)]
@@ -786,6 +796,6 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
     blocked.attention_bwd_rows_kernel[plan.rows_grid](
         A, c, dh, dc_new, dQ, dK, dV, dq, dk, dv, wq, wk, wv, A, dA, dc, b, dbias, C, N,
         BC=plan.BC, BN=plan.BN, COMB=comb, GATED=gated, PREC=prec, LAYOUT=layout, W16=plan.w16,
-        num_warps=plan.num_warps, **has,
+        **plan.options, **has,
     )
     return (dA, dc, dproj, dbias.sum(dim=0)) if has_bias else (dA, dc, dproj)

@@ -8,6 +8,7 @@ kernels with the tiles and warps of the shipped ``GPU_LAUNCH`` table (lines ``sh
     SM90_LAYOUT=1 PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats   # channels_last tensors
     SM90_FP32_PREC=tf32x3 ...                                                # float32 dots as tf32x3
     PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats --each-kernel   # every kernel compiles, each LAYOUT
+    PYTHONPATH=. python -m salstm_kernels.triton.sm90_stats --stages        # C = 64 kernels at depths 1, 2, 3
 
 ``C`` is a runtime argument of every blocked kernel, so one binary per (kernel, dtype, combination,
 gated) serves every ``C``; the on-chip footprint depends only on ``BLOCK_C`` and the N tiles.
@@ -67,10 +68,24 @@ def _all_ptrs(dt):
     return {n: dt for n in _PTR_NAMES}
 
 
-_PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+def _sm90_ptxas() -> str:
+    """The ptxas this Triton runs for sm_90 (triton 3.6: CUDA 12.8's ``ptxas``; 3.9: the newer
+    ``ptxas-blackwell``).  They allocate registers differently: the counts must come from the one
+    the GPU's Triton runs."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except Exception:  # noqa: BLE001  (another Triton layout: its bundled binary)
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def _compile(fn, ptr_types, consts, num_warps):
+_PTXAS = _sm90_ptxas()
+
+
+def _compile(fn, ptr_types, consts, num_warps, num_stages=0):
+    """Shared memory, registers, spill stores / loads of one sm_90 compile; ``num_stages`` 0: Triton's
+    default (3 on sm_90), as a launch without the option."""
     if "LAYOUT" in fn.arg_names:  # the tensors' layout (SM90_LAYOUT)
         consts = {"LAYOUT": LAYOUT, **consts}
     # constexprs left out take their defaults, as a launch without them does (not runtime ints)
@@ -92,8 +107,8 @@ def _compile(fn, ptr_types, consts, num_warps):
     hinted = [i for i, name in enumerate(fn.arg_names)
               if sig[name] != "constexpr" and (name.endswith("_ptr") or name in ("C", "N"))]
     attrs = {(i,): [["tt.divisibility", 16]] for i in hinted}
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}))
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     try:
@@ -175,27 +190,55 @@ def variants():
                        {"x_ptr": xt, "o_ptr": ot}, dict(TRANS=tr, BC=BC, BN=bn, PREC=prec), W)
 
 
+def _single_pass_kernels(dt, backward, gated, launch):
+    """The single-pass kernels of one direction at C = 64 as ``launch`` launches them, with the conv
+    bias folded in (what the modules launch): ``(fn, ptr types, constexprs)``."""
+    prec = (launch.prec or "ieee") if dt == "fp32" else "tf32"
+    consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, W16=_w16(dt, gated), HAS_BIAS=True)
+    # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
+    has = dict(HAS_DH=True, HAS_DCN=True)
+    kernels = (((sp._scores_grad_kernel, consts), (sp._attention_bwd_kernel, {**consts, **has})) if backward
+               else ((sp._cell_qk_scores_kernel, consts), (sp._attention_out_kernel, consts)))
+    return [(fn, _all_ptrs(dt), {k: v for k, v in kc.items() if k in fn.arg_names}) for fn, kc in kernels]
+
+
+def _dtypes_of(fp32):
+    return [dt for dt in (("fp32",) if fp32 else ("bf16", "fp16")) if dt in DTYPES]
+
+
 def shipped_single_pass():
     """The single-pass kernels as the shipped GPU_LAUNCH table launches them at C = 64."""
     for (path, backward, gated, fp32), launch in sorted(sp.GPU_LAUNCH.items()):
         if path != "single":
             continue
-        for dt in ("fp32",) if fp32 else ("bf16", "fp16"):
-            if dt not in DTYPES:
-                continue
-            prec = (launch.prec or "ieee") if dt == "fp32" else "tf32"
-            a = _all_ptrs(dt)
-            consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, W16=_w16(dt, gated))
-            # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
-            has = dict(HAS_DH=True, HAS_DCN=True)
+        for dt in _dtypes_of(fp32):
             tag = f"shipped {dt} gated={int(gated)} BN={launch.bn} warps={launch.num_warps}"
-            kernels = (((sp._scores_grad_kernel, consts), (sp._attention_bwd_kernel, {**consts, **has})) if backward
-                       else ((sp._cell_qk_scores_kernel, consts), (sp._attention_out_kernel, consts)))
-            for fn, kconsts in kernels:
-                yield (f"{fn.fn.__name__.strip('_')} {tag}", fn, a, kconsts, launch.num_warps)
-                if "HAS_BIAS" in fn.arg_names:  # what the modules launch: the conv bias folded in
-                    yield (f"{fn.fn.__name__.strip('_')} {tag} +bias", fn, a, {**kconsts, "HAS_BIAS": True},
-                           launch.num_warps)
+            tag += f" stages={launch.num_stages}" if launch.num_stages else ""
+            for fn, a, kconsts in _single_pass_kernels(dt, backward, gated, launch):
+                name = fn.fn.__name__.strip("_")
+                plain = {k: v for k, v in kconsts.items() if k != "HAS_BIAS"}
+                yield (f"{name} {tag}", fn, a, plain, launch.num_warps, launch.num_stages)
+                if "HAS_BIAS" in kconsts:
+                    yield (f"{name} {tag} +bias", fn, a, kconsts, launch.num_warps, launch.num_stages)
+
+
+#: The heuristics' single-pass launch at C = 64 (``_Plan`` without a table entry): BN 32 forward,
+#: 16 backward, 8 warps.
+_HEURISTIC_SINGLE = {False: sp.Launch(32, 2, 8), True: sp.Launch(16, 2, 8)}
+
+
+def stage_variants():
+    """``--stages``: every C = 64 direction's single-pass kernels, as the shipped table (or the
+    heuristics, where the table routes the direction to the blocked kernels) launches them, at
+    pipelining depths 1, 2 and 3 (Triton's default on sm_90).  Triton 3.6, which the GPU runs,
+    pipelines some of them into spills that depth 1 avoids (``Launch.num_stages``)."""
+    for backward, gated, fp32 in sorted({k[1:] for k in sp.GPU_LAUNCH} | set(sp.BLOCKED_AT_CP64)):
+        launch = sp.GPU_LAUNCH.get(("single", backward, gated, fp32)) or _HEURISTIC_SINGLE[backward]
+        for dt in _dtypes_of(fp32):
+            for fn, a, kconsts in _single_pass_kernels(dt, backward, gated, launch):
+                for stages in (1, 2, 3):
+                    yield (f"{fn.fn.__name__.strip('_')} {dt} gated={int(gated)} BN={launch.bn} "
+                           f"warps={launch.num_warps} stages={stages} +bias", fn, a, kconsts, launch.num_warps, stages)
 
 
 def each_kernel():
@@ -255,20 +298,23 @@ def main() -> int:
         print(f"SM90_FP32_PREC must be ieee or tf32x3 (Launch.prec for float32), got {FP32_PREC!r}")
         return 2
     quick = "--each-kernel" in sys.argv[1:]
+    stages = "--stages" in sys.argv[1:]
     bad = 0
     seen = set()
+    print(f"triton {triton.__version__}, ptxas {os.path.basename(_PTXAS)}")
     print(f"{'variant':<58} {'smem B':>8} {'regs':>5} {'spill st/ld B':>14} {'blocks/SM':>9}")
-    for name, fn, ptrs, consts, warps in (each_kernel() if quick else (*variants(), *shipped_single_pass())):
+    rows = (each_kernel() if quick else stage_variants() if stages else (*variants(), *shipped_single_pass()))
+    for name, fn, ptrs, consts, warps, *depth in rows:
         if name in seen:
             continue
         seen.add(name)
-        smem, regs, st, ld = _compile(fn, ptrs, consts, warps)
+        smem, regs, st, ld = _compile(fn, ptrs, consts, warps, *depth)
         flag = "" if smem <= SMEM_LIMIT and st == 0 else "  <-- over"
         bad += bool(flag)
         print(f"{name:<58} {smem:>8} {regs:>5} {st:>6}/{ld:<7} {blocks_per_sm(smem, regs, warps):>9}{flag}", flush=True)
     print(f"{len(seen)} variants, {bad} over the shared-memory limit or spilling")
-    if quick:
-        return 0  # compiled, every one (an error raises); spills are the full table's business
+    if quick or stages:
+        return 0  # compiled, every one (an error raises); spills are the full table's business (--stages: a survey)
     return 1 if bad else 0
 
 
