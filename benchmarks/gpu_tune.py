@@ -81,11 +81,16 @@ SWEEP_STAGES = (1, 2)
 def candidates(key, smoke):
     """``(path, launch)`` points of one key in the order the sweep times them (its budget may stop
     it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`, and the other path's
-    first point at depth 1; then each path's grid."""
+    launch (its table entry, or the heuristics' one -- what ``sm90_stats --stages`` compiles) at
+    depth 1; then each path's grid."""
     path0, launch0 = shipped_setting(key)
     other = "blocked" if path0 == "single" else "single"
-    first = [(path0, (launch0 or grid(path0, smoke, key)[0])._replace(num_stages=d)) for d in SWEEP_STAGES]
-    first.append((other, grid(other, smoke, key)[0]._replace(num_stages=1)))
+
+    def table_or_heuristic(path):
+        return la.GPU_LAUNCH.get((path, *key)) or la.heuristic_launch(path, *key, la.TUNED_CP)
+
+    first = [(path0, (launch0 or table_or_heuristic(path0))._replace(num_stages=d)) for d in SWEEP_STAGES]
+    first.append((other, table_or_heuristic(other)._replace(num_stages=1)))
     if smoke:
         first = first[:1]  # interpreter time
     rest = [(path, launch) for path in ("single", "blocked") for launch in grid(path, smoke, key)]
@@ -93,7 +98,8 @@ def candidates(key, smoke):
 
 
 def launch_literal(launch) -> str:
-    """``launch`` as ``lstm_attention.py`` writes its table entries (defaults left out)."""
+    """``launch`` as ``lstm_attention.py`` writes its table entries (``prec`` and ``num_stages``
+    only where they differ from their defaults)."""
     args = [repr(x) for x in launch[:4]]
     args += [repr(launch.prec)] if launch.prec else []
     args += [f"num_stages={launch.num_stages}"] if launch.num_stages else []
@@ -151,7 +157,8 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         path0, launch0 = shipped_setting(key)
         shipped = (gc.bench_ms(fn, device), path0, launch0)
         results = []
-        for path, launch in candidates(key, smoke):
+        points = candidates(key, smoke)
+        for path, launch in points:
             if elapsed() > deadline:
                 break
             try:
@@ -164,6 +171,10 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         results.sort(key=lambda r: r[0])
         best[key] = results[0] if results and results[0][0] < MARGIN * shipped[0] else shipped
         top = "; ".join(f"{p} {tuple(l)} {ms:.3f}" for ms, p, l in results[:4])
+        # the pipelining-depth points apart: a single-pass one near the blocked time may still be
+        # the better choice (no float32 temporaries: lower peak memory), a call the sweep leaves to you
+        depth = "; ".join(f"{p} {launch_literal(l)} {ms:.3f}" for ms, p, l in results if l.num_stages)
+        print(f"  {label} depth points: {depth or 'none timed'}", flush=True)
         verdict = "keep shipped" if best[key] is shipped else "new winner"
         print(f"{label}: heuristics {heuristic[key]:.3f} ms; shipped {shipped[0]:.3f} ({path0} "
               f"{tuple(launch0) if launch0 else 'heuristics'}); best of {len(results)}: {top}; {verdict}  "

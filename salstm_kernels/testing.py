@@ -96,11 +96,12 @@ def patch_triton_interpreter_once() -> bool:
     ``@triton.jit`` helper call as well (a third of the interpreted kernel tests' time went to
     re-patching: ``inspect.getmembers`` of the language modules on every helper call).
 
-    The launch's patch is already in place when a helper runs, so the skipped re-patch changed
-    nothing; a helper whose module sees a language module the launch did not patch (``tl.zeros``
-    sees ``triton.language.core``) still patches it, as before.  A wrong skip fails loudly (an
-    unpatched builtin raises).  Returns False, changing nothing, when the interpreter lacks the
-    internals this relies on (other Triton versions)."""
+    Inside a launch the language its kernel sees is patched already, so a helper's re-patch
+    changed nothing; a helper whose module sees a language module not yet patched in this launch
+    (``tl.zeros`` sees ``triton.language.core``) still patches it, and so does anything outside a
+    launch (a direct call), as before.  A wrong skip fails loudly (an unpatched builtin raises).
+    Returns False, changing nothing, when the interpreter lacks the internals this relies on
+    (other Triton versions)."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
@@ -108,30 +109,30 @@ def patch_triton_interpreter_once() -> bool:
         return False
     patch_lang = getattr(interpreter, "_patch_lang", None)
     scope_type = getattr(interpreter, "_LangPatchScope", None)
-    if patch_lang is None or scope_type is None or getattr(patch_lang, "once", False):
-        return bool(getattr(patch_lang, "once", False))
-    patched = []  # per launch in flight: ids of the language modules patched so far
+    executor = getattr(interpreter, "GridExecutor", None)
+    if getattr(patch_lang, "once", False):
+        return True
+    if patch_lang is None or scope_type is None or executor is None:
+        return False
+    launches = []  # per launch in flight: the language modules (ids) patched in it so far
+    launch = executor.__call__
+
+    def launch_once(self, *args, **kwargs):
+        launches.append(set())
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
 
     def once(fn):
         langs = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
-        if patched:  # a helper's call inside a launch
-            if langs <= patched[-1]:
-                return scope_type()
-            patched[-1] |= langs
-            return patch_lang(fn)
-        scope = patch_lang(fn)  # a launch: its scope is restored when the grid has run
-        patched.append(langs)
-        restore = scope.restore
-
-        def restore_and_pop():
-            try:
-                restore()
-            finally:
-                patched.pop()
-
-        scope.restore = restore_and_pop
-        return scope
+        if launches and langs and langs <= launches[-1]:
+            return scope_type()  # patched in this launch already
+        if launches:
+            launches[-1] |= langs
+        return patch_lang(fn)
 
     once.once = True
+    executor.__call__ = launch_once
     interpreter._patch_lang = once
     return True

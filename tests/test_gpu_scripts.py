@@ -86,8 +86,8 @@ def test_profile_rows_attribute_device_time():
 
 
 def test_sweep_tries_pipelining_depths_first():
-    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, the other path's first point
-    at depth 1, then both grids once each; the printed table entries read back as the same Launch."""
+    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, the other path's table or
+    heuristics launch at depth 1, then both grids once each; the printed table entries read back as the same Launch."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import gpu_tune
@@ -98,9 +98,13 @@ def test_sweep_tries_pipelining_depths_first():
         pts = gpu_tune.candidates(key, smoke=False)
         path0, launch0 = gpu_tune.shipped_setting(key)
         assert pts[:2] == [(path0, launch0._replace(num_stages=1)), (path0, launch0._replace(num_stages=2))]
-        assert pts[2][0] != path0 and pts[2][1].num_stages == 1
+        other = "blocked" if path0 == "single" else "single"
+        want = la.GPU_LAUNCH.get((other, *key)) or la.heuristic_launch(other, *key, 64)
+        assert pts[2] == (other, want._replace(num_stages=1))
         grids = [(p, lt) for p in ("single", "blocked") for lt in gpu_tune.grid(p, False, key)]
         assert len(pts) == len(set(pts)) and set(grids) <= set(pts) and len(pts) <= len(grids) + 3
+    # the float32 SA-LSTM backward: the single-pass launch sm90_stats --stages compiles (8 warps)
+    assert gpu_tune.candidates((True, False, True), False)[2] == ("single", la.Launch(16, 2, 8, num_stages=1))
     for launch in (la.Launch(16, 2, 4), la.Launch(32, 2, 4, 64, "tf32x3"), la.Launch(16, 2, 8, num_stages=1)):
         assert eval(gpu_tune.launch_literal(launch), {"Launch": la.Launch}) == launch
 

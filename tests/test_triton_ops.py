@@ -281,12 +281,19 @@ def test_reductions_of_partials(C, splits, nan_alloc):
     db = torch.randn(R, 3, C, generator=g, dtype=torch.float64)
     proj = [torch.empty(C, C, dtype=torch.float16), torch.empty(C), torch.empty(C, C), torch.empty(C),
             torch.empty(C, C, dtype=torch.bfloat16), torch.empty(C, dtype=torch.float16)]
-    got = ap.projection_grad_sums(dw.float().to(DEVICE), db.float().to(DEVICE), [p.to(DEVICE) for p in proj])
     want = [x.sum(0) for k in range(3) for x in (dw[:, k], db[:, k])]
-    assert len({t.data_ptr() for t in got}) == 6  # fresh tensors, no aliases
-    for x, r, p in zip(got, want, proj):
-        assert x.dtype == p.dtype and x.shape == p.shape
-        assert_close(x, r, p.dtype, backward=True)
+    dw32, db32 = dw.float().to(DEVICE), db.float().to(DEVICE)
+    # the single-pass kernels' (R, 3, ...) partials, and the blocked paths' three (B, SPLITS, ...) ones
+    for parts in ((dw32.unbind(1), db32.unbind(1)),
+                  ([x.reshape(1, R, C, C).clone() for x in dw32.unbind(1)],
+                   [x.reshape(1, R, C).clone() for x in db32.unbind(1)])):
+        got = ap.projection_grad_sums(*parts, [p.to(DEVICE) for p in proj])
+        assert len({t.data_ptr() for t in got}) == 6  # fresh tensors, no aliases
+        for x, r, p in zip(got, want, proj):
+            assert x.dtype == p.dtype and x.shape == p.shape
+            assert_close(x, r, p.dtype, backward=True)
+    with pytest.raises(ValueError, match="row layout"):  # partials of different row strides
+        ap.projection_grad_sums((dw32[:, 0], dw32[:, 1].clone(), dw32[:, 2]), db32.unbind(1), proj)
 
 
 @pytest.mark.parametrize("split_n", [True, False], ids=["split-sums", "bmm-sums"])
@@ -543,6 +550,31 @@ def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch):
         mm = tk_attention._BlockedPlan(fake, 2, C, 50176, gated, backward=True, matmul=True)
         assert mm.BN == 128 != dots.BN
         assert mm.rows_grid == (-(-50176 // 128), -(-C // 64), 2)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("fp32", [False, True])
+def test_plans_without_an_entry_take_the_heuristic_launch(gated, fp32, monkeypatch):
+    """On CUDA without a table entry the plans launch ``heuristic_launch`` (what ``sm90_stats
+    --stages`` compiles and ``gpu_tune`` sweeps first for the other path); at C = 64: BN 32 forward,
+    16 backward, 8 warps; blocked BN 16 for float32 LSTM-SA, else 32."""
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(tk_attention, "_interpreted", lambda: False)
+    monkeypatch.setattr(tk_attention, "GPU_LAUNCH", {})
+    A = _FakeCuda(torch.float32 if fp32 else torch.bfloat16)
+    assert tk_attention.heuristic_launch("single", False, gated, fp32, 64)[:3] == (32, 2, 8)
+    assert tk_attention.heuristic_launch("single", True, gated, fp32, 64)[:3] == (16, 2, 8)
+    assert tk_attention.heuristic_launch("blocked", True, gated, fp32, 128).bn == (16 if gated and fp32 else 32)
+    for backward in (False, True):
+        for C in (24, 40):
+            want = tk_attention.heuristic_launch("single", backward, gated, fp32, tk_attention._padded(C))
+            plan = tk_attention._Plan(A, 2, C, 50176, backward=backward, gated=gated)
+            assert (plan.BN, plan.num_warps, plan.options) == (want.bn, want.num_warps, {"num_warps": want.num_warps})
+            assert plan.tiles_per_split == -(-plan.n_tiles // tk_attention._splits(A, want.splits_per_sm, 2))
+        want = tk_attention.heuristic_launch("blocked", backward, gated, fp32, 128)
+        bplan = tk_attention._BlockedPlan(A, 2, 72, 50176, gated, backward=backward)
+        assert (bplan.BN, bplan.BN_red, bplan.num_warps) == (want.bn, want.bn_red, want.num_warps)
 
 
 def test_splits_scale_with_the_sm_count(monkeypatch):
@@ -967,15 +999,17 @@ def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
     from salstm_kernels.testing import patch_triton_interpreter_once
 
     assert patch_triton_interpreter_once() and interpreter._patch_lang.once
-    patch_builtin, patches = interpreter._patch_builtin, []
-    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: patches.append(1) or patch_builtin(*a))
+    patch_builtin, patched = interpreter._patch_builtin, []
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda pkg, *a: patched.append(pkg) or patch_builtin(pkg, *a))
     counts = []
     for calls in (1, 6):
         out = torch.arange(16, dtype=torch.float32, device=DEVICE)
-        patches.clear()
+        patched.clear()
         _helper_calls_probe[(1,)](out, calls)
         assert torch.equal(out, torch.arange(16, dtype=torch.float32) + sum(range(calls)))
-        counts.append(len(patches))
+        counts.append(len(patched))
+        # triton.language.core (seen by tl.zeros, not by the kernel) once per launch: not skipped, not repeated
+        assert sum(pkg is tl.core for pkg in patched) == 1
     assert counts[0] == counts[1] > 0  # five more helper calls, no more patching
     assert tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.tensor.__add__)
 

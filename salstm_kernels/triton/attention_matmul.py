@@ -29,7 +29,7 @@ import functools
 import torch
 
 from . import attention_blocked as blocked
-from .attention_partials import scores_grad_of_partials, softmax_of_partials
+from .attention_partials import projection_grad_sums, scores_grad_of_partials, softmax_of_partials
 from .lstm_cell import LAYOUTS, bias_args, bias_partials, cell_forward_into
 
 #: The products that reduce over the pixels (``Q K^T``, ``dO V^T``, ``dq h'^T``: ``(C, C)`` outputs,
@@ -173,8 +173,8 @@ def backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, pl
             A, c, h, *ws, *projected, dQ, dK, dV, *dqkv, b, C, N, PROJ=True, **meta,
         )
         del projected
-        grads = [x.sum(dim=(0, 1)) for d in dqkv for x in _outer_partials(d, h, layout, plan, rowsum=True)]
-        dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
+        dw, db = zip(*(_outer_partials(d, h, layout, plan, rowsum=True) for d in dqkv))
+        dproj = projection_grad_sums(dw, db, proj)
         wdq = _weight_times(ws[0].t(), dqkv[0], torch.empty_like(h), layout)
         for w, d in zip(ws[2::2], dqkv[1:]):
             _weight_times(w.t(), d, wdq, layout, accumulate=True)

@@ -10,10 +10,10 @@ a fixed order (deterministic, no atomics).
 
 * :func:`softmax_of_partials` -- ``P = softmax(scale * sum_s S_s)`` (``RB`` rows per program).
 * :func:`scores_grad_of_partials` -- ``dS = P * (dP - rowsum(dP * P)) * scale``, ``dP = sum_s dP_s``.
-* :func:`projection_grad_sums` -- ``(dWq, dbq, dWk, dbk, dWv, dbv)`` from the ``(R, 3, C, C)`` and
-  ``(R, 3, C)`` partials, each its own fresh tensor in its projection's dtype.
+* :func:`projection_grad_sums` -- ``(dWq, dbq, dWk, dbk, dWv, dbv)`` from the weight and bias
+  partials of q, k, v, each its own fresh tensor in its projection's dtype.
 
-The channel-blocked paths (``C > 64``) finish their split partials with the first two as well.
+The channel-blocked paths (``C > 64``) finish their split partials with all three as well.
 One program holds ``RB`` full rows of the ``(C, C)`` matrices (padded to a power of two), with more
 warps for wider rows.  Reference: ``torch.softmax(S.sum(1) * scale, -1)`` and
 ``P * (dP - rowsum(dP * P)) * scale`` in torch (``tests/test_triton_ops.py``).
@@ -71,15 +71,24 @@ def _scores_grad_of_partials_kernel(dp_ptr, p_ptr, ds_ptr, C, SPLITS, scale, CP:
 
 
 @triton.jit(do_not_specialize=["R"])
-def _sum_three_kernel(x_ptr, o0_ptr, o1_ptr, o2_ptr, R, M, BLOCK: tl.constexpr):
-    """``o_k = sum_r x[r, k]`` for ``x (R, 3, M)`` float32, in row order; outputs in their dtypes."""
+def _sum_three_kernel(x0_ptr, x1_ptr, x2_ptr, o0_ptr, o1_ptr, o2_ptr, R, M, row_stride, BLOCK: tl.constexpr):
+    """``o_k = sum_r x_k[r]`` for three float32 ``x_k`` of ``R`` rows of ``M`` contiguous elements,
+    ``row_stride`` apart, in row order; outputs in their dtypes."""
     blk = tl.program_id(0)
     k = tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     m = cols < M
+    if k == 0:
+        x_ptr = x0_ptr
+    elif k == 1:
+        x_ptr = x1_ptr
+    else:
+        x_ptr = x2_ptr
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for r in range(R):
-        acc += tl.load(x_ptr + (r * 3 + k).to(tl.int64) * M + cols, mask=m, other=0.0)
+    ptrs = x_ptr + cols
+    for _ in range(R):
+        acc += tl.load(ptrs, mask=m, other=0.0)
+        ptrs += row_stride  # pointer arithmetic: 64-bit
     if k == 0:
         tl.store(o0_ptr + cols, acc.to(o0_ptr.dtype.element_ty), mask=m)
     elif k == 1:
@@ -111,13 +120,19 @@ def scores_grad_of_partials(partials: torch.Tensor, P: torch.Tensor, scale: floa
     return dS
 
 
-def projection_grad_sums(dw: torch.Tensor, db: torch.Tensor, proj) -> tuple:
-    """``(dWq, dbq, dWk, dbk, dWv, dbv)``: ``dw (R, 3, C, C)``, ``db (R, 3, C)`` float32 partials
-    summed over ``R``, each a fresh tensor in the dtype of its projection (``proj``: ``(wq, bq, wk,
-    bk, wv, bv)``; returned tensors must not alias each other)."""
-    grads = [torch.empty(p.shape, dtype=p.dtype, device=dw.device) for p in proj]
+def projection_grad_sums(dw, db, proj) -> tuple:
+    """``(dWq, dbq, dWk, dbk, dWv, dbv)`` from float32 partials summed over their leading rows, each
+    a fresh tensor in the dtype of its projection (``proj``: ``(wq, bq, wk, bk, wv, bv)``; returned
+    tensors must not alias each other).  ``dw``, ``db``: the weight and bias partials of q, k, v,
+    three tensors each, ``(..., C, C)`` / ``(..., C)`` (the single-pass kernels' ``(R, 3, C, C)``
+    unbound along dim 1, or the blocked paths' ``(B, SPLITS, C, C)`` per projection)."""
+    grads = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in proj]
     for parts, outs in ((dw, grads[0::2]), (db, grads[1::2])):
         M = outs[0].numel()
-        _sum_three_kernel[(triton.cdiv(M, SUM_BLOCK), 3)](parts, *outs, parts.shape[0], M, BLOCK=SUM_BLOCK,
-                                                          num_warps=4)
+        rows = [x.reshape(-1, M) for x in parts]  # views: each partial's (C, C) / (C,) is contiguous
+        row_stride = rows[0].stride(0)
+        if any(x.stride() != (row_stride, 1) or x.shape != rows[0].shape or x.dtype != torch.float32 for x in rows):
+            raise ValueError("projection_grad_sums: the three partials need one float32 (R, M) row layout")
+        _sum_three_kernel[(triton.cdiv(M, SUM_BLOCK), 3)](*rows, *outs, rows[0].shape[0], M, row_stride,
+                                                          BLOCK=SUM_BLOCK, num_warps=4)
     return tuple(grads)

@@ -479,6 +479,7 @@ class _Plan:
     def __init__(self, A: torch.Tensor, B: int, C: int, N: int, backward: bool, gated: bool):
         self.CP = _padded(C)
         tuned = _tuned(A, "single", backward, gated, C)
+        heuristic = heuristic_launch("single", backward, gated, A.dtype == torch.float32, self.CP)
         if BLOCK_N_OVERRIDE is not None:
             bn = BLOCK_N_OVERRIDE
         elif tuned is not None:
@@ -486,22 +487,19 @@ class _Plan:
         elif _interpreted() or A.device.type != "cuda":
             bn = 16  # small tiles: more tiles per split, so masks and splits get exercised
         else:
-            # ~ elements of one (CP, BN) fp32 tile; chosen by compiling for sm_90 and reading
-            # ptxas register / spill counts (C = 64: BN 32 forward, 16 backward, 8 warps)
-            budget = 1024 if backward else 2048
-            bn = max(16, min(64, budget // self.CP))
+            bn = heuristic.bn
         self.BN = bn
         self.n_tiles = triton.cdiv(N, bn)
         if SPLITS_OVERRIDE is not None:
             splits = SPLITS_OVERRIDE
         elif A.device.type == "cuda":
-            splits = _splits(A, tuned.splits_per_sm if tuned else 2, B)
+            splits = _splits(A, (tuned or heuristic).splits_per_sm, B)
         else:
             splits = 3
         splits = max(1, min(splits, self.n_tiles))
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
-        self.num_warps = tuned.num_warps if tuned else (4 if self.CP <= 32 else 8)
+        self.num_warps = (tuned or heuristic).num_warps
         self.options = _launch_options(self.num_warps, tuned)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
@@ -509,6 +507,17 @@ class _Plan:
 
 def _padded(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
+
+
+def heuristic_launch(path: str, backward: bool, gated: bool, fp32: bool, CP: int) -> Launch:
+    """The GPU launch the plans use without a table entry (padded width ``CP``), chosen by compiling
+    for sm_90 and reading ptxas register / spill counts.  Single-pass: ``(CP, BN)`` float32 tiles
+    of about 2048 elements forward, 1024 backward (C = 64: BN 32 / 16), 8 warps from CP = 64.
+    Blocked: ``(BC, BN)`` rows tiles, BN 16 where float32 "ieee" projection dots need it, and
+    ``(BC, BC)`` reduction accumulators over BN 64 loads, 8 warps."""
+    if path == "single":
+        return Launch(max(16, min(64, (1024 if backward else 2048) // CP)), 2, 4 if CP <= 32 else 8)
+    return Launch(16 if gated and fp32 else 32, 2, 8, 64)
 
 
 #: ``Launch.prec`` values for float32 inputs ("" is the default, "ieee").
@@ -654,7 +663,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b, dbias,
         C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta, **has
     )
-    dproj = projection_grad_sums(dw, db, proj) if gated else None
+    dproj = projection_grad_sums(dw.unbind(1), db.unbind(1), proj) if gated else None
     return (dA, dc, dproj, dbias.sum(dim=0)) if has["HAS_BIAS"] else (dA, dc, dproj)
 
 
@@ -685,10 +694,11 @@ class _BlockedPlan:
             self.BN, self.BN_red = tuned.bn, tuned.bn_red
         elif matmul and gpu:
             self.BN, self.BN_red = MATMUL_ROWS_BLOCK_N, 64
+        elif gpu:
+            heuristic = heuristic_launch("blocked", backward, gated, A.dtype == torch.float32, _padded(C))
+            self.BN, self.BN_red = heuristic.bn, heuristic.bn_red
         else:
-            # rows kernels: (BC, BN) tiles; reductions: (BC, BC) accumulator + two (BC, BN) loads
-            # (from sm_90 ptxas counts, 8 warps: no spills; float32 "ieee" projections need BN 16)
-            self.BN, self.BN_red = (16 if gated and A.dtype == torch.float32 else 32, 64) if gpu else (16, 16)
+            self.BN, self.BN_red = 16, 16
         self.n_tiles = triton.cdiv(N, self.BN)
         n_red = triton.cdiv(N, self.BN_red)
         self.n_tiles_red = n_red
@@ -785,9 +795,8 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
             BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"], W16=plan.w16,
             **plan.options,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
-        grads = [x.sum(dim=(0, 1)) for d in (dq, dk, dv)
-                 for x in blocked.outer_partials(plan, d, h32, C, N, prec, layout, rowsum=True)]
-        dproj = tuple(g.to(p.dtype) for g, p in zip(grads, proj))
+        dw, db = zip(*(blocked.outer_partials(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)))
+        dproj = projection_grad_sums(dw, db, proj)
         del h32  # the last kernel does not read it
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED

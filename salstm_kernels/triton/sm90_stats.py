@@ -222,23 +222,20 @@ def shipped_single_pass():
                     yield (f"{name} {tag} +bias", fn, a, kconsts, launch.num_warps, launch.num_stages)
 
 
-#: The heuristics' single-pass launch at C = 64 (``_Plan`` without a table entry): BN 32 forward,
-#: 16 backward, 8 warps.
-_HEURISTIC_SINGLE = {False: sp.Launch(32, 2, 8), True: sp.Launch(16, 2, 8)}
-
-
 def stage_variants():
     """``--stages``: every C = 64 direction's single-pass kernels, as the shipped table (or the
     heuristics, where the table routes the direction to the blocked kernels) launches them, at
     pipelining depths 1, 2 and 3 (Triton's default on sm_90).  Triton 3.6, which the GPU runs,
     pipelines some of them into spills that depth 1 avoids (``Launch.num_stages``)."""
     for backward, gated, fp32 in sorted({k[1:] for k in sp.GPU_LAUNCH} | set(sp.BLOCKED_AT_CP64)):
-        launch = sp.GPU_LAUNCH.get(("single", backward, gated, fp32)) or _HEURISTIC_SINGLE[backward]
+        launch = (sp.GPU_LAUNCH.get(("single", backward, gated, fp32))
+                  or sp.heuristic_launch("single", backward, gated, fp32, 64))
         for dt in _dtypes_of(fp32):
             for fn, a, kconsts in _single_pass_kernels(dt, backward, gated, launch):
+                bias = " +bias" if "HAS_BIAS" in kconsts else ""
                 for stages in (1, 2, 3):
                     yield (f"{fn.fn.__name__.strip('_')} {dt} gated={int(gated)} BN={launch.bn} "
-                           f"warps={launch.num_warps} stages={stages} +bias", fn, a, kconsts, launch.num_warps, stages)
+                           f"warps={launch.num_warps} stages={stages}{bias}", fn, a, kconsts, launch.num_warps, stages)
 
 
 def each_kernel():
