@@ -557,7 +557,8 @@ def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch):
 def test_plans_without_an_entry_take_the_heuristic_launch(gated, fp32, monkeypatch):
     """On CUDA without a table entry the plans launch ``heuristic_launch`` (what ``sm90_stats
     --stages`` compiles and ``gpu_tune`` sweeps first for the other path); at C = 64: BN 32 forward,
-    16 backward, 8 warps; blocked BN 16 for float32 LSTM-SA, else 32."""
+    16 backward, 8 warps; blocked BN 16 for float32 LSTM-SA, else 32; the float32 SA-LSTM
+    backward at pipelining depth 1."""
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch.setattr(tk_attention, "_interpreted", lambda: False)
@@ -570,7 +571,10 @@ def test_plans_without_an_entry_take_the_heuristic_launch(gated, fp32, monkeypat
         for C in (24, 40):
             want = tk_attention.heuristic_launch("single", backward, gated, fp32, tk_attention._padded(C))
             plan = tk_attention._Plan(A, 2, C, 50176, backward=backward, gated=gated)
-            assert (plan.BN, plan.num_warps, plan.options) == (want.bn, want.num_warps, {"num_warps": want.num_warps})
+            depth = {"num_stages": 1} if backward and fp32 and not gated else {}  # Triton 3.6's spills
+            assert want.num_stages == depth.get("num_stages", 0)
+            assert (plan.BN, plan.num_warps, plan.options) == (want.bn, want.num_warps,
+                                                               {"num_warps": want.num_warps, **depth})
             assert plan.tiles_per_split == -(-plan.n_tiles // tk_attention._splits(A, want.splits_per_sm, 2))
         want = tk_attention.heuristic_launch("blocked", backward, gated, fp32, 128)
         bplan = tk_attention._BlockedPlan(A, 2, 72, 50176, gated, backward=backward)

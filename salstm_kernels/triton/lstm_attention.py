@@ -500,7 +500,7 @@ class _Plan:
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
         self.num_warps = (tuned or heuristic).num_warps
-        self.options = _launch_options(self.num_warps, tuned)
+        self.options = _launch_options(self.num_warps, tuned or heuristic)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
 
@@ -514,9 +514,16 @@ def heuristic_launch(path: str, backward: bool, gated: bool, fp32: bool, CP: int
     for sm_90 and reading ptxas register / spill counts.  Single-pass: ``(CP, BN)`` float32 tiles
     of about 2048 elements forward, 1024 backward (C = 64: BN 32 / 16), 8 warps from CP = 64.
     Blocked: ``(BC, BN)`` rows tiles, BN 16 where float32 "ieee" projection dots need it, and
-    ``(BC, BC)`` reduction accumulators over BN 64 loads, 8 warps."""
+    ``(BC, BC)`` reduction accumulators over BN 64 loads, 8 warps.
+
+    The float32 SA-LSTM single-pass backward takes pipelining depth 1: at Triton's default depth,
+    Triton 3.6 (with CUDA 12.8's ptxas) spills it -- 116 B at CP = 16, 704 B at CP = 32, and at
+    CP = 64 3 KB with 32 registers, the kernel run 1 measured 7.5x slower than the blocked one --
+    and at depth 1 not at all (``sm90_stats --stages``; Triton 3.9: no spills at either depth, one
+    more block per SM at depth 1)."""
     if path == "single":
-        return Launch(max(16, min(64, (1024 if backward else 2048) // CP)), 2, 4 if CP <= 32 else 8)
+        return Launch(max(16, min(64, (1024 if backward else 2048) // CP)), 2, 4 if CP <= 32 else 8,
+                      num_stages=1 if backward and fp32 and not gated else 0)
     return Launch(16 if gated and fp32 else 32, 2, 8, 64)
 
 
