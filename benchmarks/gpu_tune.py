@@ -83,13 +83,13 @@ def candidates(key, smoke):
     it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`, and the other path's
     launch (its table entry, or the heuristics' one -- what ``sm90_stats --stages`` compiles) at
     depth 1; then each path's grid."""
-    path0, launch0 = shipped_setting(key)
+    path0, _ = shipped_setting(key)
     other = "blocked" if path0 == "single" else "single"
 
     def table_or_heuristic(path):
         return la.GPU_LAUNCH.get((path, *key)) or la.heuristic_launch(path, *key, la.TUNED_CP)
 
-    first = [(path0, (launch0 or table_or_heuristic(path0))._replace(num_stages=d)) for d in SWEEP_STAGES]
+    first = [(path0, table_or_heuristic(path0)._replace(num_stages=d)) for d in SWEEP_STAGES]
     first.append((other, table_or_heuristic(other)._replace(num_stages=1)))
     if smoke:
         first = first[:1]  # interpreter time
@@ -157,8 +157,7 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         path0, launch0 = shipped_setting(key)
         shipped = (gc.bench_ms(fn, device), path0, launch0)
         results = []
-        points = candidates(key, smoke)
-        for path, launch in points:
+        for path, launch in candidates(key, smoke):
             if elapsed() > deadline:
                 break
             try:

@@ -536,13 +536,18 @@ def test_launch_table_applies_to_cuda_at_the_tuned_width_only(monkeypatch):
     assert tk_attention._tuned(fake, "single", True, False, 64) is None  # routed: no single entry
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch):
-    """On CUDA the matmul path's rows kernels take MATMUL_ROWS_BLOCK_N (they only stream), never the
-    dots path's tile nor its measured table (at padded C = 64, where the forced A/B runs it)."""
+@pytest.fixture
+def compiled_gpu(monkeypatch):
+    """Plans made as on a 132-SM GPU with compiled kernels (not the interpreter), for _FakeCuda inputs."""
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch.setattr(tk_attention, "_interpreted", lambda: False)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch, compiled_gpu):
+    """On CUDA the matmul path's rows kernels take MATMUL_ROWS_BLOCK_N (they only stream), never the
+    dots path's tile nor its measured table (at padded C = 64, where the forced A/B runs it)."""
     monkeypatch.setattr(tk_attention, "MATMUL_ROWS_BLOCK_N", 128)  # no other plan picks 128
     fake = _FakeCuda()
     for C in (40, 256):
@@ -554,14 +559,11 @@ def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("fp32", [False, True])
-def test_plans_without_an_entry_take_the_heuristic_launch(gated, fp32, monkeypatch):
+def test_plans_without_an_entry_take_the_heuristic_launch(gated, fp32, monkeypatch, compiled_gpu):
     """On CUDA without a table entry the plans launch ``heuristic_launch`` (what ``sm90_stats
     --stages`` compiles and ``gpu_tune`` sweeps first for the other path); at C = 64: BN 32 forward,
     16 backward, 8 warps; blocked BN 16 for float32 LSTM-SA, else 32; the float32 SA-LSTM
     backward at pipelining depth 1."""
-    props = type("Props", (), {"multi_processor_count": 132})()
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    monkeypatch.setattr(tk_attention, "_interpreted", lambda: False)
     monkeypatch.setattr(tk_attention, "GPU_LAUNCH", {})
     A = _FakeCuda(torch.float32 if fp32 else torch.bfloat16)
     assert tk_attention.heuristic_launch("single", False, gated, fp32, 64)[:3] == (32, 2, 8)
@@ -581,10 +583,8 @@ def test_plans_without_an_entry_take_the_heuristic_launch(gated, fp32, monkeypat
         assert (bplan.BN, bplan.BN_red, bplan.num_warps) == (want.bn, want.bn_red, want.num_warps)
 
 
-def test_splits_scale_with_the_sm_count(monkeypatch):
+def test_splits_scale_with_the_sm_count(compiled_gpu):
     """splits_per_sm * SMs programs over the batch (the old heuristic is splits_per_sm = 2)."""
-    props = type("Props", (), {"multi_processor_count": 132})()
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     fake = _FakeCuda()
     assert tk_attention._splits(fake, 2, 2) == 132
     assert tk_attention._splits(fake, 1, 2) == 66

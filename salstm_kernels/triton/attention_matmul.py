@@ -69,8 +69,7 @@ def _outer_partials(x: torch.Tensor, y: torch.Tensor, layout: int, plan, rowsum=
     with ``rowsum`` of ``sum_n x``, ``(B, SPLITS, C)``); one split when :data:`SPLIT_N_REDUCTIONS`
     is off (a bmm)."""
     if SPLIT_N_REDUCTIONS:
-        B, C = x.shape[:2]
-        return blocked.outer_partials(plan, x, y, C, x[0, 0].numel(), plan.prec, layout, rowsum)
+        return blocked.outer_partials(plan, x, y, x.shape[1], x[0, 0].numel(), plan.prec, layout, rowsum)
     X, Y = _matrices(x, layout), _matrices(y, layout)
     if layout == LAYOUTS["channels_last"]:
         out = torch.bmm(X.transpose(1, 2), Y).float()

@@ -59,7 +59,7 @@ Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``at
 from __future__ import annotations
 
 import os
-from typing import Dict, NamedTuple, Optional, Set, Tuple
+from typing import Dict, NamedTuple, Set, Tuple
 
 import torch
 import triton
@@ -110,10 +110,9 @@ class Launch(NamedTuple):
     num_stages: int = 0  # software-pipelining depth of the kernels' N loops; 0: Triton's default
 
 
-def _launch_options(num_warps: int, tuned: Optional[Launch]) -> dict:
-    """The launch keywords of a plan's kernels: warps, and a pipelining depth where the table sets one."""
-    stages = tuned.num_stages if tuned is not None else 0
-    return dict(num_warps=num_warps, **({"num_stages": stages} if stages else {}))
+def _launch_options(launch: Launch) -> dict:
+    """The launch keywords of a plan's kernels: warps, and a pipelining depth where ``launch`` sets one."""
+    return dict(num_warps=launch.num_warps, **({"num_stages": launch.num_stages} if launch.num_stages else {}))
 
 
 #: The padded channel count the launch table was measured at (``33 <= C <= 64``).  Other widths
@@ -500,7 +499,7 @@ class _Plan:
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
         self.num_warps = (tuned or heuristic).num_warps
-        self.options = _launch_options(self.num_warps, tuned or heuristic)
+        self.options = _launch_options(tuned or heuristic)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
 
@@ -695,6 +694,7 @@ class _BlockedPlan:
         self.NB = triton.cdiv(C, self.BC)
         gpu = A.device.type == "cuda" and not _interpreted()
         tuned = None if matmul else _tuned(A, "blocked", backward, gated, C)  # measured for the dots path
+        heuristic = heuristic_launch("blocked", backward, gated, A.dtype == torch.float32, _padded(C))
         if BLOCK_N_OVERRIDE is not None:
             self.BN = self.BN_red = BLOCK_N_OVERRIDE
         elif tuned is not None:
@@ -702,7 +702,6 @@ class _BlockedPlan:
         elif matmul and gpu:
             self.BN, self.BN_red = MATMUL_ROWS_BLOCK_N, 64
         elif gpu:
-            heuristic = heuristic_launch("blocked", backward, gated, A.dtype == torch.float32, _padded(C))
             self.BN, self.BN_red = heuristic.bn, heuristic.bn_red
         else:
             self.BN, self.BN_red = 16, 16
@@ -712,7 +711,7 @@ class _BlockedPlan:
         if SPLITS_OVERRIDE is not None:
             splits = SPLITS_OVERRIDE
         elif A.device.type == "cuda":
-            splits = _splits(A, tuned.splits_per_sm if tuned else 2, B * self.NB * self.NB)
+            splits = _splits(A, (tuned or heuristic).splits_per_sm, B * self.NB * self.NB)
         else:
             splits = 3
         splits = max(1, min(splits, n_red))
@@ -720,8 +719,8 @@ class _BlockedPlan:
         self.splits = triton.cdiv(n_red, self.tiles_per_split)
         self.rows_grid = (self.n_tiles, self.NB, B)
         self.red_grid = (self.NB * self.NB, self.splits, B)
-        self.num_warps = tuned.num_warps if tuned else 8
-        self.options = _launch_options(self.num_warps, tuned)
+        self.num_warps = (tuned or heuristic).num_warps
+        self.options = _launch_options(tuned or heuristic)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
 
