@@ -23,7 +23,8 @@
    ``max_memory_allocated`` above the pre-call allocation) against eager; and the fused non-conv
    part alone (``lstm_attention`` forward+backward of the last step, and ``lstm_cell``
    forward+backward) with achieved GB/s for the bytes it must move against a measured device copy
-   bandwidth; the non-conv rows also run at ``C = 128, 256`` (channel-blocked kernels; the note
+   bandwidth (at ``C = 64`` also each of ``lstm_attention.PATHS`` forced, the A/B of
+   ``PATH_AT_CP64``); the non-conv rows also run at ``C = 128, 256`` (channel-blocked kernels; the note
    column says which attention kernels ran, and a row forces the other products path: Triton dots
    or library matmuls, ``MATMUL_PRODUCTS_MIN_C``).  Parity includes ``C = 96, 128, 130`` shapes
    (channel-blocked, Triton dots but for 130) and ``C = 256`` (matmul products).
@@ -351,8 +352,8 @@ def run_parity(device, smoke: bool, only_64bit: bool = False, wide_only: bool = 
         variants = ((" triton-dots", forced_products(False), wide),
                     (" matmul-products", forced_products(True), wide),
                     (" matmul-products bmm-sums", forced_products(True, split_n=False), wide[-2:]),
-                    # the forced blocked + matmul row at padded C = 64
-                    (" blocked matmul-products", _both(forced_blocked(True), forced_products(True)),
+                    # the matmul path forced at padded C = 64
+                    (" matmul path", forced_path("matmul"),
                      [((2, 40, 9, 7), (torch.float32,) if smoke else (torch.float32, torch.bfloat16), COMBOS)]))
         for path, forced, cases in variants:
             with forced:
@@ -573,7 +574,7 @@ def run_compile_jobs(table: Table, device, jobs, budget_s, compile_backend):
 def single_pass(C, backward, gated, dtype) -> bool:
     from salstm_kernels.triton import lstm_attention as la
 
-    return C > 0 and la._single_pass(C, backward, gated, dtype)
+    return C > 0 and la.attention_path(C, backward, gated, dtype) == "single"
 
 
 def tuned_width(C) -> bool:
@@ -582,22 +583,24 @@ def tuned_width(C) -> bool:
     return C > 0 and la._padded(C) == la.TUNED_CP
 
 
+#: How the tables name each path of ``lstm_attention.PATHS``.
+PATH_NAMES = {"single": "single-pass", "blocked": "channel-blocked", "matmul": "channel-blocked, matmul products"}
+
+
 def fused_path(C, gated, dtype) -> str:
     """Which Triton attention kernels run, per direction (single-pass at C <= 64 unless routed;
     channel-blocked with Triton dots or with library matmuls for the products)."""
     from salstm_kernels.triton import lstm_attention as la
 
-    wide = "channel-blocked, matmul products" if C >= la.MATMUL_PRODUCTS_MIN_C else "channel-blocked"
-    name = lambda bwd: "single-pass" if single_pass(C, bwd, gated, dtype) else wide  # noqa: E731
-    fwd, bwd = name(False), name(True)
+    fwd, bwd = (PATH_NAMES[la.attention_path(C, backward, gated, dtype)] for backward in (False, True))
     return f"C={C} fused {fwd}" if fwd == bwd else f"C={C} fused fwd {fwd}, bwd {bwd}"
 
 
 def launch_tables():
-    """A copy of the Triton attention launch tables: ``(GPU_LAUNCH, BLOCKED_AT_CP64)``."""
+    """A copy of the Triton attention launch tables: ``(GPU_LAUNCH, PATH_AT_CP64)``."""
     from salstm_kernels.triton import lstm_attention as la
 
-    return dict(la.GPU_LAUNCH), set(la.BLOCKED_AT_CP64)
+    return dict(la.GPU_LAUNCH), dict(la.PATH_AT_CP64)
 
 
 def set_launch_tables(tables):
@@ -606,8 +609,8 @@ def set_launch_tables(tables):
 
     la.GPU_LAUNCH.clear()
     la.GPU_LAUNCH.update(tables[0])
-    la.BLOCKED_AT_CP64.clear()
-    la.BLOCKED_AT_CP64.update(tables[1])
+    la.PATH_AT_CP64.clear()
+    la.PATH_AT_CP64.update(tables[1])
 
 
 @contextlib.contextmanager
@@ -621,15 +624,14 @@ def launch_tables_kept():
 
 
 @contextlib.contextmanager
-def forced_blocked(on: bool):
-    """Route both directions to the channel-blocked kernels at padded C = 64 (the A/B against the
-    single-pass ones); the blocked launches stay as shipped (tuned entry or heuristics)."""
+def forced_path(path: str):
+    """Route both directions to ``path`` (``lstm_attention.PATHS``) at padded C = 64 (the A/B of the
+    routing table); its launches stay as shipped (tuned entry or heuristics)."""
     from salstm_kernels.triton import lstm_attention as la
 
     with launch_tables_kept():
-        if on:
-            la.BLOCKED_AT_CP64.update((bwd, gated, fp32) for bwd in (False, True) for gated in (False, True)
-                                      for fp32 in (False, True))
+        la.PATH_AT_CP64.update({(bwd, gated, fp32): path for bwd in (False, True) for gated in (False, True)
+                                for fp32 in (False, True)})
         yield
 
 
@@ -647,12 +649,6 @@ def forced_products(matmul: bool, split_n: bool = True):
         yield
     finally:
         la.MATMUL_PRODUCTS_MIN_C, attention_matmul.SPLIT_N_REDUCTIONS = kept
-
-
-@contextlib.contextmanager
-def _both(first, second):
-    with first, second:
-        yield
 
 
 def our_kernel_names() -> set:
@@ -743,10 +739,9 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
         # and writes dA, dc (13CN)
         nbytes = 21 * B * C * N * es
         variants = [("triton ops", contextlib.nullcontext(), fused_path(C, gated, dtype))]
-        if tuned_width(C):  # the routing table's A/B at padded C = 64, both product paths
-            variants.append(("triton blocked", forced_blocked(True), f"C={C} fused channel-blocked (forced)"))
-            variants.append(("triton blocked matmul", _both(forced_blocked(True), forced_products(True)),
-                             f"C={C} channel-blocked, matmul products (forced)"))
+        if tuned_width(C):  # the routing table's A/B at padded C = 64, every path
+            for path in ("single", "blocked", "matmul"):
+                variants.append((f"triton {path}", forced_path(path), f"C={C} {PATH_NAMES[path]} (forced)"))
         elif not single_pass(C, False, gated, dtype):  # wider: the channel-blocked path, both product forms
             from salstm_kernels.triton import lstm_attention as la
 

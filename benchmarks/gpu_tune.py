@@ -7,9 +7,10 @@
 1. **Sweep** at ``B=2, C=64, 224x224`` for float32 and bfloat16 (float16 shares bfloat16's
    setting; tensors in the layout the package's modules give the ops on that device,
    ``recurrence.CHANNELS_LAST_CONVS``), SA-LSTM and LSTM-SA, forward and backward apart: the
-   single-pass kernels and the
-   channel-blocked ones (:data:`salstm_kernels.triton.lstm_attention.GPU_LAUNCH` /
-   ``BLOCKED_AT_CP64``) over N tile, N splits per SM and warps; ``do_bench`` median per point,
+   single-pass kernels, the
+   channel-blocked ones and the channel-blocked rows kernels with library-matmul products (the three
+   ``lstm_attention.PATHS``; :data:`salstm_kernels.triton.lstm_attention.GPU_LAUNCH` /
+   ``PATH_AT_CP64``) over N tile, N splits per SM and warps; ``do_bench`` median per point,
    against the compile-time heuristics and the shipped setting, which stays unless a point beats
    it by 3%.  float32 also tries "tf32x3" dot precision (``Launch.prec``; the parity step below
    then checks its accuracy); ``--sweep-dtypes float32`` sweeps float32 alone.  The resulting tables are printed as the Python literal for ``lstm_attention.py``.
@@ -56,15 +57,20 @@ elapsed = gc.elapsed  # seconds since gpu_check was imported, i.e. since this ru
 def grid(path, smoke, key=(False, False, False)):
     """The sweep's points for one path and ``(backward, gated, fp32)`` key; float32 also gets
     "tf32x3" dot precision (``Launch.prec``) where sm_90 compiles of it fit (``sm90_stats``): BN 16
-    single-pass except the gated backward (378 KB of shared memory), BN 16 / 32 blocked."""
+    single-pass except the gated backward (378 KB of shared memory), BN 16 / 32 blocked; on the matmul
+    path it sets only the sums over pixels (the rows kernels there have no dots).  The matmul path's
+    rows kernels only stream, so its grid is small: their tile and warps."""
     backward, gated, fp32 = key
     x3_fits = fp32 and not (path == "single" and backward and gated)
     if smoke:
         pts = [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
-        return pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits else [])
+        return pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits and path != "matmul" else [])
     if path == "single":
         pts = [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
         x3 = [la.Launch(16, per_sm, w, prec="tf32x3") for w, per_sm in itertools.product((4, 8), (1, 2))]
+    elif path == "matmul":
+        pts = [la.Launch(bn, 2, w, 64) for bn, w in itertools.product((32, 64), (4, 8))]
+        x3 = [la.Launch(32, 2, 8, 64, "tf32x3")]
     else:
         pts = [la.Launch(bn, per_sm, w, red)
                for (bn, red), w, per_sm in itertools.product(((16, 64), (32, 64)), (4, 8), (2, 4))]
@@ -80,20 +86,21 @@ SWEEP_STAGES = (1, 2)
 
 def candidates(key, smoke):
     """``(path, launch)`` points of one key in the order the sweep times them (its budget may stop
-    it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`, and the other path's
-    launch (its table entry, or the heuristics' one -- what ``sm90_stats --stages`` compiles) at
-    depth 1; then each path's grid."""
+    it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`; the other Triton-dots
+    path's launch (its table entry, or the heuristics' one -- what ``sm90_stats --stages``
+    compiles) at depth 1; the matmul path's launch as the heuristics give it (not yet timed on a GPU
+    at C = 64); then each path's grid."""
     path0, _ = shipped_setting(key)
-    other = "blocked" if path0 == "single" else "single"
 
     def table_or_heuristic(path):
         return la.GPU_LAUNCH.get((path, *key)) or la.heuristic_launch(path, *key, la.TUNED_CP)
 
     first = [(path0, table_or_heuristic(path0)._replace(num_stages=d)) for d in SWEEP_STAGES]
-    first.append((other, table_or_heuristic(other)._replace(num_stages=1)))
+    for other in (p for p in la.PATHS if p != path0):
+        first.append((other, table_or_heuristic(other)._replace(num_stages=0 if other == "matmul" else 1)))
     if smoke:
         first = first[:1]  # interpreter time
-    rest = [(path, launch) for path in ("single", "blocked") for launch in grid(path, smoke, key)]
+    rest = [(path, launch) for path in la.PATHS for launch in grid(path, smoke, key)]
     return first + [pt for pt in rest if pt not in first]
 
 
@@ -116,7 +123,7 @@ def setting(key, path, launch):
 
 def shipped_setting(key):
     """``(path, launch or None)`` the package's tables give ``key`` (None: the heuristics)."""
-    path = "blocked" if key in la.BLOCKED_AT_CP64 else "single"
+    path = la.PATH_AT_CP64.get(key, "single")
     return path, la.GPU_LAUNCH.get((path, *key))
 
 
@@ -152,7 +159,7 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         key = (backward, gated, dtype == torch.float32)
         label = f"{'bwd' if backward else 'fwd'} {'LSTM-SA' if gated else 'SA-LSTM'} {gc.dname(dtype)}"
         with gc.launch_tables_kept():
-            gc.set_launch_tables(({}, set()))  # no table: the single-pass path with the heuristics
+            gc.set_launch_tables(({}, {}))  # no table: the single-pass path with the heuristics
             heuristic[key] = gc.bench_ms(fn, device)
         path0, launch0 = shipped_setting(key)
         shipped = (gc.bench_ms(fn, device), path0, launch0)
@@ -184,11 +191,14 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
 def apply(best):
     """The package's tables with ``best`` on top: one path and at most one launch entry per key."""
     for key, (_, path, launch) in best.items():
-        for p in ("single", "blocked"):
+        for p in la.PATHS:
             la.GPU_LAUNCH.pop((p, *key), None)
         if launch is not None:
             la.GPU_LAUNCH[(path, *key)] = launch
-        (la.BLOCKED_AT_CP64.add if path == "blocked" else la.BLOCKED_AT_CP64.discard)(key)
+        if path == "single":
+            la.PATH_AT_CP64.pop(key, None)
+        else:
+            la.PATH_AT_CP64[key] = path
 
 
 def graph_ms(step, device, grads) -> "tuple[float, float]":
@@ -407,7 +417,7 @@ def main() -> int:
         print(f"    ({path!r}, {bwd}, {gated}, {fp32}): {launch_literal(launch)},  "
               f"# {ms:.3f} ms, was {heuristic.get((bwd, gated, fp32), float('nan')):.3f}")
     print("}")
-    print(f"BLOCKED_AT_CP64 = {sorted(tuned[1])}", flush=True)
+    print(f"PATH_AT_CP64 = {dict(sorted(tuned[1].items()))}", flush=True)
     log = gc.ParityLog()
     shape = (1, 40, 6, 5) if args.cpu_smoke else (2, 64, 37, 41)
     for dtype in gc.DTYPES:

@@ -29,7 +29,8 @@ def test_gpu_check_cpu_smoke():
     out = _run("gpu_check.py", "--no-compile")
     last = out.strip().splitlines()[-1]
     assert last.startswith("parity: ") and " 0 FAIL" in last and not last.startswith("parity: 0 PASS"), last
-    assert "triton blocked" in out and "SUMMARY" in out  # the forced-blocked A/B and the table ran
+    # the routing table's A/B (every path forced at padded C = 64) and the table ran
+    assert all(f"triton {path} " in out for path in ("single", "blocked", "matmul")) and "SUMMARY" in out
     assert "PASS  module SALSTM2d(linear) B2 T2 Cin3 C8 5x3 state NHWC convs" in out
     assert out.count("PASS  op 64-bit offsets B1 C64 9x7") == 2  # the >2^31 cases' harness, both layouts
 
@@ -57,7 +58,7 @@ def test_gpu_tune_cpu_smoke():
                     "eager, cudnn.bm",
                     "tuned, cudnn.bm", "eager, ch_last"} | tuned, rows
     assert "convs alone" in out and "cat conv Cin=2C" in out
-    assert "GPU_LAUNCH = {" in out and "BLOCKED_AT_CP64 = " in out
+    assert "GPU_LAUNCH = {" in out and "PATH_AT_CP64 = {" in out
 
 
 def test_profile_rows_attribute_device_time():
@@ -86,8 +87,9 @@ def test_profile_rows_attribute_device_time():
 
 
 def test_sweep_tries_pipelining_depths_first():
-    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, the other path's table or
-    heuristics launch at depth 1, then both grids once each; the printed table entries read back as the same Launch."""
+    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, the other Triton-dots path's
+    table or heuristics launch at depth 1, the matmul path's at Triton's default depth, then the
+    three grids once each; the printed table entries read back as the same Launch."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import gpu_tune
@@ -101,8 +103,10 @@ def test_sweep_tries_pipelining_depths_first():
         other = "blocked" if path0 == "single" else "single"
         want = la.GPU_LAUNCH.get((other, *key)) or la.heuristic_launch(other, *key, 64)
         assert pts[2] == (other, want._replace(num_stages=1))
-        grids = [(p, lt) for p in ("single", "blocked") for lt in gpu_tune.grid(p, False, key)]
-        assert len(pts) == len(set(pts)) and set(grids) <= set(pts) and len(pts) <= len(grids) + 3
+        assert pts[3] == ("matmul", la.heuristic_launch("matmul", *key, 64))
+        grids = [(p, lt) for p in la.PATHS for lt in gpu_tune.grid(p, False, key)]
+        assert {p for p, _ in grids} == {"single", "blocked", "matmul"}
+        assert len(pts) == len(set(pts)) and set(grids) <= set(pts) and len(pts) <= len(grids) + 4
     # the float32 SA-LSTM backward: the single-pass launch sm90_stats --stages compiles (8 warps)
     assert gpu_tune.candidates((True, False, True), False)[2] == ("single", la.Launch(16, 2, 8, num_stages=1))
     for launch in (la.Launch(16, 2, 4), la.Launch(32, 2, 4, 64, "tf32x3"), la.Launch(16, 2, 8, num_stages=1)):

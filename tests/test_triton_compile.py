@@ -48,13 +48,13 @@ def test_blocks_per_sm_follows_the_occupancy_rules():
 
 
 def test_stage_survey_covers_every_tuned_direction():
-    """``sm90_stats --stages``: each C = 64 direction of the launch table (the blocked-routed ones at
+    """``sm90_stats --stages``: each C = 64 direction of the launch table (the ones routed elsewhere at
     the single-pass heuristics' launch) has both of its single-pass kernels at depths 1, 2, 3."""
     from salstm_kernels.triton import lstm_attention as la
     from salstm_kernels.triton import sm90_stats
 
     rows = list(sm90_stats.stage_variants())
-    directions = {k[1:] for k in la.GPU_LAUNCH} | set(la.BLOCKED_AT_CP64)
+    directions = {k[1:] for k in la.GPU_LAUNCH} | set(la.PATH_AT_CP64)
     per_dtype = {fp32: len(sm90_stats._dtypes_of(fp32)) for fp32 in (False, True)}
     assert len(rows) == sum(per_dtype[fp32] for _, _, fp32 in directions) * 2 * 3
     assert {r[-1] for r in rows} == {1, 2, 3}

@@ -406,51 +406,62 @@ def test_wide_channels_take_their_products_path(C, threshold, path, monkeypatch)
     assert calls == want[path]
 
 
-ROUTED_SHAPE = (2, 40, 7, 9)  # padded C = 64 (TUNED_CP): where BLOCKED_AT_CP64 and GPU_LAUNCH apply
+ROUTED_SHAPE = (2, 40, 7, 9)  # padded C = 64 (TUNED_CP): where PATH_AT_CP64 and GPU_LAUNCH apply
 
 
-@pytest.mark.parametrize("blocked_dirs", [(), (False,), (True,), (False, True)], ids=["none", "fwd", "bwd", "both"])
+@pytest.mark.parametrize("paths", [("single", "single"), ("blocked", "single"), ("single", "blocked"),
+                                   ("matmul", "matmul"), ("blocked", "matmul"), ("matmul", "single")],
+                         ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("gated", [False, True])
-def test_each_direction_takes_its_routed_path(blocked_dirs, gated, monkeypatch, nan_alloc):
-    """BLOCKED_AT_CP64 routes forward and backward apart at 33 <= C <= 64; every mix matches the
-    reference (P from one path feeds the other), and the routed path is the one that runs."""
+def test_each_direction_takes_its_routed_path(paths, gated, monkeypatch, nan_alloc):
+    """PATH_AT_CP64 routes forward and backward apart at 33 <= C <= 64, to any of the three paths;
+    every mix matches the reference (P from one path feeds the other), and the routed path is the
+    one that runs."""
     assert tk_attention._padded(ROUTED_SHAPE[1]) == tk_attention.TUNED_CP
-    routed = {(bwd, gated, True) for bwd in blocked_dirs}
-    monkeypatch.setattr(tk_attention, "BLOCKED_AT_CP64", routed)
+    routed = {(bwd, gated, True): path for bwd, path in zip((False, True), paths) if path != "single"}
+    monkeypatch.setattr(tk_attention, "PATH_AT_CP64", routed)
     calls = []
-    for name in ("_forward_blocked", "_backward_blocked"):
-        real = getattr(tk_attention, name)
-        monkeypatch.setattr(tk_attention, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for module, names in ((tk_attention, ("_forward_blocked", "_backward_blocked")),
+                          (tk_attention.attention_matmul, ("forward", "backward"))):
+        for name in names:
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     _check_attention(ROUTED_SHAPE, torch.float32, "linear", gated)
-    want = [n for n, bwd in (("_forward_blocked", False), ("_backward_blocked", True)) if bwd in blocked_dirs]
-    assert calls == want
+    names = {"blocked": ("_forward_blocked", "_backward_blocked"), "matmul": ("forward", "backward")}
+    assert calls == [names[path][bwd] for bwd, path in enumerate(paths) if path != "single"]
 
 
-def test_routing_applies_at_the_tuned_width_only():
-    """The measured routing is for padded C = 64; narrower C keeps the single-pass kernels."""
-    key = next(iter(tk_attention.BLOCKED_AT_CP64))
+def test_routing_applies_at_the_tuned_width_only(monkeypatch):
+    """The measured routing is for padded C = 64; narrower C keeps the single-pass kernels, wider
+    takes the channel-blocked paths by ``MATMUL_PRODUCTS_MIN_C`` alone."""
+    key = next(iter(tk_attention.PATH_AT_CP64))
     backward, gated, _ = key
-    assert not tk_attention._single_pass(40, backward, gated, torch.float32)
-    for C in (8, 24, 32):
-        assert tk_attention._single_pass(C, backward, gated, torch.float32), C
-    assert not tk_attention._single_pass(72, backward, gated, torch.float32)
+    for path in ("blocked", "matmul"):
+        monkeypatch.setitem(tk_attention.PATH_AT_CP64, key, path)
+        assert tk_attention.attention_path(40, backward, gated, torch.float32) == path
+        for C in (8, 24, 32):
+            assert tk_attention.attention_path(C, backward, gated, torch.float32) == "single", C
+        assert tk_attention.attention_path(72, backward, gated, torch.float32) == "blocked"
+        assert tk_attention.attention_path(SHIPPED_MATMUL_MIN_C, backward, gated, torch.float32) == "matmul"
+    assert tk_attention.attention_path(40, not backward, gated, torch.float32) == "single"  # not routed
 
 
 def test_shipped_launch_table_is_well_formed():
     """Every GPU_LAUNCH entry lies in the ranges the sweep measured (single-pass backward BN 64
     needs more shared memory than an H100 / H200 block has), and every routed direction has its
-    blocked setting and no dead single-pass one."""
+    path's setting and no dead one of another path."""
     la = tk_attention
     for key, launch in la.GPU_LAUNCH.items():
         path, backward, gated, fp32 = key
-        assert path in ("single", "blocked") and all(isinstance(k, bool) for k in key[1:]), key
+        assert path in la.PATHS and all(isinstance(k, bool) for k in key[1:]), key
         assert launch.bn in (16, 32, 64) and launch.bn_red in (16, 32, 64, 128), (key, launch)
         assert launch.num_warps in (4, 8) and launch.splits_per_sm > 0, (key, launch)
         assert not (path == "single" and backward and launch.bn > 32), (key, launch)
         assert launch.prec in (la.FLOAT32_PRECISIONS if fp32 else ("",)), (key, launch)
     for (path, *key) in la.GPU_LAUNCH:
-        assert (path == "blocked") == (tuple(key) in la.BLOCKED_AT_CP64), (path, key)
-    assert all(("blocked", *key) in la.GPU_LAUNCH for key in la.BLOCKED_AT_CP64)
+        assert path == la.PATH_AT_CP64.get(tuple(key), "single"), (path, key)
+    assert all(path in ("blocked", "matmul") for path in la.PATH_AT_CP64.values()), la.PATH_AT_CP64
+    assert all((path, *key) in la.GPU_LAUNCH for key, path in la.PATH_AT_CP64.items())
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -463,9 +474,10 @@ def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
     plan = tk_attention._Plan(A, 2, 40, 63, backward=True, gated=gated)
     assert (plan.BN, plan.num_warps, plan.prec) == (32, 4, "tf32x3")
     assert plan.options == {"num_warps": 4, "num_stages": 2}
-    bplan = tk_attention._BlockedPlan(A, 2, 40, 63, gated, backward=True)
-    assert (bplan.BN, bplan.BN_red, bplan.num_warps, bplan.prec) == (32, 32, 4, "tf32x3")
-    assert bplan.options == {"num_warps": 4, "num_stages": 2}
+    for matmul in (False, True):
+        bplan = tk_attention._BlockedPlan(A, 2, 40, 63, gated, backward=True, matmul=matmul)
+        assert (bplan.BN, bplan.BN_red, bplan.num_warps, bplan.prec) == (32, 32, 4, "tf32x3")
+        assert bplan.options == {"num_warps": 4, "num_stages": 2}
     # no depth in the entry: Triton's default (the option left out of the launch)
     monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch._replace(num_stages=0))
     assert tk_attention._Plan(A, 2, 40, 63, backward=True, gated=gated).options == {"num_warps": 4}
@@ -483,7 +495,7 @@ def test_launch_settings_reach_the_plans(gated, monkeypatch, nan_alloc):
         bplan16 = tk_attention._BlockedPlan(A.half(), 2, 40, 63, gated, backward=False)
         assert (plan16.prec, plan16.w16, bplan16.w16) == ("tf32", gated and w16, gated and w16)
     monkeypatch.setattr(tk_attention, "_tuned", lambda *a: launch)
-    monkeypatch.setattr(tk_attention, "BLOCKED_AT_CP64", {(True, gated, True)})
+    monkeypatch.setattr(tk_attention, "PATH_AT_CP64", {(True, gated, True): "blocked"})
     single = _spy_launches(monkeypatch, tk_attention, ("_cell_qk_scores_kernel", "_attention_out_kernel"))
     rows = _spy_launches(monkeypatch, tk_attention.blocked, ("attention_bwd_rows_kernel", "abt_partials_kernel"))
     _check_attention(ROUTED_SHAPE, torch.float32, "nonlinear", gated)
@@ -547,7 +559,7 @@ def compiled_gpu(monkeypatch):
 @pytest.mark.parametrize("gated", [False, True])
 def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch, compiled_gpu):
     """On CUDA the matmul path's rows kernels take MATMUL_ROWS_BLOCK_N (they only stream), never the
-    dots path's tile nor its measured table (at padded C = 64, where the forced A/B runs it)."""
+    dots path's tile nor its table entry (at padded C = 64, where PATH_AT_CP64 may route it)."""
     monkeypatch.setattr(tk_attention, "MATMUL_ROWS_BLOCK_N", 128)  # no other plan picks 128
     fake = _FakeCuda()
     for C in (40, 256):
@@ -578,9 +590,23 @@ def test_plans_without_an_entry_take_the_heuristic_launch(gated, fp32, monkeypat
             assert (plan.BN, plan.num_warps, plan.options) == (want.bn, want.num_warps,
                                                                {"num_warps": want.num_warps, **depth})
             assert plan.tiles_per_split == -(-plan.n_tiles // tk_attention._splits(A, want.splits_per_sm, 2))
-        want = tk_attention.heuristic_launch("blocked", backward, gated, fp32, 128)
-        bplan = tk_attention._BlockedPlan(A, 2, 72, 50176, gated, backward=backward)
-        assert (bplan.BN, bplan.BN_red, bplan.num_warps) == (want.bn, want.bn_red, want.num_warps)
+        for matmul in (False, True):
+            want = tk_attention.heuristic_launch("matmul" if matmul else "blocked", backward, gated, fp32, 128)
+            for C in (40, 72):
+                bplan = tk_attention._BlockedPlan(A, 2, C, 50176, gated, backward=backward, matmul=matmul)
+                assert (bplan.BN, bplan.BN_red, bplan.num_warps) == (want.bn, want.bn_red, want.num_warps)
+    assert tk_attention.heuristic_launch("matmul", True, gated, fp32, 64).bn == tk_attention.MATMUL_ROWS_BLOCK_N
+
+
+def test_each_plan_looks_up_its_own_path(monkeypatch):
+    """The single-pass, blocked and matmul plans read the table entries of their own path."""
+    asked = []
+    monkeypatch.setattr(tk_attention, "_tuned", lambda A, path, *a: asked.append(path))
+    A = torch.empty(2, 160, 7, 9)
+    tk_attention._Plan(A, 2, 40, 63, backward=True, gated=True)
+    tk_attention._BlockedPlan(A, 2, 40, 63, True, backward=True)
+    tk_attention._BlockedPlan(A, 2, 40, 63, True, backward=True, matmul=True)
+    assert asked == ["single", "blocked", "matmul"]
 
 
 def test_splits_scale_with_the_sm_count(compiled_gpu):

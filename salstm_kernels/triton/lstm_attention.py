@@ -48,8 +48,9 @@ output (projections, ``P V`` and their gradients) as library matmuls (:mod:`.att
 cuBLAS, 16-bit tensor cores for 16-bit inputs), its sums over pixels with the split-N Triton kernel
 on input-dtype operands, and its pointwise work in the blocked rows kernels.  The single-pass
 kernels are kept for ``C <= 64``: fewer launches and no temporaries,
-except at ``33 <= C <= 64`` in the directions listed in :data:`BLOCKED_AT_CP64` (the float32
-SA-LSTM backward, whose single-pass kernel measured 7.5x slower on an H200).
+except at ``33 <= C <= 64`` in the directions :data:`PATH_AT_CP64` routes to one of the wide
+paths (the float32 SA-LSTM backward, whose single-pass kernel measured 7.5x slower on an H200);
+:func:`attention_path` says which path a call takes.
 Tile width, split count and warps at those widths come from :data:`GPU_LAUNCH`, measured by
 ``benchmarks/gpu_tune.py``.
 sm_90 compile stats: ``python -m salstm_kernels.triton.sm90_stats``.
@@ -59,7 +60,7 @@ Reference: :func:`salstm_kernels.ops.reference_kernels.attention_forward` / ``at
 from __future__ import annotations
 
 import os
-from typing import Dict, NamedTuple, Set, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import torch
 import triton
@@ -119,8 +120,8 @@ def _launch_options(launch: Launch) -> dict:
 #: keep the compile-time heuristics of :class:`_Plan` / :class:`_BlockedPlan` and the default path.
 TUNED_CP = 64
 
-#: GPU launch settings at :data:`TUNED_CP`, keyed by ``(path, backward, gated, float32)`` with path
-#: ``"single"`` or ``"blocked"``; float16 shares bfloat16's (``float32`` False).  The fastest of a
+#: GPU launch settings at :data:`TUNED_CP`, keyed by ``(path, backward, gated, float32)`` with a path
+#: of :data:`PATHS`; float16 shares bfloat16's (``float32`` False).  The fastest of a
 #: sweep by ``benchmarks/gpu_tune.py`` on an NVIDIA H200 (triton 3.6, B=2, C=64, 224x224; the
 #: attention op alone, do_bench median; ``benchmarks/RESULTS.md``): the comment is that time and
 #: the compile-time heuristics' time in the same run.  The 16-bit LSTM-SA entries were measured
@@ -135,21 +136,33 @@ GPU_LAUNCH: Dict[Tuple[str, bool, bool, bool], "Launch"] = {
     ("single", True, True, False): Launch(16, 2, 4),  # 0.573 ms, was 0.808
     ("single", True, True, True): Launch(16, 1, 8),  # 1.118 ms, was 1.144
 }
-#: ``(backward, gated, float32)`` directions that run the channel-blocked kernels at
-#: :data:`TUNED_CP` too, where they measured faster than the single-pass ones.  The forward and
-#: backward are independent given ``P``, so each direction picks its own path.  The float32
-#: SA-LSTM backward: the single-pass kernel took 2.95 ms against 0.39 ms blocked.  Triton 3.6 (the
-#: H200's) compiles it to 32 registers and 3 KB of spills at its default pipelining depth, to 80
-#: registers and none at ``num_stages=1`` (``sm90_stats --stages``; Triton 3.9: no spills at any
-#: depth), a setting ``benchmarks/gpu_tune.py`` now sweeps first.
-BLOCKED_AT_CP64: Set[Tuple[bool, bool, bool]] = {(True, False, True)}
+#: The attention op's kernel paths: ``"single"`` (the single-pass kernels here, ``C <= 64``),
+#: ``"blocked"`` (channel-blocked Triton kernels with Triton dots, :mod:`.attention_blocked`) and
+#: ``"matmul"`` (the channel-blocked rows kernels with the long-output products as library matmuls,
+#: :mod:`.attention_matmul`).
+PATHS = ("single", "blocked", "matmul")
+#: ``(backward, gated, float32)`` directions that run another path than the single-pass one at
+#: :data:`TUNED_CP`, where it measured faster (``benchmarks/gpu_tune.py`` sweeps all three).  The
+#: forward and backward are independent given ``P``, so each direction picks its own path.  The
+#: float32 SA-LSTM backward: the single-pass kernel took 2.95 ms against 0.39 ms blocked.  Triton
+#: 3.6 (the H200's) compiles it to 32 registers and 3 KB of spills at its default pipelining depth,
+#: to 80 registers and none at ``num_stages=1`` (``sm90_stats --stages``; Triton 3.9: no spills at
+#: any depth), a setting ``benchmarks/gpu_tune.py`` now sweeps first.  The "matmul" path at this
+#: width is not yet measured on a GPU.
+PATH_AT_CP64: Dict[Tuple[bool, bool, bool], str] = {(True, False, True): "blocked"}
 
 
-def _single_pass(C: int, backward: bool, gated: bool, dtype: torch.dtype) -> bool:
+def attention_path(C: int, backward: bool, gated: bool, dtype: torch.dtype) -> str:
+    """The path (:data:`PATHS`) one direction of the op takes at ``C`` channels in ``dtype``:
+    single-pass up to padded ``C = 64`` except where :data:`PATH_AT_CP64` routes the measured width
+    elsewhere; wider, channel-blocked with Triton dots or, from :data:`MATMUL_PRODUCTS_MIN_C` on, with
+    library matmuls."""
     CP = _padded(C)
     if CP > FUSED_MAX_CP:
-        return False
-    return CP != TUNED_CP or (backward, gated, dtype == torch.float32) not in BLOCKED_AT_CP64
+        return "matmul" if C >= MATMUL_PRODUCTS_MIN_C else "blocked"
+    if CP == TUNED_CP:
+        return PATH_AT_CP64.get((backward, gated, dtype == torch.float32), "single")
+    return "single"
 
 
 def _tuned(A: torch.Tensor, path: str, backward: bool, gated: bool, C: int):
@@ -513,7 +526,8 @@ def heuristic_launch(path: str, backward: bool, gated: bool, fp32: bool, CP: int
     for sm_90 and reading ptxas register / spill counts.  Single-pass: ``(CP, BN)`` float32 tiles
     of about 2048 elements forward, 1024 backward (C = 64: BN 32 / 16), 8 warps from CP = 64.
     Blocked: ``(BC, BN)`` rows tiles, BN 16 where float32 "ieee" projection dots need it, and
-    ``(BC, BC)`` reduction accumulators over BN 64 loads, 8 warps.
+    ``(BC, BC)`` reduction accumulators over BN 64 loads, 8 warps.  Matmul: the rows kernels only
+    stream (:data:`MATMUL_ROWS_BLOCK_N`), the reductions as blocked.
 
     The float32 SA-LSTM single-pass backward takes pipelining depth 1: at Triton's default depth,
     Triton 3.6 (with CUDA 12.8's ptxas) spills it -- 116 B at CP = 16, 704 B at CP = 32, and at
@@ -523,6 +537,8 @@ def heuristic_launch(path: str, backward: bool, gated: bool, fp32: bool, CP: int
     if path == "single":
         return Launch(max(16, min(64, (1024 if backward else 2048) // CP)), 2, 4 if CP <= 32 else 8,
                       num_stages=1 if backward and fp32 and not gated else 0)
+    if path == "matmul":
+        return Launch(MATMUL_ROWS_BLOCK_N, 2, 8, 64)
     return Launch(16 if gated and fp32 else 32, 2, 8, 64)
 
 
@@ -600,10 +616,11 @@ def attention_forward(A, c, projections, scale, combination, bias=None):
     if B == 0 or C == 0 or N == 0:
         P = torch.softmax(torch.zeros(B, C, C, dtype=torch.float32, device=A.device), dim=-1)
         return out, h, c_new, P
-    if not _single_pass(C, False, gated, A.dtype):
-        if C >= MATMUL_PRODUCTS_MIN_C:
-            plan = _BlockedPlan(A, B, C, N, gated, backward=False, matmul=True)
-            return attention_matmul.forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan)
+    path = attention_path(C, False, gated, A.dtype)
+    if path == "matmul":
+        plan = _BlockedPlan(A, B, C, N, gated, backward=False, matmul=True)
+        return attention_matmul.forward(A, c, proj, scale, comb, layout, out, h, c_new, bias, plan)
+    if path == "blocked":
         return _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias)
     b, has_bias = bias_args(bias, A)
     plan = _Plan(A, B, C, N, backward=False, gated=gated)
@@ -639,10 +656,11 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
         empty = (torch.empty_like(A), torch.empty_like(c), dproj)
         return empty if bias is None else (*empty, bias_partials(0, A).sum(dim=0))
     P = P.to(device=A.device, dtype=torch.float32).contiguous()
-    if not _single_pass(C, True, gated, A.dtype):
-        if C >= MATMUL_PRODUCTS_MIN_C:
-            plan = _BlockedPlan(A, B, C, N, gated, backward=True, matmul=True)
-            return attention_matmul.backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan)
+    path = attention_path(C, True, gated, A.dtype)
+    if path == "matmul":
+        plan = _BlockedPlan(A, B, C, N, gated, backward=True, matmul=True)
+        return attention_matmul.backward(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias, plan)
+    if path == "blocked":
         return _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias)
     dA = torch.empty_like(A)
     dc = torch.empty_like(c)
@@ -693,14 +711,13 @@ class _BlockedPlan:
         self.BC = BLOCK_C
         self.NB = triton.cdiv(C, self.BC)
         gpu = A.device.type == "cuda" and not _interpreted()
-        tuned = None if matmul else _tuned(A, "blocked", backward, gated, C)  # measured for the dots path
-        heuristic = heuristic_launch("blocked", backward, gated, A.dtype == torch.float32, _padded(C))
+        path = "matmul" if matmul else "blocked"
+        tuned = _tuned(A, path, backward, gated, C)
+        heuristic = heuristic_launch(path, backward, gated, A.dtype == torch.float32, _padded(C))
         if BLOCK_N_OVERRIDE is not None:
             self.BN = self.BN_red = BLOCK_N_OVERRIDE
         elif tuned is not None:
             self.BN, self.BN_red = tuned.bn, tuned.bn_red
-        elif matmul and gpu:
-            self.BN, self.BN_red = MATMUL_ROWS_BLOCK_N, 64
         elif gpu:
             self.BN, self.BN_red = heuristic.bn, heuristic.bn_red
         else:
@@ -736,7 +753,7 @@ def _fp32_like(c):
 
 
 def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
-    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty; writes the outputs attention_forward allocated."""
+    """C > 64 (or routed here by PATH_AT_CP64), non-empty; writes the outputs attention_forward allocated."""
     B, C = c.shape[:2]
     N = c[0, 0].numel()
     gated = proj is not None
@@ -760,7 +777,7 @@ def _forward_blocked(A, c, proj, scale, comb, layout, out, h, c_new, bias):
 
 
 def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has, bias):
-    """C > 64 (or routed here by BLOCKED_AT_CP64), non-empty, P float32; ``bias``: the folded conv
+    """C > 64 (or routed here by PATH_AT_CP64), non-empty, P float32; ``bias``: the folded conv
     bias or None.  ``dA``, ``dc`` are allocated only for the last kernel, once the float32
     temporaries are down to ``dQ, dK, dV``: 5 state units fewer alive while they peak."""
     B, C = c.shape[:2]

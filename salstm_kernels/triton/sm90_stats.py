@@ -224,10 +224,10 @@ def shipped_single_pass():
 
 def stage_variants():
     """``--stages``: every C = 64 direction's single-pass kernels, as the shipped table (or the
-    heuristics, where the table routes the direction to the blocked kernels) launches them, at
+    heuristics, where the table routes the direction to another path) launches them, at
     pipelining depths 1, 2 and 3 (Triton's default on sm_90).  Triton 3.6, which the GPU runs,
     pipelines some of them into spills that depth 1 avoids (``Launch.num_stages``)."""
-    for backward, gated, fp32 in sorted({k[1:] for k in sp.GPU_LAUNCH} | set(sp.BLOCKED_AT_CP64)):
+    for backward, gated, fp32 in sorted({k[1:] for k in sp.GPU_LAUNCH} | set(sp.PATH_AT_CP64)):
         launch = (sp.GPU_LAUNCH.get(("single", backward, gated, fp32))
                   or sp.heuristic_launch("single", backward, gated, fp32, 64))
         for dt in _dtypes_of(fp32):
