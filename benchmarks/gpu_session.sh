@@ -3,8 +3,9 @@
 #
 #   REV=<commit> bash benchmarks/gpu_session.sh check  # ~4 min: >2^31-offset parity, wide-C parity and
 #                                                      # product-path A/B (C = 128, 256), host time
-#   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: launch sweep (bfloat16, float32 with
-#                                                      # tf32x3), parity with the result, module rows
+#   REV=<commit> bash benchmarks/gpu_session.sh tune   # ~8 min: launch and path sweep (bfloat16, float32
+#                                                      # with tf32x3; single-pass, blocked, matmul at
+#                                                      # C = 64), parity with the result, module rows
 #                                                      # incl. the A/B rows (f32 proj, 4-gate t0, ...)
 #   REV=<commit> bash benchmarks/gpu_session.sh full   # ~8 min: gpu_check.py -- every op / module / dtype,
 #                                                      # then the benchmark table (the issue-3 check)
