@@ -637,8 +637,9 @@ def forced_path(path: str):
 
 @contextlib.contextmanager
 def forced_products(matmul: bool, split_n: bool = True):
-    """Every channel-blocked call does its products as library matmuls (``matmul``) or as Triton
-    dots, whatever ``MATMUL_PRODUCTS_MIN_C`` says (the A/B at wide C); ``split_n`` False: the
+    """Every call at padded C > 64 does its products as library matmuls (``matmul``) or as Triton
+    dots, whatever ``MATMUL_PRODUCTS_MIN_C`` says (the A/B at wide C; at C = 64 ``PATH_AT_CP64``
+    decides, see :func:`forced_path`); ``split_n`` False: the
     matmul path's sums over pixels as bmm too (``attention_matmul.SPLIT_N_REDUCTIONS``)."""
     from salstm_kernels.triton import attention_matmul, lstm_attention as la
 
@@ -721,6 +722,8 @@ def profile_rows(events, steps, ours):
 
 def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
     """The non-conv part alone: lstm_attention fwd+bwd and lstm_cell fwd+bwd, GB/s vs copy BW."""
+    from salstm_kernels.triton import lstm_attention as la
+
     N = H * W
     es = torch.tensor([], dtype=dtype).element_size()
     g = torch.Generator(device=device).manual_seed(0)
@@ -740,11 +743,9 @@ def bench_fused_part(table: Table, tk, device, dtype, B, C, H, W, copy_gbs):
         nbytes = 21 * B * C * N * es
         variants = [("triton ops", contextlib.nullcontext(), fused_path(C, gated, dtype))]
         if tuned_width(C):  # the routing table's A/B at padded C = 64, every path
-            for path in ("single", "blocked", "matmul"):
+            for path in la.PATHS:
                 variants.append((f"triton {path}", forced_path(path), f"C={C} {PATH_NAMES[path]} (forced)"))
         elif not single_pass(C, False, gated, dtype):  # wider: the channel-blocked path, both product forms
-            from salstm_kernels.triton import lstm_attention as la
-
             matmul = C < la.MATMUL_PRODUCTS_MIN_C  # the other products path than the shipped one
             variants.append(("triton matmul" if matmul else "triton dots", forced_products(matmul),
                              f"C={C} channel-blocked, {'matmul products' if matmul else 'Triton dots'} (forced)"))

@@ -64,7 +64,7 @@ def grid(path, smoke, key=(False, False, False)):
     x3_fits = fp32 and not (path == "single" and backward and gated)
     if smoke:
         pts = [la.Launch(16, 2, 4)] if path == "single" else [la.Launch(16, 2, 8, 16)]
-        return pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits and path != "matmul" else [])
+        return pts + ([pts[0]._replace(prec="tf32x3")] if x3_fits else [])
     if path == "single":
         pts = [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
         x3 = [la.Launch(16, per_sm, w, prec="tf32x3") for w, per_sm in itertools.product((4, 8), (1, 2))]
@@ -86,10 +86,10 @@ SWEEP_STAGES = (1, 2)
 
 def candidates(key, smoke):
     """``(path, launch)`` points of one key in the order the sweep times them (its budget may stop
-    it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`; the other Triton-dots
+    it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`; then each other
     path's launch (its table entry, or the heuristics' one -- what ``sm90_stats --stages``
-    compiles) at depth 1; the matmul path's launch as the heuristics give it (not yet timed on a GPU
-    at C = 64); then each path's grid."""
+    compiles), the Triton-dots paths at depth 1, the matmul path at the depth its table entry or
+    heuristics give (not yet timed on a GPU at C = 64); then each path's grid."""
     path0, _ = shipped_setting(key)
 
     def table_or_heuristic(path):
@@ -97,7 +97,8 @@ def candidates(key, smoke):
 
     first = [(path0, table_or_heuristic(path0)._replace(num_stages=d)) for d in SWEEP_STAGES]
     for other in (p for p in la.PATHS if p != path0):
-        first.append((other, table_or_heuristic(other)._replace(num_stages=0 if other == "matmul" else 1)))
+        launch = table_or_heuristic(other)
+        first.append((other, launch if other == "matmul" else launch._replace(num_stages=1)))
     if smoke:
         first = first[:1]  # interpreter time
     rest = [(path, launch) for path in la.PATHS for launch in grid(path, smoke, key)]

@@ -30,7 +30,9 @@ def test_gpu_check_cpu_smoke():
     last = out.strip().splitlines()[-1]
     assert last.startswith("parity: ") and " 0 FAIL" in last and not last.startswith("parity: 0 PASS"), last
     # the routing table's A/B (every path forced at padded C = 64) and the table ran
-    assert all(f"triton {path} " in out for path in ("single", "blocked", "matmul")) and "SUMMARY" in out
+    for path in ("single-pass", "channel-blocked", "channel-blocked, matmul products"):
+        assert f"C=40 {path} (forced)" in out, path
+    assert "SUMMARY" in out
     assert "PASS  module SALSTM2d(linear) B2 T2 Cin3 C8 5x3 state NHWC convs" in out
     assert out.count("PASS  op 64-bit offsets B1 C64 9x7") == 2  # the >2^31 cases' harness, both layouts
 
@@ -86,24 +88,45 @@ def test_profile_rows_attribute_device_time():
     assert ops == [("aten::convolution", 3.0), ("aten::copy_", 1.0), ("LstmAttentionFunction", 1.0)]
 
 
-def test_sweep_tries_pipelining_depths_first():
-    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, the other Triton-dots path's
-    table or heuristics launch at depth 1, the matmul path's at Triton's default depth, then the
-    three grids once each; the printed table entries read back as the same Launch."""
+def _gpu_tune():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import gpu_tune
     finally:
         sys.path.pop(0)
+    return gpu_tune
+
+
+@pytest.fixture
+def fixed_tables(monkeypatch):
+    """Launch tables with one direction on each path (not the shipped ones: a sweep may change those)."""
+    gpu_tune = _gpu_tune()
     la = gpu_tune.la
-    for key in ((True, False, True), (True, True, False)):  # routed blocked / single-pass in the table
+    monkeypatch.setattr(la, "GPU_LAUNCH", {
+        ("blocked", True, False, True): la.Launch(32, 2, 4, 64),
+        ("single", True, True, False): la.Launch(16, 2, 4),
+        ("matmul", False, True, True): la.Launch(64, 2, 4, 64, num_stages=2),
+    })
+    monkeypatch.setattr(la, "PATH_AT_CP64", {(True, False, True): "blocked", (False, True, True): "matmul"})
+    return gpu_tune
+
+
+def test_sweep_tries_pipelining_depths_first(fixed_tables):
+    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, then each other path's table
+    or heuristics launch (Triton-dots paths at depth 1, the matmul path as set), then
+    the three grids once each; the printed table entries read back as the same Launch."""
+    gpu_tune = fixed_tables
+    la = gpu_tune.la
+    for key, path in (((True, False, True), "blocked"), ((True, True, False), "single"),
+                      ((False, True, True), "matmul")):
         pts = gpu_tune.candidates(key, smoke=False)
         path0, launch0 = gpu_tune.shipped_setting(key)
+        assert path0 == path and launch0 == la.GPU_LAUNCH[(path, *key)]
         assert pts[:2] == [(path0, launch0._replace(num_stages=1)), (path0, launch0._replace(num_stages=2))]
-        other = "blocked" if path0 == "single" else "single"
-        want = la.GPU_LAUNCH.get((other, *key)) or la.heuristic_launch(other, *key, 64)
-        assert pts[2] == (other, want._replace(num_stages=1))
-        assert pts[3] == ("matmul", la.heuristic_launch("matmul", *key, 64))
+        others = [(p, la.GPU_LAUNCH.get((p, *key)) or la.heuristic_launch(p, *key, 64)) for p in la.PATHS
+                  if p != path0]
+        others = [(p, lt if p == "matmul" else lt._replace(num_stages=1)) for p, lt in others]
+        assert pts[2:4] == others and {p for p, _ in pts[:4]} == set(la.PATHS)
         grids = [(p, lt) for p in la.PATHS for lt in gpu_tune.grid(p, False, key)]
         assert {p for p, _ in grids} == {"single", "blocked", "matmul"}
         assert len(pts) == len(set(pts)) and set(grids) <= set(pts) and len(pts) <= len(grids) + 4
@@ -111,6 +134,31 @@ def test_sweep_tries_pipelining_depths_first():
     assert gpu_tune.candidates((True, False, True), False)[2] == ("single", la.Launch(16, 2, 8, num_stages=1))
     for launch in (la.Launch(16, 2, 4), la.Launch(32, 2, 4, 64, "tf32x3"), la.Launch(16, 2, 8, num_stages=1)):
         assert eval(gpu_tune.launch_literal(launch), {"Launch": la.Launch}) == launch
+
+
+def test_sweep_results_set_one_path_and_launch_per_direction(fixed_tables):
+    """``gpu_tune.apply`` (a sweep's winners) and ``setting`` (one point): each direction ends with
+    one path in PATH_AT_CP64 (none for single-pass) and at most one GPU_LAUNCH entry, of that path;
+    ``setting`` restores the tables on exit."""
+    gpu_tune = fixed_tables
+    la = gpu_tune.la
+
+    def entries(key):
+        return {p: la.GPU_LAUNCH[(p, *key)] for p in la.PATHS if (p, *key) in la.GPU_LAUNCH}
+
+    key = (True, True, False)  # single-pass with an entry
+    before = (dict(la.GPU_LAUNCH), dict(la.PATH_AT_CP64))
+    with gpu_tune.setting(key, "matmul", la.Launch(32, 2, 8, 64)):
+        assert la.PATH_AT_CP64[key] == "matmul" and entries(key) == {"matmul": la.Launch(32, 2, 8, 64)}
+        assert gpu_tune.shipped_setting(key) == ("matmul", la.Launch(32, 2, 8, 64))
+    assert (la.GPU_LAUNCH, la.PATH_AT_CP64) == before
+    gpu_tune.apply({key: (0.3, "matmul", la.Launch(64, 2, 4, 64))})
+    assert la.PATH_AT_CP64[key] == "matmul" and entries(key) == {"matmul": la.Launch(64, 2, 4, 64)}
+    gpu_tune.apply({key: (0.3, "blocked", None)})  # the blocked heuristics: routed, no entry
+    assert la.PATH_AT_CP64[key] == "blocked" and entries(key) == {}
+    gpu_tune.apply({(False, True, True): (0.1, "single", None)})  # back to single-pass: no route
+    assert (False, True, True) not in la.PATH_AT_CP64 and entries((False, True, True)) == {}
+    assert entries((True, False, True)) == {"blocked": la.Launch(32, 2, 4, 64)}  # untouched
 
 
 def test_memory_peak_replay_lists_what_is_alive_at_the_peak():

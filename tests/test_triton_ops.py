@@ -433,17 +433,22 @@ def test_each_direction_takes_its_routed_path(paths, gated, monkeypatch, nan_all
 
 def test_routing_applies_at_the_tuned_width_only(monkeypatch):
     """The measured routing is for padded C = 64; narrower C keeps the single-pass kernels, wider
-    takes the channel-blocked paths by ``MATMUL_PRODUCTS_MIN_C`` alone."""
-    key = next(iter(tk_attention.PATH_AT_CP64))
-    backward, gated, _ = key
+    takes the channel-blocked paths by ``MATMUL_PRODUCTS_MIN_C`` alone; an unknown path is an error."""
+    backward, gated = True, False
+    key = (backward, gated, True)
     for path in ("blocked", "matmul"):
-        monkeypatch.setitem(tk_attention.PATH_AT_CP64, key, path)
+        monkeypatch.setattr(tk_attention, "PATH_AT_CP64", {key: path})
         assert tk_attention.attention_path(40, backward, gated, torch.float32) == path
         for C in (8, 24, 32):
             assert tk_attention.attention_path(C, backward, gated, torch.float32) == "single", C
         assert tk_attention.attention_path(72, backward, gated, torch.float32) == "blocked"
         assert tk_attention.attention_path(SHIPPED_MATMUL_MIN_C, backward, gated, torch.float32) == "matmul"
     assert tk_attention.attention_path(40, not backward, gated, torch.float32) == "single"  # not routed
+    monkeypatch.setattr(tk_attention, "PATH_AT_CP64", {key: "single"})  # routed to the default: allowed
+    assert tk_attention.attention_path(40, backward, gated, torch.float32) == "single"
+    monkeypatch.setattr(tk_attention, "PATH_AT_CP64", {key: "Matmul"})
+    with pytest.raises(ValueError, match="PATH_AT_CP64"):
+        tk_attention.attention_path(40, backward, gated, torch.float32)
 
 
 def test_shipped_launch_table_is_well_formed():
@@ -559,8 +564,10 @@ def compiled_gpu(monkeypatch):
 @pytest.mark.parametrize("gated", [False, True])
 def test_matmul_path_plans_its_own_row_tiles(gated, monkeypatch, compiled_gpu):
     """On CUDA the matmul path's rows kernels take MATMUL_ROWS_BLOCK_N (they only stream), never the
-    dots path's tile nor its table entry (at padded C = 64, where PATH_AT_CP64 may route it)."""
+    dots path's tile nor its table entry (at padded C = 64, where PATH_AT_CP64 may route it), when
+    the table has no matmul entry."""
     monkeypatch.setattr(tk_attention, "MATMUL_ROWS_BLOCK_N", 128)  # no other plan picks 128
+    monkeypatch.setattr(tk_attention, "GPU_LAUNCH", {("blocked", True, gated, True): tk_attention.Launch(32, 2, 4)})
     fake = _FakeCuda()
     for C in (40, 256):
         dots = tk_attention._BlockedPlan(fake, 2, C, 50176, gated, backward=True)

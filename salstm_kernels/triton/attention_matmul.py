@@ -1,4 +1,5 @@
-"""The attention op at wide ``C`` with its long-output products done by ``torch.matmul`` (cuBLAS).
+"""The attention op at wide ``C`` (and at ``33 <= C <= 64`` where ``lstm_attention.PATH_AT_CP64``
+routes a direction here) with its long-output products done by ``torch.matmul`` (cuBLAS).
 
 At ``C = 256`` the channel-blocked Triton path (:mod:`.attention_blocked`) measured slower than the
 eager reference on an H200 (float32 SA-LSTM 8.6 against 7.3 ms, LSTM-SA 25.3 against 11.9 ms,
@@ -7,7 +8,8 @@ cores), about 10 TFLOPS, and at ``C = 256`` the products are most of the op's wo
 byte).  Here the products with a long ``(C, N)`` output -- ``P V``, ``dS K``, ``dS^T Q``, ``P^T dO``,
 LSTM-SA's projections ``W h'`` and ``W^T dq`` -- are library matmuls as in the reference; the sums
 over pixels with a ``(C, C)`` output (``Q K^T``, ``dO V^T``, ``dW = dq h'^T``) run the blocked
-path's split-N Triton kernel (tf32 dots for 16-bit operands, "ieee" for float32; see
+path's split-N Triton kernel (tf32 dots for 16-bit operands, "ieee" for float32 unless a launch
+table entry sets ``Launch.prec``; see
 :data:`SPLIT_N_REDUCTIONS`); the pointwise work stays fused in the blocked rows
 kernels (gates, ``c'``, ``h'``, ``Q, K, V`` formation, their chain rule, the cell backward into
 ``dA``, ``dc``) with ``PROJ`` set: they read the projections (and ``sum_j W_j^T dq_j``) from memory

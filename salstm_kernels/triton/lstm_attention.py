@@ -82,12 +82,13 @@ _COMBINATIONS = {"linear": 0, "nonlinear": 1, "none": 2}
 #: than the 227 KiB of shared memory an H100 block can have (measured by compiling for sm_90), so
 #: wider ``C`` runs the channel-blocked kernels (:mod:`.attention_blocked`).
 FUSED_MAX_CP = 64
-#: Narrowest ``C`` whose channel-blocked path does its products with a long output (``P V``,
+#: Narrowest ``C`` above the single-pass range whose channel-blocked path does its products with a
+#: long output (``P V``,
 #: ``dS K``, LSTM-SA's projections and their gradients) as library matmuls (:mod:`.attention_matmul`;
 #: cuBLAS on a GPU) instead of blocked Triton dots (the sums over pixels: see
 #: ``attention_matmul.SPLIT_N_REDUCTIONS``).  The Triton dots measured slower than eager at
 #: ``C = 256`` and faster at ``C = 128`` (H200, ``RESULTS.md``); the matmul form is not yet measured
-#: on a GPU.
+#: on a GPU.  (At ``33 <= C <= 64`` :data:`PATH_AT_CP64` picks the path per direction instead.)
 MATMUL_PRODUCTS_MIN_C = 129
 #: Force the number of N splits of the reduction kernels (tests use it to cover 1 and many splits).
 SPLITS_OVERRIDE = None
@@ -161,7 +162,10 @@ def attention_path(C: int, backward: bool, gated: bool, dtype: torch.dtype) -> s
     if CP > FUSED_MAX_CP:
         return "matmul" if C >= MATMUL_PRODUCTS_MIN_C else "blocked"
     if CP == TUNED_CP:
-        return PATH_AT_CP64.get((backward, gated, dtype == torch.float32), "single")
+        path = PATH_AT_CP64.get((backward, gated, dtype == torch.float32), "single")
+        if path not in PATHS:
+            raise ValueError(f"PATH_AT_CP64 routes to one of {PATHS}, got {path!r}")
+        return path
     return "single"
 
 
@@ -699,8 +703,9 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
 BLOCK_C = 64
 
 
-#: N tile of the matmul path's rows kernels on a GPU (:mod:`.attention_matmul`): with ``PROJ`` they
-#: only stream, so not the blocked path's tile (16 for gated float32, sized for the projection dots).
+#: N tile of the matmul path's rows kernels on a GPU (:mod:`.attention_matmul`) where the table has no
+#: ``("matmul", ...)`` entry: with ``PROJ`` they only stream, so not the blocked path's tile (16 for
+#: gated float32, sized for the projection dots).
 #: sm_90 (``sm90_stats``, 8 warps): 30-127 registers, no spills, 2-8 blocks per SM at 32; at 64 the
 #: backward kernels hold 1 block per SM (fewer elements in flight).
 MATMUL_ROWS_BLOCK_N = 32

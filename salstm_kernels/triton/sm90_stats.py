@@ -142,7 +142,7 @@ def variants():
             yield (f"attention_bwd_rows {tag}", bk.attention_bwd_rows_kernel,
                    {**a, **w, "dh_ptr": dt, "dcn_ptr": dt, "da_ptr": dt, "dc_ptr": dt},
                    dict(BC=BC, BN=BN, COMB=comb, GATED=gated, PREC=prec, **w16), W)
-            if gated:  # attention_matmul (C >= MATMUL_PRODUCTS_MIN_C): projections read, operands in dt
+            if gated:  # attention_matmul (C >= MATMUL_PRODUCTS_MIN_C, or routed at C = 64): projections read
                 pp = {n: dt for n in ("hsrc_ptr", "h_ptr", "cn_ptr", "pq_ptr", "pk_ptr", "pv_ptr", "q_ptr", "k_ptr",
                                       "v_ptr", "dqa_ptr", "dka_ptr", "dva_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
                                       "dfq_ptr", "dfk_ptr", "dfv_ptr", "wdq_ptr")}
