@@ -68,6 +68,8 @@ def grid(path, smoke, key=(False, False, False)):
     if path == "single":
         pts = [la.Launch(bn, per_sm, w) for bn, w, per_sm in itertools.product((16, 32, 64), (4, 8), (1, 2, 4))]
         x3 = [la.Launch(16, per_sm, w, prec="tf32x3") for w, per_sm in itertools.product((4, 8), (1, 2))]
+        if backward and gated:  # the dW sums apart from the kernel (Launch.dw_apart)
+            pts += [la.Launch(16, per_sm, w, dw_apart=True) for w, per_sm in itertools.product((4, 8), (1, 2))]
     elif path == "matmul":
         pts = [la.Launch(bn, 2, w, 64) for bn, w in itertools.product((32, 64), (4, 8))]
         x3 = [la.Launch(32, 2, 8, 64, "tf32x3")]
@@ -86,8 +88,9 @@ SWEEP_STAGES = (1, 2)
 
 def candidates(key, smoke):
     """``(path, launch)`` points of one key in the order the sweep times them (its budget may stop
-    it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`; then each other
-    path's launch (its table entry, or the heuristics' one -- what ``sm90_stats --stages``
+    it early): first the shipped launch at each depth of :data:`SWEEP_STAGES`; for the LSTM-SA
+    backward the single-pass launch with its dW sums apart (``Launch.dw_apart``) at 4 and 8 warps;
+    then each other path's launch (its table entry, or the heuristics' one -- what ``sm90_stats --stages``
     compiles), the Triton-dots paths at depth 1, the matmul path at the depth its table entry or
     heuristics give (not yet timed on a GPU at C = 64); then each path's grid."""
     path0, _ = shipped_setting(key)
@@ -96,6 +99,11 @@ def candidates(key, smoke):
         return la.GPU_LAUNCH.get((path, *key)) or la.heuristic_launch(path, *key, la.TUNED_CP)
 
     first = [(path0, table_or_heuristic(path0)._replace(num_stages=d)) for d in SWEEP_STAGES]
+    backward, gated, _ = key
+    if backward and gated:  # the single-pass LSTM-SA backward with its dW sums apart, 4 and 8 warps
+        single = table_or_heuristic("single")
+        for warps in (single.num_warps, 8 if single.num_warps == 4 else 4):
+            first.append(("single", single._replace(dw_apart=True, num_warps=warps)))
     for other in (p for p in la.PATHS if p != path0):
         launch = table_or_heuristic(other)
         first.append((other, launch if other == "matmul" else launch._replace(num_stages=1)))
@@ -111,6 +119,7 @@ def launch_literal(launch) -> str:
     args = [repr(x) for x in launch[:4]]
     args += [repr(launch.prec)] if launch.prec else []
     args += [f"num_stages={launch.num_stages}"] if launch.num_stages else []
+    args += ["dw_apart=True"] if launch.dw_apart else []
     return f"Launch({', '.join(args)})"
 
 

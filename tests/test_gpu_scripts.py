@@ -112,9 +112,10 @@ def fixed_tables(monkeypatch):
 
 
 def test_sweep_tries_pipelining_depths_first(fixed_tables):
-    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, then each other path's table
-    or heuristics launch (Triton-dots paths at depth 1, the matmul path as set), then
-    the three grids once each; the printed table entries read back as the same Launch."""
+    """``gpu_tune``'s sweep order: the shipped launch at depths 1 and 2, for the LSTM-SA backward the
+    single-pass launch with the dW sums apart at 4 and 8 warps, then each other path's table or
+    heuristics launch (Triton-dots paths at depth 1, the matmul path as set), then the three grids
+    once each; the printed table entries read back as the same Launch."""
     gpu_tune = fixed_tables
     la = gpu_tune.la
     for key, path in (((True, False, True), "blocked"), ((True, True, False), "single"),
@@ -126,13 +127,19 @@ def test_sweep_tries_pipelining_depths_first(fixed_tables):
         others = [(p, la.GPU_LAUNCH.get((p, *key)) or la.heuristic_launch(p, *key, 64)) for p in la.PATHS
                   if p != path0]
         others = [(p, lt if p == "matmul" else lt._replace(num_stages=1)) for p, lt in others]
-        assert pts[2:4] == others and {p for p, _ in pts[:4]} == set(la.PATHS)
+        apart = []
+        if key[0] and key[1]:
+            single = la.GPU_LAUNCH[("single", *key)]  # (16, 2, 4) in these tables
+            apart = [("single", single._replace(dw_apart=True, num_warps=w)) for w in (4, 8)]
+        assert pts[2:4 + len(apart)] == apart + others and {p for p, _ in pts[:4 + len(apart)]} == set(la.PATHS)
         grids = [(p, lt) for p in la.PATHS for lt in gpu_tune.grid(p, False, key)]
         assert {p for p, _ in grids} == {"single", "blocked", "matmul"}
-        assert len(pts) == len(set(pts)) and set(grids) <= set(pts) and len(pts) <= len(grids) + 4
+        assert any(lt.dw_apart for _, lt in grids) == (key[0] and key[1])  # only the LSTM-SA backward
+        assert len(pts) == len(set(pts)) and set(grids) <= set(pts) and len(pts) <= len(grids) + 6
     # the float32 SA-LSTM backward: the single-pass launch sm90_stats --stages compiles (8 warps)
     assert gpu_tune.candidates((True, False, True), False)[2] == ("single", la.Launch(16, 2, 8, num_stages=1))
-    for launch in (la.Launch(16, 2, 4), la.Launch(32, 2, 4, 64, "tf32x3"), la.Launch(16, 2, 8, num_stages=1)):
+    for launch in (la.Launch(16, 2, 4), la.Launch(32, 2, 4, 64, "tf32x3"), la.Launch(16, 2, 8, num_stages=1),
+                   la.Launch(16, 1, 8, dw_apart=True)):
         assert eval(gpu_tune.launch_literal(launch), {"Launch": la.Launch}) == launch
 
 

@@ -29,10 +29,11 @@ def test_every_kernel_compiles_for_sm90():
                          env=env, capture_output=True, text=True, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    # 16 kernels x 3 layouts (2 of them GATES=3: the zero-state cell, 3 with PROJ: the matmul path's
-    # rows kernels), the 7 attention kernels with projections once more with float32-operand dots,
-    # 5 partial-reduction variants, 4 cell_bwd_plane / _pixels ones
-    assert "64 variants" in out, out[-3000:]
+    # 17 kernels x 3 layouts (2 of them GATES=3: the zero-state cell, 3 with PROJ: the matmul path's
+    # rows kernels, 1 DW_APART: the single-pass backward with its dW sums apart), the 8 attention
+    # kernels with projections once more with float32-operand dots, 5 partial-reduction variants,
+    # 4 cell_bwd_plane / _pixels ones
+    assert "68 variants" in out, out[-3000:]
 
 
 def test_blocks_per_sm_follows_the_occupancy_rules():
@@ -53,10 +54,16 @@ def test_stage_survey_covers_every_tuned_direction():
     from salstm_kernels.triton import lstm_attention as la
     from salstm_kernels.triton import sm90_stats
 
-    rows = list(sm90_stats.stage_variants())
+    all_rows = list(sm90_stats.stage_variants())
+    rows = [r for r in all_rows if not r[0].endswith("dw_apart")]
     directions = {k[1:] for k in la.GPU_LAUNCH} | set(la.PATH_AT_CP64)
     per_dtype = {fp32: len(sm90_stats._dtypes_of(fp32)) for fp32 in (False, True)}
     assert len(rows) == sum(per_dtype[fp32] for _, _, fp32 in directions) * 2 * 3
+    # the LSTM-SA backward's dW-apart candidates: the attention_bwd kernel at 4 and 8 warps, 3 depths
+    apart = [r for r in all_rows if r[0].endswith("dw_apart")]
+    assert len(apart) == sum(per_dtype[fp32] for bwd, gated, fp32 in directions if bwd and gated) * 2 * 3
+    assert all(r[3]["DW_APART"] and r[1] is la._attention_bwd_kernel for r in apart)
+    assert not any(r[3].get("DW_APART") for r in rows)
     assert {r[-1] for r in rows} == {1, 2, 3}
     assert all(r[3].get("HAS_BIAS") for r in rows if "HAS_BIAS" in r[1].arg_names)  # as the modules launch
     assert any(r[0].startswith("attention_bwd_kernel fp32 gated=0 BN=16 warps=8 stages=1") for r in rows)

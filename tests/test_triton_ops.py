@@ -532,6 +532,43 @@ def _spy_launches(monkeypatch, module, names):
     return seen
 
 
+def _record_launches(monkeypatch, module, name, keyword):
+    """Replace ``module.<name>`` by a kernel that records ``keyword`` of every launch, then launches."""
+    kernel, seen = getattr(module, name), []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs.get(keyword))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, name, Spy())
+    return seen
+
+
+@pytest.mark.parametrize("dtype,combination,fmt", [
+    (torch.float32, "linear", torch.contiguous_format), (torch.float32, "none", torch.channels_last),
+    (torch.float16, "nonlinear", torch.contiguous_format)], ids=["fp32-linear", "fp32-none-nhwc", "fp16-nonlinear"])
+def test_dw_sums_apart_match_the_reference(dtype, combination, fmt, monkeypatch, nan_alloc):
+    """``Launch.dw_apart``: the LSTM-SA single-pass backward stores ``dq, dk, dv, h'`` and the split-N
+    kernel sums ``dW = dq h'^T`` and ``db`` apart (three launches); every gradient matches the
+    reference (outputs NaN-filled first), the conv-bias variant too; the forward and SA-LSTM keep
+    the kernel's own path."""
+    apart = tk_attention.Launch(16, 2, 4, dw_apart=True)
+    monkeypatch.setattr(tk_attention, "_tuned", lambda A, path, *a: apart if path == "single" else None)
+    monkeypatch.setattr(tk_attention, "PATH_AT_CP64", {})  # every direction single-pass
+    flags = _record_launches(monkeypatch, tk_attention, "_attention_bwd_kernel", "DW_APART")
+    sums = _record_launches(monkeypatch, tk_attention.blocked, "abt_partials_kernel", "ROWSUM")
+    _check_attention(ROUTED_SHAPE, dtype, combination, True, fmt=fmt)
+    assert flags == [True] and sums == [True] * 3
+    _check_attention_bias(40, combination, True, fmt, dtype)
+    assert flags == [True] * 2 and sums == [True] * 6
+    _check_attention(ROUTED_SHAPE, dtype, "linear", False, fmt=fmt)  # SA-LSTM: no projections
+    assert flags == [True, True, False] and len(sums) == 6
+
+
 class _FakeCuda:
     """Stands in for a CUDA tensor where only ``.device`` and ``.dtype`` are read."""
 

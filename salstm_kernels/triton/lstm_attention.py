@@ -102,7 +102,13 @@ class Launch(NamedTuple):
     ``prec``: the ``tl.dot`` input precision for float32 inputs, "" for the default "ieee" (see the
     module docstring); "tf32x3" (three TF32 tensor-core products, about float32's accuracy) is a
     candidate ``benchmarks/gpu_tune.py`` sweeps.  16-bit inputs take "tf32" on float32 operands (their
-    ``prec`` stays ""), the learned projections' dots as :data:`WEIGHT_DOTS_16BIT` says."""
+    ``prec`` stays ""), the learned projections' dots as :data:`WEIGHT_DOTS_16BIT` says.
+    ``dw_apart`` (the single-pass LSTM-SA backward only): the projection-weight gradients
+    ``dW = dq h'^T`` summed over pixels by the split-N kernel of the channel-blocked path instead of
+    in the kernel's registers, from ``dq, dk, dv, h'`` the kernel stores in the input dtype (4 state
+    units more traffic and memory; Triton 3.6 sm_90 compiles, C = 64, BN 16: float32 with 8 warps
+    spills nothing instead of 292-1304 B, bfloat16 396-500 B instead of 1164-1248 B).  A sweep
+    candidate, not yet timed on a GPU."""
 
     bn: int
     splits_per_sm: float
@@ -110,6 +116,7 @@ class Launch(NamedTuple):
     bn_red: int = 64
     prec: str = ""
     num_stages: int = 0  # software-pipelining depth of the kernels' N loops; 0: Triton's default
+    dw_apart: bool = False
 
 
 def _launch_options(launch: Launch) -> dict:
@@ -367,15 +374,18 @@ def _scores_grad_kernel(
 def _attention_bwd_kernel(
     a_ptr, c_ptr, do_ptr, dh_ptr, dcn_ptr, p_ptr, ds_ptr,
     wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-    da_ptr, dc_ptr, dw_ptr, db_ptr, bias_ptr, dbias_ptr,
+    da_ptr, dc_ptr, dw_ptr, db_ptr, bias_ptr, dbias_ptr, apart_ptr,
     C, N, tiles_per_split, n_tiles, SPLITS,
     CP: tl.constexpr, BN: tl.constexpr, COMB: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr,
     LAYOUT: tl.constexpr, HAS_DH: tl.constexpr = True, HAS_DCN: tl.constexpr = True,
-    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False, W16: tl.constexpr = False, DW_APART: tl.constexpr = False,
 ):
     """``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``, QKV chain rule, then ``dA``, ``dc``.
 
-    LSTM-SA also accumulates per-split partials of ``dW = dq h'^T`` and ``db = sum dq`` (q, k, v).
+    LSTM-SA also accumulates per-split partials of ``dW = dq h'^T`` and ``db = sum dq`` (q, k, v);
+    with ``DW_APART`` it stores ``dq, dk, dv`` and ``h'`` instead (``apart_ptr``: four tensors laid
+    out as ``c``, one after another), for sums over pixels done apart (``Launch.dw_apart``): the
+    three float32 ``(CP, CP)`` accumulators are what spills most of this kernel's registers.
     ``HAS_BIAS``: the folded conv bias's gradient partials too, ``dA`` summed per gate row into row
     ``b * n_tiles + t`` of ``(B * n_tiles, 4C)`` float32, so no separate pass reads ``dA`` again for
     it.  A row per tile, not sums carried across a split's tiles: compiled for sm_90 the carried
@@ -392,12 +402,15 @@ def _attention_bwd_kernel(
         bq = _load_vec(bq_ptr, C, CP)
         bk = _load_vec(bk_ptr, C, CP)
         bv = _load_vec(bv_ptr, C, CP)
-        dwq = tl.zeros((CP, CP), dtype=tl.float32)
-        dwk = tl.zeros((CP, CP), dtype=tl.float32)
-        dwv = tl.zeros((CP, CP), dtype=tl.float32)
-        dbq = tl.zeros((CP,), dtype=tl.float32)
-        dbk = tl.zeros((CP,), dtype=tl.float32)
-        dbv = tl.zeros((CP,), dtype=tl.float32)
+        if DW_APART:
+            part = tl.num_programs(1).to(tl.int64) * C * N  # B C N: one of the four tensors at apart_ptr
+        else:
+            dwq = tl.zeros((CP, CP), dtype=tl.float32)
+            dwk = tl.zeros((CP, CP), dtype=tl.float32)
+            dwv = tl.zeros((CP, CP), dtype=tl.float32)
+            dbq = tl.zeros((CP,), dtype=tl.float32)
+            dbk = tl.zeros((CP,), dtype=tl.float32)
+            dbv = tl.zeros((CP,), dtype=tl.float32)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
@@ -445,13 +458,20 @@ def _attention_bwd_kernel(
             dq = tl.where(mask, dq, 0.0)
             dk = tl.where(mask, dk, 0.0)
             dv = tl.where(mask, dv, 0.0)
-            ht = tl.trans(h)
-            dwq = tl.dot(dq, ht, dwq, input_precision=PREC)
-            dwk = tl.dot(dk, ht, dwk, input_precision=PREC)
-            dwv = tl.dot(dv, ht, dwv, input_precision=PREC)
-            dbq += tl.sum(dq, axis=1)
-            dbk += tl.sum(dk, axis=1)
-            dbv += tl.sum(dv, axis=1)
+            if DW_APART:
+                ty = apart_ptr.dtype.element_ty
+                tl.store(apart_ptr + c_offs, dq.to(ty), mask=mask)
+                tl.store(apart_ptr + part + c_offs, dk.to(ty), mask=mask)
+                tl.store(apart_ptr + 2 * part + c_offs, dv.to(ty), mask=mask)
+                tl.store(apart_ptr + 3 * part + c_offs, h.to(ty), mask=mask)
+            else:
+                ht = tl.trans(h)
+                dwq = tl.dot(dq, ht, dwq, input_precision=PREC)
+                dwk = tl.dot(dk, ht, dwk, input_precision=PREC)
+                dwv = tl.dot(dv, ht, dwv, input_precision=PREC)
+                dbq += tl.sum(dq, axis=1)
+                dbk += tl.sum(dk, axis=1)
+                dbv += tl.sum(dv, axis=1)
             dh_t += _project_grad(wq, dq, PREC, W16)
             dh_t += _project_grad(wk, dk, PREC, W16)
             dh_t += _project_grad(wv, dv, PREC, W16)
@@ -469,7 +489,7 @@ def _attention_bwd_kernel(
         if HAS_BIAS:
             si, sf, so, sg = gate_sums(mask, dai, daf, dao, dag, 1)
             store_gate_sums(dbias_ptr + (b * n_tiles + t) * 4 * C, tl.arange(0, CP), C, si, sf, so, sg)
-    if GATED:
+    if GATED and not DW_APART:
         base = b * SPLITS + split
         _store_square(dw_ptr + (base * 3 + 0) * C * C, dwq, C, CP)
         _store_square(dw_ptr + (base * 3 + 1) * C * C, dwk, C, CP)
@@ -519,6 +539,7 @@ class _Plan:
         self.options = _launch_options(tuned or heuristic)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
+        self.dw_apart = gated and backward and (tuned or heuristic).dw_apart
 
 
 def _padded(C: int) -> int:
@@ -681,17 +702,24 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     )
     dS = scores_grad_of_partials(dp_partials, P, scale)
     del dp_partials
-    if gated:
+    dw = db = apart = A  # dummies: never written when not GATED (dw, db) or not DW_APART (apart)
+    if plan.dw_apart:  # dq, dk, dv, h' in c's layout, one after another
+        apart = torch.empty((4 * B, *c.shape[1:]), dtype=A.dtype, device=A.device, memory_format=fmt)
+    elif gated:
         dw = torch.empty(B * plan.splits, 3, C, C, dtype=torch.float32, device=A.device)
         db = torch.empty(B * plan.splits, 3, C, dtype=torch.float32, device=A.device)
-    else:
-        dw = db = A  # dummies: never written when not GATED
     dbias = bias_partials(B * plan.n_tiles, A) if has["HAS_BIAS"] else A
     _attention_bwd_kernel[grid](
-        A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b, dbias,
-        C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, **meta, **has
+        A, c, dout, dh, dc_new, P, dS, wq, bq, wk, bk, wv, bv, dA, dc, dw, db, b, dbias, apart,
+        C, N, plan.tiles_per_split, plan.n_tiles, plan.splits, DW_APART=plan.dw_apart, **meta, **has
     )
-    dproj = projection_grad_sums(dw.unbind(1), db.unbind(1), proj) if gated else None
+    if plan.dw_apart:
+        sums = _BlockedPlan(A, B, C, N, gated, backward=True, matmul=True)  # the matmul path's sums over N
+        dq, dk, dv, h = apart.split(B)
+        dw, db = zip(*(blocked.outer_partials(sums, d, h, C, N, sums.prec, layout, rowsum=True) for d in (dq, dk, dv)))
+        dproj = projection_grad_sums(dw, db, proj)
+    else:
+        dproj = projection_grad_sums(dw.unbind(1), db.unbind(1), proj) if gated else None
     return (dA, dc, dproj, dbias.sum(dim=0)) if has["HAS_BIAS"] else (dA, dc, dproj)
 
 

@@ -45,7 +45,7 @@ LAYOUT = int(os.environ.get("SM90_LAYOUT", "0"))
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Every pointer argument name of the kernels (a kernel takes the ones it has).
 _PTR_NAMES = ("a_ptr", "c_ptr", "h_ptr", "cn_ptr", "o_ptr", "hsrc_ptr", "do_ptr", "dh_ptr", "dcn_ptr", "da_ptr",
-              "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "bias_ptr")
+              "dc_ptr", "wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "bias_ptr", "apart_ptr")
 
 
 def blocks_per_sm(smem: int, regs: int, warps: int) -> int:
@@ -197,7 +197,8 @@ def _single_pass_kernels(dt, backward, gated, launch):
     consts = dict(CP=64, BN=launch.bn, COMB=0, GATED=gated, PREC=prec, W16=_w16(dt, gated), HAS_BIAS=True)
     # HAS_DH / HAS_DCN as constexprs, as launched (left out they compile as runtime ints)
     has = dict(HAS_DH=True, HAS_DCN=True)
-    kernels = (((sp._scores_grad_kernel, consts), (sp._attention_bwd_kernel, {**consts, **has})) if backward
+    bwd = {**consts, **has, "DW_APART": gated and launch.dw_apart}
+    kernels = (((sp._scores_grad_kernel, consts), (sp._attention_bwd_kernel, bwd)) if backward
                else ((sp._cell_qk_scores_kernel, consts), (sp._attention_out_kernel, consts)))
     return [(fn, _all_ptrs(dt), {k: v for k, v in kc.items() if k in fn.arg_names}) for fn, kc in kernels]
 
@@ -236,6 +237,12 @@ def stage_variants():
                 for stages in (1, 2, 3):
                     yield (f"{fn.fn.__name__.strip('_')} {dt} gated={int(gated)} BN={launch.bn} "
                            f"warps={launch.num_warps} stages={stages}{bias}", fn, a, kconsts, launch.num_warps, stages)
+            if backward and gated:  # the sweep's dW-apart candidates (Launch.dw_apart), 4 and 8 warps
+                for warps in (4, 8):
+                    fn, a, kconsts = _single_pass_kernels(dt, True, True, launch._replace(dw_apart=True))[1]
+                    for stages in (1, 2, 3):
+                        yield (f"attention_bwd_kernel {dt} gated=1 BN={launch.bn} warps={warps} stages={stages} "
+                               f"+bias dw_apart", fn, a, kconsts, warps, stages)
 
 
 def each_kernel():
@@ -247,6 +254,7 @@ def each_kernel():
     kernels = [
         (sp._cell_qk_scores_kernel, single), (sp._attention_out_kernel, single),
         (sp._scores_grad_kernel, single), (sp._attention_bwd_kernel, dict(single, HAS_DH=True, HAS_DCN=False)),
+        (sp._attention_bwd_kernel, dict(single, HAS_DH=True, HAS_DCN=True, DW_APART=True)),  # Launch.dw_apart
         (bk.qkv_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, GATED=True, WRITE_STATE=False, PREC=prec, W16=True)),
         (bk.proj_grad_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, PREC=prec, W16=True)),
         (bk.attention_bwd_rows_kernel, dict(BC=BLOCK_C, BN=32, COMB=0, GATED=True, PREC=prec, HAS_DH=False,
@@ -268,11 +276,13 @@ def each_kernel():
             has_bias = {"HAS_BIAS": True} if "HAS_BIAS" in fn.arg_names else {}  # the folded conv bias
             gates = " GATES=3" if consts.get("GATES") == 3 else ""
             gates += " PROJ" if consts.get("PROJ") else ""
+            gates += " DW_APART" if consts.get("DW_APART") else ""
             yield (f"{fn.fn.__name__.strip('_')} bf16 LAYOUT={layout}{gates}", fn, ptrs,
                    {**consts, "LAYOUT": layout, **has_bias}, 4)
     # the projection dots on float32 operands (WEIGHT_DOTS_16BIT off, as float32 inputs run them)
-    for fn, consts in kernels[:7]:
-        yield (f"{fn.fn.__name__.strip('_')} bf16 tf32 dots", fn, ptrs, {**consts, "W16": False, "LAYOUT": 0}, 4)
+    for fn, consts in kernels[:8]:
+        apart = " DW_APART" if consts.get("DW_APART") else ""
+        yield (f"{fn.fn.__name__.strip('_')} bf16 tf32 dots{apart}", fn, ptrs, {**consts, "W16": False, "LAYOUT": 0}, 4)
     # the single-pass path's reductions of its per-split partials (float32 in; sums cast to bf16 out)
     for cp, warps in ((64, 1), (256, 2)):  # single-pass widths; the blocked paths' (C = 256)
         rows = dict(CP=cp, RB=ap.ROWS_PER_PROGRAM)
