@@ -550,7 +550,8 @@ def _record_launches(monkeypatch, module, name, keyword):
 
 @pytest.mark.parametrize("dtype,combination,fmt", [
     (torch.float32, "linear", torch.contiguous_format), (torch.float32, "none", torch.channels_last),
-    (torch.float16, "nonlinear", torch.contiguous_format)], ids=["fp32-linear", "fp32-none-nhwc", "fp16-nonlinear"])
+    (torch.float16, "nonlinear", torch.contiguous_format), (torch.bfloat16, "linear", torch.channels_last)],
+    ids=["fp32-linear", "fp32-none-nhwc", "fp16-nonlinear", "bf16-linear-nhwc"])
 def test_dw_sums_apart_match_the_reference(dtype, combination, fmt, monkeypatch, nan_alloc):
     """``Launch.dw_apart``: the LSTM-SA single-pass backward stores ``dq, dk, dv, h'`` and the split-N
     kernel sums ``dW = dq h'^T`` and ``db`` apart (three launches); every gradient matches the

@@ -35,7 +35,9 @@ setting says "tf32x3" (``Launch.prec``: three TF32 tensor-core products per ``tl
 float32's accuracy); float16/bfloat16 inputs use
 TF32 tensor cores on float32 operands (more accurate than rounding ``Q, K`` to 16 bits), except the
 learned projections' dots (``W h'``, ``W^T dq``), which take the 16-bit weights as stored
-(:data:`WEIGHT_DOTS_16BIT`: half the shared memory; every kernel, both directions).  float64
+(:data:`WEIGHT_DOTS_16BIT`: half the shared memory; every kernel, both directions), and, with
+``Launch.dw_apart``, the projection-weight gradients, whose ``dq, dk, dv, h'`` are stored in the
+16-bit type before their sums (as the matmul path's are).  float64
 is not supported (raises ``TypeError``): use the reference or cpp backend for gradcheck.  Channel counts are padded to a power of two >= 16 with masks (``tl.dot``
 needs dims >= 16); any ``N`` works (masks); all batch / channel offsets are 64-bit.
 
@@ -105,7 +107,8 @@ class Launch(NamedTuple):
     ``prec`` stays ""), the learned projections' dots as :data:`WEIGHT_DOTS_16BIT` says.
     ``dw_apart`` (the single-pass LSTM-SA backward only): the projection-weight gradients
     ``dW = dq h'^T`` summed over pixels by the split-N kernel of the channel-blocked path instead of
-    in the kernel's registers, from ``dq, dk, dv, h'`` the kernel stores in the input dtype (4 state
+    in the kernel's registers, from ``dq, dk, dv, h'`` the kernel stores in the input dtype (float32:
+    the same math; 16-bit: rounded first, about twice the ``dW`` error, well inside tolerance; 4 state
     units more traffic and memory; Triton 3.6 sm_90 compiles, C = 64, BN 16: float32 with 8 warps
     spills nothing instead of 292-1304 B, bfloat16 396-500 B instead of 1164-1248 B).  A sweep
     candidate, not yet timed on a GPU."""
@@ -715,8 +718,9 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     )
     if plan.dw_apart:
         sums = _BlockedPlan(A, B, C, N, gated, backward=True, matmul=True)  # the matmul path's sums over N
-        dq, dk, dv, h = apart.split(B)
-        dw, db = zip(*(blocked.outer_partials(sums, d, h, C, N, sums.prec, layout, rowsum=True) for d in (dq, dk, dv)))
+        dq, dk, dv, h_new = apart.split(B)
+        dw, db = zip(*(blocked.outer_partials(sums, d, h_new, C, N, sums.prec, layout, rowsum=True)
+                       for d in (dq, dk, dv)))
         dproj = projection_grad_sums(dw, db, proj)
     else:
         dproj = projection_grad_sums(dw.unbind(1), db.unbind(1), proj) if gated else None

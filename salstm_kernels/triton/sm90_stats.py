@@ -215,6 +215,7 @@ def shipped_single_pass():
         for dt in _dtypes_of(fp32):
             tag = f"shipped {dt} gated={int(gated)} BN={launch.bn} warps={launch.num_warps}"
             tag += f" stages={launch.num_stages}" if launch.num_stages else ""
+            tag += " dw_apart" if launch.dw_apart and backward and gated else ""
             for fn, a, kconsts in _single_pass_kernels(dt, backward, gated, launch):
                 name = fn.fn.__name__.strip("_")
                 plain = {k: v for k, v in kconsts.items() if k != "HAS_BIAS"}
@@ -235,9 +236,11 @@ def stage_variants():
             for fn, a, kconsts in _single_pass_kernels(dt, backward, gated, launch):
                 bias = " +bias" if "HAS_BIAS" in kconsts else ""
                 for stages in (1, 2, 3):
+                    apart = " dw_apart" if kconsts.get("DW_APART") else ""
                     yield (f"{fn.fn.__name__.strip('_')} {dt} gated={int(gated)} BN={launch.bn} "
-                           f"warps={launch.num_warps} stages={stages}{bias}", fn, a, kconsts, launch.num_warps, stages)
-            if backward and gated:  # the sweep's dW-apart candidates (Launch.dw_apart), 4 and 8 warps
+                           f"warps={launch.num_warps} stages={stages}{bias}{apart}", fn, a, kconsts, launch.num_warps,
+                           stages)
+            if backward and gated and not launch.dw_apart:  # the sweep's dW-apart candidates, 4 and 8 warps
                 for warps in (4, 8):
                     fn, a, kconsts = _single_pass_kernels(dt, True, True, launch._replace(dw_apart=True))[1]
                     for stages in (1, 2, 3):
