@@ -431,6 +431,21 @@ def test_each_direction_takes_its_routed_path(paths, gated, monkeypatch, nan_all
     assert calls == [names[path][bwd] for bwd, path in enumerate(paths) if path != "single"]
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_matmul_path_routed_at_the_tuned_width_in_16_bit(gated, monkeypatch, nan_alloc):
+    """The matmul path routed at padded C = 64 (one channel block, 24 of its rows padding) in
+    float16 with channels_last tensors, with and without the folded conv bias, both directions."""
+    monkeypatch.setattr(tk_attention, "PATH_AT_CP64", {(bwd, gated, False): "matmul" for bwd in (False, True)})
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(tk_attention.attention_matmul, name)
+        monkeypatch.setattr(tk_attention.attention_matmul, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    _check_attention(ROUTED_SHAPE, torch.float16, "nonlinear", gated, fmt=torch.channels_last)
+    _check_attention_bias(40, "linear", gated, torch.channels_last, torch.float16)
+    assert calls == ["forward", "backward"] * 2
+
+
 def test_routing_applies_at_the_tuned_width_only(monkeypatch):
     """The measured routing is for padded C = 64; narrower C keeps the single-pass kernels, wider
     takes the channel-blocked paths by ``MATMUL_PRODUCTS_MIN_C`` alone; an unknown path is an error."""
