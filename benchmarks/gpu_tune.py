@@ -191,6 +191,9 @@ def sweep(tk, device, B, C, H, W, dtypes, budget_s, smoke):
         # the better choice (no float32 temporaries: lower peak memory), a call the sweep leaves to you
         depth = "; ".join(f"{p} {launch_literal(l)} {ms:.3f}" for ms, p, l in results if l.num_stages)
         print(f"  {label} depth points: {depth or 'none timed'}", flush=True)
+        # the ninth session's candidates apart, so their predictions can be checked even when they lose
+        new = "; ".join(f"{p} {launch_literal(l)} {ms:.3f}" for ms, p, l in results if p == "matmul" or l.dw_apart)
+        print(f"  {label} matmul / dw_apart points: {new or 'none timed'}", flush=True)
         verdict = "keep shipped" if best[key] is shipped else "new winner"
         print(f"{label}: heuristics {heuristic[key]:.3f} ms; shipped {shipped[0]:.3f} ({path0} "
               f"{tuple(launch0) if launch0 else 'heuristics'}); best of {len(results)}: {top}; {verdict}  "

@@ -61,6 +61,7 @@ def test_gpu_tune_cpu_smoke():
                     "tuned, cudnn.bm", "eager, ch_last"} | tuned, rows
     assert "convs alone" in out and "cat conv Cin=2C" in out
     assert "GPU_LAUNCH = {" in out and "PATH_AT_CP64 = {" in out
+    assert "bwd LSTM-SA float32 matmul / dw_apart points: " in out
 
 
 def test_profile_rows_attribute_device_time():
