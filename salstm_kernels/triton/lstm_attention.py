@@ -719,9 +719,7 @@ def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combinatio
     if plan.dw_apart:
         sums = _BlockedPlan(A, B, C, N, gated, backward=True, matmul=True)  # the matmul path's sums over N
         dq, dk, dv, h_new = apart.split(B)
-        dw, db = zip(*(blocked.outer_partials(sums, d, h_new, C, N, sums.prec, layout, rowsum=True)
-                       for d in (dq, dk, dv)))
-        dproj = projection_grad_sums(dw, db, proj)
+        dproj = _projection_grads(sums, (dq, dk, dv), h_new, C, N, sums.prec, layout, proj)
     else:
         dproj = projection_grad_sums(dw.unbind(1), db.unbind(1), proj) if gated else None
     return (dA, dc, dproj, dbias.sum(dim=0)) if has["HAS_BIAS"] else (dA, dc, dproj)
@@ -777,6 +775,13 @@ class _BlockedPlan:
         self.options = _launch_options(tuned or heuristic)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
+
+
+def _projection_grads(plan, dqkv, h, C, N, prec, layout, proj):
+    """LSTM-SA's projection gradients from the gradients on the projections ``dq, dk, dv`` and ``h'``:
+    ``dW = d h'^T`` and ``db = sum d`` per split by the split-N kernel, the splits summed in order."""
+    dw, db = zip(*(blocked.outer_partials(plan, d, h, C, N, prec, layout, rowsum=True) for d in dqkv))
+    return projection_grad_sums(dw, db, proj)
 
 
 def _mm(plan, M, X, out, C, N, prec, layout, trans=False):
@@ -855,8 +860,7 @@ def _backward_blocked(A, c, proj, P, dout, dh, dc_new, scale, comb, layout, has,
             BC=plan.BC, BN=plan.BN, COMB=comb, PREC=prec, LAYOUT=layout, HAS_BIAS=has["HAS_BIAS"], W16=plan.w16,
             **plan.options,
         )  # dQ, dK, dV now hold the gradients on the LSTM-state factors
-        dw, db = zip(*(blocked.outer_partials(plan, d, h32, C, N, prec, layout, rowsum=True) for d in (dq, dk, dv)))
-        dproj = projection_grad_sums(dw, db, proj)
+        dproj = _projection_grads(plan, (dq, dk, dv), h32, C, N, prec, layout, proj)
         del h32  # the last kernel does not read it
     else:
         dq = dk = dv = dQ  # dummies: never read when not GATED
