@@ -518,7 +518,7 @@ class _Plan:
     def __init__(self, A: torch.Tensor, B: int, C: int, N: int, backward: bool, gated: bool):
         self.CP = _padded(C)
         tuned = _tuned(A, "single", backward, gated, C)
-        heuristic = heuristic_launch("single", backward, gated, A.dtype == torch.float32, self.CP)
+        launch = tuned or heuristic_launch("single", backward, gated, A.dtype == torch.float32, self.CP)
         if BLOCK_N_OVERRIDE is not None:
             bn = BLOCK_N_OVERRIDE
         elif tuned is not None:
@@ -526,23 +526,23 @@ class _Plan:
         elif _interpreted() or A.device.type != "cuda":
             bn = 16  # small tiles: more tiles per split, so masks and splits get exercised
         else:
-            bn = heuristic.bn
+            bn = launch.bn
         self.BN = bn
         self.n_tiles = triton.cdiv(N, bn)
         if SPLITS_OVERRIDE is not None:
             splits = SPLITS_OVERRIDE
         elif A.device.type == "cuda":
-            splits = _splits(A, (tuned or heuristic).splits_per_sm, B)
+            splits = _splits(A, launch.splits_per_sm, B)
         else:
             splits = 3
         splits = max(1, min(splits, self.n_tiles))
         self.tiles_per_split = triton.cdiv(self.n_tiles, splits)
         self.splits = triton.cdiv(self.n_tiles, self.tiles_per_split)  # no empty splits
-        self.num_warps = (tuned or heuristic).num_warps
-        self.options = _launch_options(tuned or heuristic)
+        self.num_warps = launch.num_warps
+        self.options = _launch_options(launch)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
-        self.dw_apart = gated and backward and (tuned or heuristic).dw_apart
+        self.dw_apart = gated and backward and launch.dw_apart
 
 
 def _padded(C: int) -> int:
@@ -748,13 +748,11 @@ class _BlockedPlan:
         gpu = A.device.type == "cuda" and not _interpreted()
         path = "matmul" if matmul else "blocked"
         tuned = _tuned(A, path, backward, gated, C)
-        heuristic = heuristic_launch(path, backward, gated, A.dtype == torch.float32, _padded(C))
+        launch = tuned or heuristic_launch(path, backward, gated, A.dtype == torch.float32, _padded(C))
         if BLOCK_N_OVERRIDE is not None:
             self.BN = self.BN_red = BLOCK_N_OVERRIDE
-        elif tuned is not None:
-            self.BN, self.BN_red = tuned.bn, tuned.bn_red
-        elif gpu:
-            self.BN, self.BN_red = heuristic.bn, heuristic.bn_red
+        elif tuned is not None or gpu:
+            self.BN, self.BN_red = launch.bn, launch.bn_red
         else:
             self.BN, self.BN_red = 16, 16
         self.n_tiles = triton.cdiv(N, self.BN)
@@ -763,7 +761,7 @@ class _BlockedPlan:
         if SPLITS_OVERRIDE is not None:
             splits = SPLITS_OVERRIDE
         elif A.device.type == "cuda":
-            splits = _splits(A, (tuned or heuristic).splits_per_sm, B * self.NB * self.NB)
+            splits = _splits(A, launch.splits_per_sm, B * self.NB * self.NB)
         else:
             splits = 3
         splits = max(1, min(splits, n_red))
@@ -771,8 +769,8 @@ class _BlockedPlan:
         self.splits = triton.cdiv(n_red, self.tiles_per_split)
         self.rows_grid = (self.n_tiles, self.NB, B)
         self.red_grid = (self.NB * self.NB, self.splits, B)
-        self.num_warps = (tuned or heuristic).num_warps
-        self.options = _launch_options(tuned or heuristic)
+        self.num_warps = launch.num_warps
+        self.options = _launch_options(launch)
         self.prec = _precision(A.dtype, tuned)
         self.w16 = gated and _weight_dots_16bit(A.dtype)
 
