@@ -406,7 +406,10 @@ def _attention_bwd_kernel(
         bk = _load_vec(bk_ptr, C, CP)
         bv = _load_vec(bv_ptr, C, CP)
         if DW_APART:
-            part = tl.num_programs(1).to(tl.int64) * C * N  # B C N: one of the four tensors at apart_ptr
+            # B C N: one of the four tensors at apart_ptr.  From the grid, not passed in: an argument
+            # apart_part = B C N measured more spills (sm_90, Triton 3.9: fp32 8 warps 0 -> 92-172 B,
+            # bf16 0-232 -> 8-376 B), its 64-bit value held live through the tile loop
+            part = tl.num_programs(1).to(tl.int64) * C * N
         else:
             dwq = tl.zeros((CP, CP), dtype=tl.float32)
             dwk = tl.zeros((CP, CP), dtype=tl.float32)
