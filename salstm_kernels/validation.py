@@ -158,14 +158,14 @@ def check_lstm_cell_zero_state_args(A, bias=None, op: str = "lstm_cell_zero_stat
 
 
 def check_lstm_attention_args(A, c, wq=None, bq=None, wk=None, bk=None, wv=None, bv=None,
-                              scale: float = 1.0, combination: str = "linear", bias=None) -> None:
+                              scale: float = 1.0, combination: str = "linear", bias=None,
+                              op: str = "lstm_attention") -> None:
     """Boundary checks of ``lstm_attention(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend)``.
 
     ``A (B, 4C, H, W)``, ``c (B, C, H, W)`` (same dtype and device, non-empty); the projections all
     given (``w (C, C)``, ``b (C,)``, with ``A``'s device and dtype) or all ``None``;
     ``combination`` "linear" / "nonlinear" / "none" (the last needs projections); ``scale`` finite.
     """
-    op = "lstm_attention"
     check_lstm_cell_args(A, c, op, bias)
     from .reference import COMBINATIONS
 
@@ -194,3 +194,48 @@ def check_lstm_attention_args(A, c, wq=None, bq=None, wk=None, bk=None, wv=None,
             raise ValueError(f"{op}: {name} is on {p.device}, expected A's device {A.device}")
         if p.dtype != A.dtype:
             raise TypeError(f"{op}: {name} has dtype {p.dtype}, expected A's dtype {A.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# Backward ops (``salstm_kernels::*_backward``): called by hand or traced, their arguments are
+# checked like the forward's (a wrong-shaped gradient would make a kernel read out of bounds).
+# The modules' eager backward skips these: its arguments are the forward's checked inputs and
+# the gradients autograd hands over, shaped as the outputs.
+# --------------------------------------------------------------------------------------------
+def _check_state_grads(op: str, state_shape, A: Tensor, **grads) -> None:
+    """Each given gradient (None: none arrived) shaped as the state, with ``A``'s dtype and device."""
+    for name, g in grads.items():
+        if g is not None:
+            _check_tensor(op, name, g, tuple(state_shape), A, "A")
+
+
+def check_lstm_cell_backward_args(A, c, dh, dc_new, bias=None) -> None:
+    """``lstm_cell_backward``: the forward's ``A, c, bias`` and ``dh, dc_new`` None or shaped as ``c``."""
+    op = "lstm_cell_backward"
+    check_lstm_cell_args(A, c, op, bias)
+    _check_state_grads(op, c.shape, A, dh=dh, dc_new=dc_new)
+
+
+def check_lstm_cell_zero_state_backward_args(A, dh, dc_new, bias=None) -> None:
+    """``lstm_cell_zero_state_backward``: the forward's ``A (B, 3C, H, W), bias`` and ``dh, dc_new``
+    None or ``(B, C, H, W)``."""
+    op = "lstm_cell_zero_state_backward"
+    check_lstm_cell_zero_state_args(A, bias, op)
+    B, C3, H, W = A.shape
+    _check_state_grads(op, (B, C3 // 3, H, W), A, dh=dh, dc_new=dc_new)
+
+
+def check_lstm_attention_backward_args(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination,
+                                       h=None, bias=None) -> None:
+    """``lstm_attention_backward``: the forward's arguments; ``P (B, C, C)`` as the forward returned
+    it (float32, float64 for float64 ``A``); ``dout`` shaped as ``c``, ``dh, dc_new`` and the
+    forward's ``h`` None or shaped as ``c``, all in ``A``'s dtype."""
+    op = "lstm_attention_backward"
+    check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination, bias, op)
+    B, C = c.shape[:2]
+    _check_state_grads(op, c.shape, A, dh=dh, dc_new=dc_new, h=h)
+    _check_tensor(op, "dout", dout, tuple(c.shape), A, "A")
+    _check_tensor(op, "P", P, (B, C, C), None, "")
+    p_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    if P.dtype != p_dtype or P.device != A.device:
+        raise TypeError(f"{op}: P must be the forward's softmax, {p_dtype} on {A.device}, got {P.dtype} on {P.device}")

@@ -144,6 +144,75 @@ def test_opcheck_all_ops_reference_provider():
     )
 
 
+def test_opcheck_attention_backward_with_transposed_weights():
+    """The weight gradients are contiguous whatever the weights' strides, in the op and its fake
+    kernel alike (the fake once followed a transposed weight's strides: inductor then asserted)."""
+    A, c, g = _inputs(2, 8, 3, 5, torch.float32)
+    proj = [p.detach() for p in random_projections(8, generator=g)]
+    proj = [p.t() if p.dim() == 2 else p for p in proj]
+    d = torch.randn(2, 8, 3, 5)
+    P = torch.softmax(torch.randn(2, 8, 8), -1)
+    args = (A.detach(), c.detach(), *proj, P, d, d, d, 0.3, "linear", "reference")
+    torch.library.opcheck(torch.ops.salstm_kernels.lstm_attention_backward.default, args)
+    grads = ops.lstm_attention_backward(*args)
+    assert all(grads[i].is_contiguous() for i in range(2, 8))
+
+
+@pytest.mark.parametrize("entry", ["op", "apply"])
+def test_attention_weights_output_is_not_differentiable(entry):
+    """``P`` is returned to be saved for backward; the backward has no term for a gradient on it, so
+    a loss on ``P`` must raise, not get a silent zero."""
+    A, c, g = _inputs(2, 8, 3, 5, torch.float32)
+    fn = ops.lstm_attention if entry == "op" else ops.apply_lstm_attention
+    out, h, c_new, P = fn(A, c, *random_projections(8, generator=g), 0.3, "linear", "reference")
+    assert out.requires_grad and h.requires_grad and c_new.requires_grad and not P.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(P.sum(), A)
+
+
+def _backward_op_calls(B, C, H, W):
+    """``(name, call(**overrides))`` for each backward op with good arguments (overridable by name)."""
+    A, c, g = _inputs(B, C, H, W, torch.float32)
+    A, c = A.detach(), c.detach()
+    d = torch.randn(B, C, H, W)
+    proj = [p.detach() for p in random_projections(C, generator=g)]
+    P = torch.softmax(torch.randn(B, C, C), -1)
+
+    def cell(A=A, c=c, dh=d, dc_new=d):
+        return ops.lstm_cell_backward(A, c, dh, dc_new, "reference")
+
+    def zero_state(A=A[:, : 3 * C], dh=d, dc_new=d):
+        return ops.lstm_cell_zero_state_backward(A, dh, dc_new, "reference")
+
+    def attention(A=A, c=c, P=P, dout=d, dh=d, dc_new=d, h=None):
+        return ops.lstm_attention_backward(A, c, *proj, P, dout, dh, dc_new, 0.3, "linear", "reference", h)
+
+    return {"lstm_cell_backward": cell, "lstm_cell_zero_state_backward": zero_state,
+            "lstm_attention_backward": attention}
+
+
+@pytest.mark.parametrize("op,arg,bad,match", [
+    ("lstm_cell_backward", "dh", torch.zeros(1, 8, 3, 5), r"lstm_cell_backward: dh must have shape \(2, 8, 3, 5\)"),
+    ("lstm_cell_backward", "dc_new", torch.zeros(2, 8, 3, 5, dtype=torch.float64), "dc_new has dtype"),
+    ("lstm_cell_zero_state_backward", "dh", torch.zeros(2, 8, 3, 4), r"dh must have shape \(2, 8, 3, 5\)"),
+    ("lstm_attention_backward", "P", torch.zeros(1, 8, 8), r"P must have shape \(2, 8, 8\)"),
+    ("lstm_attention_backward", "P", torch.zeros(2, 8, 8, dtype=torch.float16), "P must be the forward's softmax"),
+    ("lstm_attention_backward", "dout", torch.zeros(2, 8, 5, 3), r"dout must have shape \(2, 8, 3, 5\)"),
+    ("lstm_attention_backward", "dc_new", torch.zeros(2, 8, 3), r"dc_new must have shape"),
+    ("lstm_attention_backward", "h", torch.zeros(2, 9, 3, 5), r"h must have shape"),
+])
+def test_backward_ops_reject_bad_arguments_by_name(op, arg, bad, match):
+    """Called by hand, a backward op checks its arguments as the forward does (the Triton kernels
+    would read a wrong-shaped gradient or ``P`` out of bounds); the good call runs."""
+    call = _backward_op_calls(2, 8, 3, 5)[op]
+    call()
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(**{arg: bad})
+    fake = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    with fake, pytest.raises((ValueError, TypeError), match=match):
+        call(**{arg: bad})  # the fake kernel checks too (compile sees the same error)
+
+
 MODULES = [
     (sk.SALSTM2d, {"combination": "linear"}),
     (sk.SALSTM2d, {"combination": "nonlinear"}),

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..validation import check_lstm_attention_args
+from ..validation import check_lstm_attention_args, check_lstm_attention_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
@@ -96,6 +96,15 @@ def _lstm_attention_backward(
     ``bias_grad_wanted`` False).  ``h``: the forward's ``h'``, which a
     provider may use instead of recomputing it; ``dh`` / ``dc_new`` None: no gradient arrived on
     that output."""
+    check_lstm_attention_backward_args(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, h, bias)
+    return _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h, bias,
+                               bias_grad_wanted)
+
+
+def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h, bias,
+                        bias_grad_wanted):
+    """:func:`_lstm_attention_backward` without the argument checks (the modules' eager backward;
+    see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
     fmt = layout_of(A)
     prov = kernels(backend)
@@ -104,8 +113,8 @@ def _lstm_attention_backward(
     dh, dc_new = state_grads_for(prov, c, fmt, dh, dc_new)
     res = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(folded))
     dA, dc, dproj = res[:3]
-    if dproj is None:
-        dproj = tuple(A.new_empty(0) for _ in range(6))
+    # contiguous, as the fake kernel says (a provider's sum could follow a transposed weight's strides)
+    dproj = tuple(A.new_empty(0) for _ in range(6)) if dproj is None else tuple(g.contiguous() for g in dproj)
     return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj,
             bias_grad(res, 3, dA, bias, bias_grad_wanted))
 
@@ -117,8 +126,10 @@ lstm_attention_backward = torch.library.custom_op("salstm_kernels::lstm_attentio
 @lstm_attention_backward.register_fake
 def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, backend, h=None, bias=None,
       bias_grad_wanted=True):
+    check_lstm_attention_backward_args(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, h, bias)
     proj = (wq, bq, wk, bk, wv, bv)
-    dproj = [A.new_empty(0) if p is None else torch.empty_like(p) for p in proj]
+    # contiguous whatever the weight's strides (a transposed weight): the real op's gradients are
+    dproj = [A.new_empty(0) if p is None else torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in proj]
     fmt = layout_of(A)
     return (empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), *dproj, bias_grad_like(A, bias, bias_grad_wanted))
 
@@ -128,6 +139,9 @@ def _setup_context(ctx, inputs, output):
     # P, and h' for providers that read it in backward (an output, but saving it keeps it alive).
     h = output[1] if getattr(kernels(backend), "USES_FORWARD_H", False) else None
     ctx.save_for_backward(A, c, wq, bq, wk, bk, wv, bv, output[3], h, bias)
+    # P is returned to be saved, not to be differentiated: the backward has no term for a gradient
+    # on it, so a loss on P must not get a silent zero (it gets autograd's "does not require grad")
+    ctx.mark_non_differentiable(output[3])
     ctx.scale, ctx.combination, ctx.backend = scale, combination, backend
     # Outputs that got no gradient arrive as None (not as zero tensors, which the engine would
     # allocate and the op would then convert to A's layout): the cpp provider reads None as zero.
@@ -140,7 +154,7 @@ def _backward(ctx, dout, dh, dc_new, dP):
     dout = torch.zeros_like(c) if dout is None else dout
     wanted = bias is not None and ctx.needs_input_grad[11]
     grads = call_backward(
-        lstm_attention_backward, _lstm_attention_backward,
+        lstm_attention_backward, _attention_backward,
         A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h, bias, wanted
     )
     dA, dc = grads[0], grads[1]

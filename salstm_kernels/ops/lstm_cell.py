@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..validation import check_lstm_cell_args
+from ..validation import check_lstm_cell_args, check_lstm_cell_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
@@ -46,6 +46,13 @@ def _lstm_cell_backward(
     gradient of ``A + bias``) and ``bias`` (``(4C,)`` float32, float64 for float64; empty without a
     bias or with ``bias_grad_wanted`` False); ``dh`` / ``dc_new`` None means no gradient arrived on
     that output."""
+    check_lstm_cell_backward_args(A, c, dh, dc_new, bias)
+    return _cell_backward(A, c, dh, dc_new, backend, bias, bias_grad_wanted)
+
+
+def _cell_backward(A, c, dh, dc_new, backend, bias, bias_grad_wanted):
+    """:func:`_lstm_cell_backward` without the argument checks: the modules' eager backward calls it
+    with the forward's checked inputs and autograd's gradients (shaped as the outputs)."""
     fmt = layout_of(A)
     prov = kernels(backend)
     A, folded = biased(prov, A, bias)
@@ -61,6 +68,7 @@ lstm_cell_backward = torch.library.custom_op("salstm_kernels::lstm_cell_backward
 
 @lstm_cell_backward.register_fake
 def _(A, c, dh, dc_new, backend, bias=None, bias_grad_wanted=True):
+    check_lstm_cell_backward_args(A, c, dh, dc_new, bias)
     fmt = layout_of(A)
     return empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), bias_grad_like(A, bias, bias_grad_wanted)
 
@@ -75,7 +83,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dh, dc_new):
     A, c, bias = ctx.saved_tensors
     wanted = bias is not None and ctx.needs_input_grad[3]
-    dA, dc, dbias = call_backward(lstm_cell_backward, _lstm_cell_backward, A, c, dh, dc_new, ctx.backend, bias, wanted)
+    dA, dc, dbias = call_backward(lstm_cell_backward, _cell_backward, A, c, dh, dc_new, ctx.backend, bias, wanted)
     dbias = dbias.to(bias.dtype) if wanted else None
     return dA, dc, None, dbias
 

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..validation import check_lstm_cell_zero_state_args
+from ..validation import check_lstm_cell_zero_state_args, check_lstm_cell_zero_state_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
@@ -60,6 +60,13 @@ def _lstm_cell_zero_state_backward(
     """Gradients of :func:`lstm_cell_zero_state` w.r.t. ``A`` (in ``A``'s layout; also the gradient
     of ``A + bias``) and ``bias`` (``(3C,)`` float32, float64 for float64; empty without a bias or
     with ``bias_grad_wanted`` False); ``dh`` / ``dc_new`` None means no gradient on that output."""
+    check_lstm_cell_zero_state_backward_args(A, dh, dc_new, bias)
+    return _cell_zero_state_backward(A, dh, dc_new, backend, bias, bias_grad_wanted)
+
+
+def _cell_zero_state_backward(A, dh, dc_new, backend, bias, bias_grad_wanted):
+    """:func:`_lstm_cell_zero_state_backward` without the argument checks (the modules' eager backward;
+    see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
     fmt = layout_of(A)
     prov = kernels(backend)
     A, folded = biased(prov, A, bias)
@@ -75,6 +82,7 @@ lstm_cell_zero_state_backward = torch.library.custom_op(
 
 @lstm_cell_zero_state_backward.register_fake
 def _(A, dh, dc_new, backend, bias=None, bias_grad_wanted=True):
+    check_lstm_cell_zero_state_backward_args(A, dh, dc_new, bias)
     return empty_in(A.shape, A, layout_of(A)), bias_grad_like(A, bias, bias_grad_wanted)
 
 
@@ -88,7 +96,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dh, dc_new):
     A, bias = ctx.saved_tensors
     wanted = bias is not None and ctx.needs_input_grad[2]
-    dA, dbias = call_backward(lstm_cell_zero_state_backward, _lstm_cell_zero_state_backward,
+    dA, dbias = call_backward(lstm_cell_zero_state_backward, _cell_zero_state_backward,
                               A, dh, dc_new, ctx.backend, bias, wanted)
     return dA, None, (dbias.to(bias.dtype) if wanted else None)
 
