@@ -370,6 +370,11 @@ def _bench_impl(row: Row, module: nn.Module, impl: str, x: torch.Tensor, gout: t
         row.fwd_ms, row.fwd_iqr_ms = f["median_ms"], f["iqr_ms"]
         row.train_ms, row.train_iqr_ms = t["median_ms"], t["iqr_ms"]
         row.fwd_peak_mib = peak_memory(fwd, device) / 2**20
+        # from no gradients, as every timed step starts (else the step frees the last one's inside
+        # the measurement, and the CUDA peak comes out low by their size)
+        for p in params:
+            p.grad = None
+        x_train.grad = None
         row.train_peak_mib = peak_memory(train, device) / 2**20
     except Exception as e:  # noqa: BLE001
         row.status, row.reason = "failed", _short(e)
@@ -382,7 +387,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> Dict[str, object]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        rows = _run_rows(cfg, device, progress)
+        # CUDA timings (do_bench's events and syncs) and peaks are per current device: make it ours
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            rows = _run_rows(cfg, device, progress)
         meta = environment(cfg.device)  # records the thread count the rows ran with
     finally:
         torch.set_num_threads(saved_threads)
@@ -495,10 +502,11 @@ def format_table(result: Dict[str, object]) -> str:
               "peak MiB fwd/train", "speed-up fwd/train", "status"]
     body = []
     for r in rows:
-        fwd = "-" if r["fwd_ms"] is None else f"{r['fwd_ms']:.3f} ({r['fwd_iqr_ms']:.3f})"
-        train = "-" if r["train_ms"] is None else f"{r['train_ms']:.3f} ({r['train_iqr_ms']:.3f})"
-        mem = "-" if r["fwd_peak_mib"] is None else f"{r['fwd_peak_mib']:.2f} / {r['train_peak_mib']:.2f}"
-        sp = "-" if r["speedup_fwd"] is None else f"{r['speedup_fwd']:.2f}x / {r['speedup_train']:.2f}x"
+        # a row that failed part-way has some of its numbers: each cell shows what was measured
+        fwd = f"{_fmt(r['fwd_ms'], '.3f')} ({_fmt(r['fwd_iqr_ms'], '.3f')})" if r["fwd_ms"] is not None else "-"
+        train = f"{_fmt(r['train_ms'], '.3f')} ({_fmt(r['train_iqr_ms'], '.3f')})" if r["train_ms"] is not None else "-"
+        mem = f"{_fmt(r['fwd_peak_mib'], '.2f')} / {_fmt(r['train_peak_mib'], '.2f')}"
+        sp = f"{_fmt(r['speedup_fwd'], '.2f')}x / {_fmt(r['speedup_train'], '.2f')}x" if r["speedup_fwd"] is not None else "-"
         status = r["status"] if not r["reason"] else f"{r['status']}: {r['reason']}"
         body.append([r["design"], r["impl"], r["size"], f"{r['params']:,}", _fmt(r["fwd_gflop"], ".3f"), fwd, train, mem, sp, status])
     widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header))]
@@ -596,10 +604,13 @@ def plot(result: Dict[str, object], path: str, log: Callable[[str], None] = prin
 
 def main(cfg: BenchConfig, out_dir: str, progress: bool = True) -> int:
     result = run_bench(cfg, progress=progress)
+    paths = write_outputs(result, out_dir)  # first: the measurements are kept whatever happens next
     print(format_header(result))
     print()
     print(format_table(result))
-    paths = write_outputs(result, out_dir)
     print("\nwrote " + ", ".join(paths.values()))
-    bad = [r for r in result["rows"] if r["status"] == "FAIL"]
+    bad = [r for r in result["rows"] if r["status"] in ("FAIL", "failed")]
+    if bad:
+        print(f"\n{len(bad)} row(s) FAIL (wrong numbers) or failed (an error): "
+              + ", ".join(f"{r['design']} {r['impl']} {r['size']}" for r in bad))
     return 1 if bad else 0

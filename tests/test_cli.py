@@ -4,6 +4,7 @@ Tiny shapes only.  The Triton interpreter is switched off here (other test modul
 these tests time the CPU backends, not interpreted kernels.
 """
 import csv
+import inspect
 import json
 import os
 import subprocess
@@ -93,9 +94,10 @@ def test_info_lists_every_backend_and_why(capsys):
 def test_bench_quick_writes_json_and_csv_with_every_row(tmp_path, capsys):
     rc = cli.main(["bench", "--quick", "--out", str(tmp_path), "--size", "8", "--threads", "1", "--no-progress"])
     printed = capsys.readouterr().out
-    assert rc == 0, printed
     with open(tmp_path / "bench.json") as f:
         result = json.load(f)
+    # exit 1 exactly when a row failed (a torch.compile failure is reported, and counts)
+    assert rc == int(any(r["status"] in ("FAIL", "failed") for r in result["rows"])), printed
     impls = [impl for impl, _ in bench.implementations(bench.BenchConfig.defaults("cpu", quick=True))]
     assert impls[:2] == ["eager", "compile"]
     rows = result["rows"]
@@ -135,6 +137,72 @@ def test_bench_does_not_time_a_backend_that_fails_the_gate(tmp_path, register_br
     for r in broken:
         assert r["status"] == "FAIL" and r["fwd_ms"] is None and r["speedup_fwd"] is None
         assert r["fwd_err"] > 1e-3
+
+
+def test_bench_exits_nonzero_when_a_backend_raises(tmp_path, register_broken, capsys):
+    """A backend that crashes is a failed row, reported with its error, and the exit status says so."""
+    register_broken()
+
+    def raising(*args, **kwargs):
+        raise RuntimeError("planted kernel error")
+
+    sys.modules["salstm_kernels_test_broken_provider"].attention_forward = raising
+    rc = cli.main(["bench", "--quick", "--out", str(tmp_path), "--size", "6", "--no-compile",
+                   "--backends", "broken", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert sorted(r["design"] for r in failed) == sorted(DESIGN_LABELS)  # each calls the fused attention
+    assert all(r["impl"] == "broken" for r in failed)
+    assert all("planted kernel error" in r["reason"] for r in failed)
+    assert "row(s) FAIL (wrong numbers) or failed (an error)" in printed
+
+
+def test_bench_table_shows_a_partly_measured_row():
+    """A row that failed after some measurements prints what it has (it once crashed the table)."""
+    row = bench._row_dict(bench.Row("SA-LSTM", "cpp", "cpp", 8, 8, 2, 4, 4, 2, 1, 5, "float32", params=10,
+                                    fwd_gflop=0.1, status="failed", reason="boom", fwd_ms=1.0, fwd_iqr_ms=0.1,
+                                    train_ms=2.0, train_iqr_ms=0.2, fwd_peak_mib=3.0))
+    table = bench.format_table({"rows": [row]})
+    assert "1.000 (0.100)" in table and "3.00 / -" in table and "failed: boom" in table
+
+
+def test_bench_measures_the_training_peak_from_no_gradients(tmp_path, monkeypatch, capsys):
+    """The training step's peak is measured with no gradients alive from the timing runs, as every
+    timed step starts (on CUDA the step would free them inside the measurement)."""
+    seen = []
+    measure = bench.peak_memory
+
+    def spy(fn, device):
+        if fn.__name__ == "train":
+            state = inspect.getclosurevars(fn).nonlocals
+            seen.append(state["x_train"].grad is None and all(p.grad is None for p in state["params"]))
+        return measure(fn, device)
+
+    monkeypatch.setattr(bench, "peak_memory", spy)
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path), "--size", "6", "--no-compile",
+                     "--backends", "reference", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert seen and all(seen)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--size", "0"], "positive ints"),
+    (["bench", "--size", "abc"], "positive ints"),
+    (["bench", "--batch", "0"], "expected a positive int, got 0"),
+    (["bench", "--steps", "x"], "expected a positive int"),
+    (["bench", "--kernel-size", "4"], "odd kernel size"),
+    (["bench", "--device", "foo"], "expected cpu, cuda or cuda:N"),
+    (["bench", "--backends", "nope"], "unknown backend(s) ['nope']"),
+    (["verify", "--dtypes", "float8"], "unknown dtype(s) ['float8']"),
+    (["verify", "--designs", "Foo"], "unknown design(s) ['Foo']"),
+] + ([] if torch.cuda.is_available() else [(["bench", "--device", "cuda"], "CUDA is not available")]))
+def test_cli_rejects_bad_values_with_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_verify_quick_passes(capsys):
