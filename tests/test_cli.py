@@ -32,8 +32,10 @@ def _no_triton_interpreter_one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _broken_provider(fwd_bias=0.0, grad_scale=1.0):
-    """The reference kernels with the attention output shifted and/or ``dA`` scaled."""
+def _broken_provider(fwd_bias=0.0, grad_scale=1.0, out_scale=1.0, qk_grad_scale=1.0, bfloat16=False):
+    """The reference kernels with the attention output shifted or scaled, ``dA`` scaled, and/or the
+    gradients of the q and k projections (weights and biases) scaled; ``bfloat16``: it claims that
+    dtype too."""
     mod = types.ModuleType("salstm_kernels_test_broken_provider")
     mod.cell_forward = rk.cell_forward
 
@@ -43,10 +45,12 @@ def _broken_provider(fwd_bias=0.0, grad_scale=1.0):
 
     def attention_forward(A, c, projections, scale, combination):
         out, h, c_new, P = rk.attention_forward(A, c, projections, scale, combination)
-        return out + fwd_bias, h, c_new, P
+        return out * out_scale + fwd_bias, h, c_new, P
 
     def attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h=None):
         dA, dc, dproj = rk.attention_backward(A, c, projections, P, dout, dh, dc_new, scale, combination, h)
+        if dproj is not None:
+            dproj = tuple(g * qk_grad_scale for g in dproj[:4]) + tuple(dproj[4:])
         return dA * grad_scale, dc, dproj
 
     def cell_zero_state_backward(A, dh, dc_new):
@@ -54,8 +58,9 @@ def _broken_provider(fwd_bias=0.0, grad_scale=1.0):
 
     mod.cell_backward, mod.attention_forward, mod.attention_backward = cell_backward, attention_forward, attention_backward
     mod.cell_zero_state_forward, mod.cell_zero_state_backward = rk.cell_zero_state_forward, cell_zero_state_backward
-    # the errors it plants are above the float32/float64 tolerances, not bfloat16's
-    mod.supported_dtypes = lambda device_type: (torch.float32, torch.float64)
+    # the errors fwd_bias and grad_scale plant are above the float32/float64 tolerances, not bfloat16's
+    dtypes = (torch.float32, torch.float64) + ((torch.bfloat16,) if bfloat16 else ())
+    mod.supported_dtypes = lambda device_type: dtypes
     return mod
 
 
@@ -230,6 +235,28 @@ def test_verify_checks_gradients_not_just_outputs(register_broken):
     rows = verify.run_verify("cpu", quick=True, backends=["broken"], designs=["LSTMSA2d(linear)"])
     assert rows and all(not r.parity.ok for r in rows)
     assert all(r.parity.fwd_err <= r.parity.fwd_tol < r.parity.bwd_tol < r.parity.bwd_err for r in rows)
+
+
+@pytest.mark.parametrize("broken", [dict(out_scale=0.0), dict(qk_grad_scale=0.0), dict(qk_grad_scale=-1.0)],
+                         ids=["output zeroed", "q/k grads zeroed", "q/k grads negated"])
+def test_verify_catches_wrong_tensors_of_small_values(register_broken, broken):
+    """LSTM-SA's output (values about 1e-3 to 2e-2) and its q/k projection gradients (1e-8 to 1e-3)
+    are small: errors are relative to each tensor's own scale, so zeroing or negating them fails
+    every row, bfloat16's too (with the scale floored at 1, many of these rows passed)."""
+    register_broken(bfloat16=True, **broken)
+    rows = verify.run_verify("cpu", quick=True, backends=["broken"], designs=["LSTMSA2d(linear)", "LSTMSA2d(nonlinear)"])
+    assert {r.parity.dtype for r in rows} == {"float32", "float64", "bfloat16"}
+    assert all(not r.parity.ok for r in rows)
+
+
+def test_scaled_error_is_relative_to_the_tensors_own_scale():
+    from salstm_kernels.testing import scaled_error
+
+    ref = torch.tensor([1e-3, -2e-3, 4e-3], dtype=torch.float64)
+    assert scaled_error(ref * (1 + 1e-6), ref) == pytest.approx(1e-6, rel=1e-6)
+    assert scaled_error(torch.zeros(3), ref) == pytest.approx(1.0)
+    assert scaled_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert scaled_error(torch.tensor([0.0, 1e-30, 0.0]), torch.zeros(3)) == float("inf")
 
 
 def test_parity_runs_the_backend_with_full_float32_convs():
