@@ -9,6 +9,7 @@ recurrence (:mod:`salstm_kernels.recurrence`) and the fused ops.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 from . import ops, reference
 from .backends import resolve_backend
 from .recurrence import bias_in, split_conv_recurrence, widen_to_state_dtype
-from .validation import check_input, check_kernel_size, check_matches_parameters, check_state
+from .validation import (check_attention_size, check_input, check_kernel_size, check_matches_parameters, check_state,
+                         positive_int)
 
 State = Tuple[Tensor, Tensor]
 
@@ -48,10 +50,14 @@ class ChannelProjections(nn.Module):
 
 
 def _as_list(hidden_channels: Union[int, Sequence[int]]) -> List[int]:
-    hidden = [hidden_channels] if isinstance(hidden_channels, int) else list(hidden_channels)
-    if not hidden or not all(isinstance(h, int) and h > 0 for h in hidden):
-        raise ValueError(f"hidden_channels must be a positive int or a non-empty list of them, got {hidden_channels!r}")
-    return hidden
+    single = isinstance(hidden_channels, (numbers.Integral, bool))
+    try:
+        hidden = [hidden_channels] if single else list(hidden_channels)
+        if not hidden:
+            raise ValueError
+        return [positive_int(h, "hidden_channels") for h in hidden]
+    except (TypeError, ValueError):
+        raise ValueError(f"hidden_channels must be a positive int or a non-empty list of them, got {hidden_channels!r}") from None
 
 
 class ConvLSTM2d(nn.Module):
@@ -77,9 +83,8 @@ class ConvLSTM2d(nn.Module):
 
     def __init__(self, in_channels: int, hidden_channels: Union[int, Sequence[int]], kernel_size: int = 5, backend: str = "auto"):
         super().__init__()
-        check_kernel_size(kernel_size)
-        if not (isinstance(in_channels, int) and in_channels > 0):
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        kernel_size = check_kernel_size(kernel_size)
+        in_channels = positive_int(in_channels, "in_channels")
         hidden = _as_list(hidden_channels)
         self.in_channels = in_channels
         self.hidden_list = hidden
@@ -151,10 +156,8 @@ class _AttentionMixin:
     def _init_attention(self, combination: str, allowed: Tuple[str, ...], attention_size: Optional[int]):
         if combination not in allowed:
             raise ValueError(f"combination must be one of {allowed}, got {combination!r}")
-        if attention_size is not None and not (isinstance(attention_size, int) and attention_size > 0):
-            raise ValueError(f"attention_size must be a positive int or None (meaning H*W), got {attention_size!r}")
         self.combination = combination
-        self.attention_size = attention_size
+        self.attention_size = check_attention_size(attention_size)
 
     def scale_for(self, x: Tensor) -> float:
         """``1/sqrt(attention_size)``; ``attention_size=None`` means the runtime ``N = H*W``."""
@@ -232,7 +235,7 @@ class SAOnly2d(_AttentionMixin, nn.Module):
     def __init__(self, in_channels: int, attention_size: Optional[int] = None):
         nn.Module.__init__(self)
         self._init_attention("none", ("none",), attention_size)
-        self.in_channels = in_channels
+        self.in_channels = in_channels = positive_int(in_channels, "in_channels")
         self.attention = ChannelProjections(in_channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -260,9 +263,15 @@ class SliceFusion2d(nn.Module):
         self.conv = nn.Conv2d(2 * self.forward_net.out_channels, num_classes, kernel_size=1)
 
     def forward(self, x1: Tensor, x2: Tensor, x3: Tensor) -> Tensor:
+        cin = self.forward_net.in_channels
         for name, t in (("x1", x1), ("x2", x2), ("x3", x3)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{type(self).__name__}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            # each slice is one time step: an unbatched (Cin, H, W) slice would stack into a 4-D x
+            # that the nets read as (B, Cin, H, W) -- wrong numbers when Cin happens to be 2
+            if t.dim() != 4 or t.shape[1] != cin:
+                raise ValueError(f"{type(self).__name__}: {name} must be (B, {cin}, H, W) (one slice's features), "
+                                 f"got shape {tuple(t.shape)}")
             if t.shape != x2.shape or t.dtype != x2.dtype or t.device != x2.device:
                 raise ValueError(
                     f"{type(self).__name__}: x1, x2, x3 must share shape, dtype and device; {name} is "

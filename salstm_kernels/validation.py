@@ -13,6 +13,8 @@ Policies decided here (and tested in ``tests/test_robustness.py``):
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,11 +27,33 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
-def check_kernel_size(kernel_size) -> None:
-    if isinstance(kernel_size, bool) or not (isinstance(kernel_size, int) and kernel_size > 0 and kernel_size % 2 == 1):
+def positive_int(value, name: str) -> int:
+    """``value`` as an ``int`` when it is a positive integer of any integral type (``numpy.int64``
+    too: upstream passes constructor values straight to ``nn.Conv2d``, which takes them); not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_kernel_size(kernel_size) -> int:
+    """``kernel_size`` as an ``int``: positive and odd."""
+    if isinstance(kernel_size, bool) or not (isinstance(kernel_size, numbers.Integral) and kernel_size > 0
+                                             and kernel_size % 2 == 1):
         raise ValueError(
             f"kernel_size must be a positive odd int (the 'same' padding (k-1)//2 needs odd), got {kernel_size!r}"
         )
+    return int(kernel_size)
+
+
+def check_attention_size(attention_size) -> Optional[float]:
+    """``attention_size``: None (meaning ``H*W`` at run time) or a positive finite number -- upstream
+    only takes ``math.sqrt`` of it, so a float (or a numpy number) is as good as an int there."""
+    if attention_size is None:
+        return None
+    if (isinstance(attention_size, bool) or not isinstance(attention_size, numbers.Real)
+            or not math.isfinite(attention_size) or attention_size <= 0):
+        raise ValueError(f"attention_size must be a positive number or None (meaning H*W), got {attention_size!r}")
+    return int(attention_size) if isinstance(attention_size, numbers.Integral) else float(attention_size)
 
 
 def check_input(x, in_channels: int, who: str) -> Tensor:

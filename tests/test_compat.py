@@ -131,3 +131,24 @@ def test_missing_encoder_is_a_clear_error():
 def test_even_kernel_rejected():
     with pytest.raises(ValueError, match="kernel_size"):
         compat.TransLSTM(3, [4], 4, True, 49)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_constructor_takes_the_numbers_upstream_takes(gated):
+    """Upstream passes its constructor values to ``nn.Conv2d`` and ``math.sqrt``, so numpy integers
+    and a float ``attention_size`` work there; they work here too, with the same numbers."""
+    np = pytest.importorskip("numpy")
+    ucls, cls = (up.GatedTransLSTM, compat.GatedTransLSTM) if gated else (up.TransLSTM, compat.TransLSTM)
+    args = (np.int64(4), [np.int64(4)], np.int64(3), True, float(7 * 9) + 0.5)
+    torch.manual_seed(0)
+    theirs, ours = ucls(*args), cls(*args)
+    _load_from_upstream(ours, theirs)
+    x = torch.randn(2, 2, 4, 7, 9)
+    assert scaled_error(ours(x), theirs(x)) < 1e-5
+    assert type(ours.in_channels) is int and ours.hidden_list == [4] and type(ours.hidden_list[0]) is int
+
+
+@pytest.mark.parametrize("bad", [True, 0, -3, float("nan"), float("inf"), "63"])
+def test_bad_attention_size_is_rejected(bad):
+    with pytest.raises(ValueError, match="attention_size must be a positive number or None"):
+        compat.TransLSTM(4, [4], 3, True, bad)

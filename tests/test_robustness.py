@@ -203,6 +203,31 @@ def test_slice_fusion_checks_its_three_slices():
         m(a, a, torch.randn(1, 3, 5, 5))
 
 
+def test_slice_fusion_rejects_unbatched_slices():
+    """``(Cin, H, W)`` slices would stack into a 4-D ``x`` read as ``(B, Cin, H, W)``: with ``Cin = 2``
+    that ran and returned wrong numbers; each slice must be ``(B, Cin, H, W)``."""
+    m = sk.SliceFusion2d(sk.SALSTM2d, 2, [4], 3, kernel_size=3)
+    a = torch.randn(2, 6, 6)
+    with pytest.raises(ValueError, match=r"x1 must be \(B, 2, H, W\) \(one slice's features\), got shape \(2, 6, 6\)"):
+        m(a, a, a)
+    assert m(a[None], a[None], a[None]).shape == (1, 3, 6, 6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_tensor_subclass_input_runs_forward_and_backward(cls, path):
+    """MONAI's ``MetaTensor`` (what MONAI pipelines hand a network) through every path, forward and
+    backward, with the plain tensor's numbers (its ``new_empty`` rejects a bare int size, which the
+    fused backward once passed)."""
+    MetaTensor = pytest.importorskip("monai.data").MetaTensor
+    m = make(cls)
+    x = torch.randn(2, 2, CIN, 5, 6)
+    plain = forward_backward(m, x.clone().requires_grad_(), path)
+    meta = forward_backward(m, MetaTensor(x.clone()).requires_grad_(), path)
+    check_against([[t.as_tensor() if isinstance(t, MetaTensor) else t for t in part] for part in meta], plain,
+                  torch.float32, "MetaTensor")
+
+
 def test_sa_only_checks():
     m = sk.SAOnly2d(3)
     with pytest.raises(ValueError, match=r"SAOnly2d: x must be \(B, 3, H, W\), got shape \(1, 4, 5, 5\)"):

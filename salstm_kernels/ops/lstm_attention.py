@@ -17,7 +17,7 @@ from torch import Tensor
 from ..validation import check_lstm_attention_args, check_lstm_attention_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
-from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
+from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
 
@@ -50,6 +50,8 @@ def _lstm_attention(
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None, conv ``bias (4C,)`` or None."""
     proj = _projections(wq, bq, wk, bk, wv, bv)
     check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination, bias)
+    A, c, bias = plain(A, c, bias)
+    proj = None if proj is None else plain(*proj)
     fmt = layout_of(A)
     prov = kernels(backend)
     A, bias = biased(prov, A, bias)
@@ -105,6 +107,8 @@ def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale
                         bias_grad_wanted):
     """:func:`_lstm_attention_backward` without the argument checks (the modules' eager backward;
     see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
+    A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, h, bias = plain(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new,
+                                                                        h, bias)
     proj = _projections(wq, bq, wk, bk, wv, bv)
     fmt = layout_of(A)
     prov = kernels(backend)
@@ -114,7 +118,7 @@ def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale
     res = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(folded))
     dA, dc, dproj = res[:3]
     # contiguous, as the fake kernel says (a provider's sum could follow a transposed weight's strides)
-    dproj = tuple(A.new_empty(0) for _ in range(6)) if dproj is None else tuple(g.contiguous() for g in dproj)
+    dproj = tuple(A.new_empty((0,)) for _ in range(6)) if dproj is None else tuple(g.contiguous() for g in dproj)
     return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt), *dproj,
             bias_grad(res, 3, dA, bias, bias_grad_wanted))
 
@@ -129,7 +133,7 @@ def _(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, bac
     check_lstm_attention_backward_args(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale, combination, h, bias)
     proj = (wq, bq, wk, bk, wv, bv)
     # contiguous whatever the weight's strides (a transposed weight): the real op's gradients are
-    dproj = [A.new_empty(0) if p is None else torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in proj]
+    dproj = [A.new_empty((0,)) if p is None else torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in proj]
     fmt = layout_of(A)
     return (empty_in(A.shape, A, fmt), empty_in(c.shape, c, fmt), *dproj, bias_grad_like(A, bias, bias_grad_wanted))
 

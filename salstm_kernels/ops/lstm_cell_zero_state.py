@@ -24,7 +24,7 @@ from torch import Tensor
 from ..validation import check_lstm_cell_zero_state_args, check_lstm_cell_zero_state_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
-from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, state_grads_for
+from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
 
 def _state_shape(A: Tensor):
@@ -35,6 +35,7 @@ def _state_shape(A: Tensor):
 def _lstm_cell_zero_state(A: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``A (B, 3C, H, W)`` (gate rows i, o, g; conv ``bias (3C,)``) -> ``(h', c')``, both ``(B, C, H, W)``."""
     check_lstm_cell_zero_state_args(A, bias)
+    A, bias = plain(A, bias)
     fmt = layout_of(A)
     prov = kernels(backend)
     A, bias = biased(prov, A, bias)
@@ -67,6 +68,7 @@ def _lstm_cell_zero_state_backward(
 def _cell_zero_state_backward(A, dh, dc_new, backend, bias, bias_grad_wanted):
     """:func:`_lstm_cell_zero_state_backward` without the argument checks (the modules' eager backward;
     see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
+    A, dh, dc_new, bias = plain(A, dh, dc_new, bias)
     fmt = layout_of(A)
     prov = kernels(backend)
     A, folded = biased(prov, A, bias)

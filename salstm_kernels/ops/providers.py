@@ -87,6 +87,17 @@ def backend_folds_bias(backend: str) -> bool:
     return folds_bias(kernels(backend))
 
 
+def plain(*tensors):
+    """The tensors as plain ``torch.Tensor`` where they are ``__torch_function__`` subclasses (MONAI's
+    ``MetaTensor``): the kernels compute on data, and such a subclass would run its Python override
+    on every torch call inside them (and Triton's interpreter cannot copy one).  ``None`` and
+    ``__torch_dispatch__`` subclasses (fake and functional tensors) are left as they are; the caller
+    of the op still gets its subclass back from the subclass's own ``__torch_function__``."""
+    return tuple(t if t is None or type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
+                 or type(t).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__ else t.as_subclass(torch.Tensor)
+                 for t in tensors)
+
+
 def biased(provider: ModuleType, A: torch.Tensor, bias):
     """``(A, bias)`` as ``provider`` takes them: unchanged where it folds the bias, else ``A + bias``
     (in ``A``'s layout) and no bias."""
@@ -109,7 +120,8 @@ def bias_grad(result, n: int, dA: torch.Tensor, bias, wanted: bool = True) -> to
 
 def bias_grad_like(A: torch.Tensor, bias, wanted: bool = True) -> torch.Tensor:
     """:func:`bias_grad`'s result as the fake kernels promise it: one per row of ``A``, or empty."""
-    return A.new_empty(0 if bias is None or not wanted else A.shape[1], dtype=_accumulation_dtype(A))
+    # a size tuple: tensor subclasses (MONAI's MetaTensor) reject a bare int there
+    return A.new_empty((0 if bias is None or not wanted else A.shape[1],), dtype=_accumulation_dtype(A))
 
 
 def _accumulation_dtype(A: torch.Tensor) -> torch.dtype:
