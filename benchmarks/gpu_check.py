@@ -541,7 +541,8 @@ def bench_modules(table: Table, device, dtype, B, C, T, k, H, W, budget_s, compi
                     split = f"profiler: {type(e).__name__}"
                 for p in [x, *m.parameters()]:
                     p.grad = None
-                table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}", "vs eager": f"{eager['ms'] / ms:.2f}x",
+                table.add(case=case, impl=impl, **{"fwd+bwd ms": f"{ms:.3f}",
+                          "vs eager": f"{eager['ms'] / ms:.2f}x" if eager.get("ms") else "-",
                           **_mem_cols(mem, eager), "note": split})
             except Exception as e:  # noqa: BLE001
                 table.add(case=case, impl=impl, note=f"ERROR {type(e).__name__}: {str(e)[:80]}")
@@ -654,14 +655,23 @@ def forced_products(matmul: bool, split_n: bool = True):
 
 def our_kernel_names() -> set:
     """Names of this package's Triton kernels, as the profiler shows them."""
+    import importlib
+    import pkgutil
+
     import triton
 
-    from salstm_kernels.triton import attention_blocked, lstm_attention, lstm_cell
+    import salstm_kernels.triton as package
 
+    # JITFunction on a GPU; InterpretedFunction under TRITON_INTERPRET=1 (the CPU smoke runs)
+    interpreter = sys.modules.get("triton.runtime.interpreter")  # imported only where it is in use
+    kinds = (triton.runtime.JITFunction, getattr(interpreter, "InterpretedFunction", triton.runtime.JITFunction))
     names = set()
-    for mod in (attention_blocked, lstm_attention, lstm_cell):
+    for info in pkgutil.iter_modules(package.__path__):  # every kernel file (attention_partials too)
+        if info.name == "sm90_stats":  # a compile survey, not kernels
+            continue
+        mod = importlib.import_module(f"{package.__name__}.{info.name}")
         for obj in vars(mod).values():
-            if isinstance(obj, triton.runtime.JITFunction):
+            if isinstance(obj, kinds):
                 names.add(obj.fn.__name__)
     return names
 
@@ -865,6 +875,7 @@ def main() -> int:
             table = run_bench(device, args.cpu_smoke, args.budget_s, args.no_compile, args.wide_only)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
+            log.failures.append("benchmark section crashed (traceback above)")  # so the exit status says so
     # ---- summary, last
     print()
     print("=" * 100)

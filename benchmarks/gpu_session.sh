@@ -29,12 +29,15 @@ rev=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 day=$(date -u +%F)
 export PYTHONPATH=.
 
+status=0  # the script's exit status: the last non-zero one of its commands (the device tool shows it)
 run() {  # run NAME LIMIT_S COMMAND...: its output on screen and in $out/<day>-<NAME>-<rev>.log
-  local name=$1 limit=$2
+  local name=$1 limit=$2 rc
   shift 2
   echo "== $* (limit ${limit} s)"
   timeout "$limit" "$@" 2>&1 | tee "$out/$day-$name-$rev.log"
-  echo "== exit ${PIPESTATUS[0]}"
+  rc=${PIPESTATUS[0]}
+  echo "== exit $rc"
+  if [ "$rc" -ne 0 ]; then status=$rc; fi
 }
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv 2>&1 \
@@ -52,3 +55,4 @@ case $stage in
   full)
     run check 560 python benchmarks/gpu_check.py ;;
 esac
+exit $status

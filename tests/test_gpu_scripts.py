@@ -217,3 +217,41 @@ def test_gpu_session_script_names_runnable_commands():
         assert helped.returncode == 0, helped.stderr[-2000:]
         for flag in re.findall(r"--[\w-]+", args):
             assert flag in helped.stdout, f"{script} does not take {flag}"
+
+
+def test_gpu_session_script_exits_with_a_failed_commands_status(tmp_path):
+    """The stage's exit status is its commands' (it was always 0: the last command was an echo), so
+    the device tool's rc shows a failed check.  Stand-ins for ``python`` and ``nvidia-smi`` on PATH:
+    every python call exits 3."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("python", "echo stand-in python \"$@\"; exit 3"), ("nvidia-smi", "echo NVIDIA stand-in")):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"), REV="test")
+    res = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), "memory"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "== exit 3" in res.stdout
+    logs = [p.name for p in (tmp_path / "out").iterdir()]
+    assert any(n.endswith("-memory-test.log") for n in logs), logs
+
+
+def test_our_kernel_names_cover_every_kernel_file():
+    """The device-time split counts every Triton kernel of the package as ours (the partial-reduction
+    kernels of ``attention_partials`` were counted as "other")."""
+    pytest.importorskip("triton")
+    import triton
+
+    from salstm_kernels.triton import attention_blocked, attention_partials, lstm_attention, lstm_cell
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    names = gpu_check.our_kernel_names()
+    for mod in (attention_blocked, attention_partials, lstm_attention, lstm_cell):
+        kinds = (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction)
+        jitted = {o.fn.__name__ for o in vars(mod).values() if isinstance(o, kinds)}
+        assert jitted and jitted <= names, mod.__name__
