@@ -35,7 +35,11 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Backend] = {}
-_local = threading.local()
+#: The open :func:`use_backend` contexts, innermost last: ``[token, name]`` pairs.  Process-wide, not
+#: per thread, like ``torch.backends`` flags: ``nn.DataParallel`` (the authors' ``train.py`` with
+#: several GPUs) runs its replicas in worker threads, which a per-thread choice would not reach.
+_stack: List[list] = []
+_stack_lock = threading.Lock()
 
 
 def register_backend(backend: Backend) -> None:
@@ -104,16 +108,17 @@ def available_backends(device: "str | torch.device | None" = None) -> List[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend for modules built with ``backend="auto"`` inside the ``with`` block."""
+    """Force a backend for modules built with ``backend="auto"`` inside the ``with`` block -- in every
+    thread of the process (``nn.DataParallel``'s replicas too), as ``torch.backends`` flags are."""
     _validate_name(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
+    entry = [object(), name]
+    with _stack_lock:
+        _stack.append(entry)
     try:
         yield
     finally:
-        stack.pop()
+        with _stack_lock:  # contexts of several threads may close in any order: remove this one
+            _stack.remove(entry)
 
 
 def _validate_name(name: str) -> None:
@@ -130,9 +135,8 @@ def requested_backend(module_backend: str = "auto") -> str:
     """The name asked for, before resolving ``auto``, following the precedence above."""
     if module_backend != "auto":
         return module_backend
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    if _stack:
+        return _stack[-1][1]
     return os.environ.get(ENV_VAR, "").strip() or "auto"
 
 

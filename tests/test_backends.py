@@ -1,4 +1,6 @@
 """Backend selection: registry, precedence, clear errors, no silent fallback."""
+import os
+
 import pytest
 import torch
 
@@ -46,6 +48,27 @@ def test_precedence_module_arg_then_context_then_env(monkeypatch):
         assert backends.resolve_backend("auto", dev) == "reference"
     monkeypatch.delenv(backends.ENV_VAR)
     assert backends.requested_backend("auto") == "auto"
+
+
+def test_use_backend_reaches_other_threads():
+    """``nn.DataParallel`` runs its replicas in worker threads: a ``use_backend`` block holds there
+    too, and contexts closed out of order (two threads) leave the right one open."""
+    import threading
+
+    seen = []
+    worker = lambda: seen.append(backends.requested_backend("auto"))  # noqa: E731
+    with sk.use_backend("reference"):
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+    assert seen == ["reference"]
+    outer, inner = sk.use_backend("reference"), sk.use_backend("cpp")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # another thread's block ends first
+    assert backends.requested_backend("auto") == "cpp"
+    inner.__exit__(None, None, None)
+    assert backends.requested_backend("auto") == (os.environ.get(backends.ENV_VAR, "").strip() or "auto")
 
 
 def test_auto_picks_cpp_on_cpu_only_when_loaded():
