@@ -65,7 +65,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during the call minus memory_allocated before it",
     "cpu": "peak of CPU allocator allocations-minus-frees during the call (torch.profiler profile_memory events); "
-    "excludes tensors alive before the call (parameters, inputs)",
+    "excludes tensors alive before the call (parameters, inputs) and buffers kept across calls (the cpp "
+    "backend's per-thread scratch, up to 8 MiB a slot, held from the first call on; benchmarks/cpu_check.py's "
+    "RSS rows include it)",
 }
 TIMING_METHOD = {
     "cuda": "triton.testing.do_bench (warm-up excluded), quantiles 25/50/75 %",
