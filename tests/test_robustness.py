@@ -466,6 +466,41 @@ def test_autocast_bf16_matches_reference(cls, path, x_dtype):
     assert not torch.equal(fp32, outs[0].float())
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cls", CLASSES)
+def test_autocast_forward_then_backward_outside_it(cls, path):
+    """The usual AMP pattern: forward under ``torch.autocast``, backward after the block.  The ops
+    compute in their own precision with autocast off inside (the reference provider's bmm under
+    autocast once saved a bfloat16 ``P`` and then met float32 in a backward outside autocast)."""
+    torch.manual_seed(7)
+    m = make(cls)
+    x = torch.randn(2, 2, 3, 5, 6)
+    results = []
+    for p in ("reference", path):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, states = run(m, x, p)
+        outs = flat(out, states)
+        g = torch.Generator().manual_seed(3)
+        gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+        results.append(([o.detach() for o in outs], grads_of(outs, list(m.parameters()), gouts)))
+    check_against(results[1], results[0], torch.bfloat16, f"{path} autocast, backward outside")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cls", [sk.LSTMSA2d, sk.LSTMThenSA2d])
+def test_states_need_no_grad_when_only_the_projections_train(cls, path):
+    """Frozen convs, trainable attention projections, an input without grad: the final states do not
+    depend on anything trainable, so (as in the reference) they do not require grad -- a loss on
+    them raises instead of backpropagating a silent zero; the output still trains the projections."""
+    m = make(cls)
+    for conv in m.convs():
+        conv.requires_grad_(False)
+    out, states = run(m, torch.randn(2, 2, 3, 5, 6), path)
+    assert out.requires_grad and not any(t.requires_grad for pair in states for t in pair)
+    out.sum().backward()
+    assert m.attention.q_matrix.weight.grad is not None
+
+
 def test_autocast_with_bf16_state_on_bf16_input():
     m = make(sk.SALSTM2d)
     x = torch.randn(1, 2, 3, 5, 6, dtype=torch.bfloat16)

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..validation import check_lstm_attention_args, check_lstm_attention_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
-from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
+from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
 
@@ -55,8 +55,9 @@ def _lstm_attention(
     fmt = layout_of(A)
     prov = kernels(backend)
     A, bias = biased(prov, A, bias)
-    out, h, c_new, P = prov.attention_forward(A, c.contiguous(memory_format=fmt), proj, scale, combination,
-                                              **bias_kwargs(bias))
+    with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
+        out, h, c_new, P = prov.attention_forward(A, c.contiguous(memory_format=fmt), proj, scale, combination,
+                                                  **bias_kwargs(bias))
     return (*(t.contiguous(memory_format=fmt) for t in (out, h, c_new)), P)
 
 
@@ -115,7 +116,8 @@ def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale
     A, folded = biased(prov, A, bias)
     c, dout = c.contiguous(memory_format=fmt), dout.contiguous(memory_format=fmt)
     dh, dc_new = state_grads_for(prov, c, fmt, dh, dc_new)
-    res = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(folded))
+    with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
+        res = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(folded))
     dA, dc, dproj = res[:3]
     # contiguous, as the fake kernel says (a provider's sum could follow a transposed weight's strides)
     dproj = tuple(A.new_empty((0,)) for _ in range(6)) if dproj is None else tuple(g.contiguous() for g in dproj)
@@ -146,6 +148,11 @@ def _setup_context(ctx, inputs, output):
     # P is returned to be saved, not to be differentiated: the backward has no term for a gradient
     # on it, so a loss on P must not get a silent zero (it gets autograd's "does not require grad")
     ctx.mark_non_differentiable(output[3])
+    if not any(t is not None and t.requires_grad for t in (A, c, bias)):
+        # h', c' depend on A, c and the bias only: with none of them requiring grad (frozen convs,
+        # trainable projections) they do not either, as in the reference -- else a loss on them
+        # would backpropagate a silent zero instead of raising
+        ctx.mark_non_differentiable(output[1], output[2])
     ctx.scale, ctx.combination, ctx.backend = scale, combination, backend
     # Outputs that got no gradient arrive as None (not as zero tensors, which the engine would
     # allocate and the op would then convert to A's layout): the cpp provider reads None as zero.

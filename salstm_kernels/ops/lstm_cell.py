@@ -15,7 +15,7 @@ from torch import Tensor
 from ..validation import check_lstm_cell_args, check_lstm_cell_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
-from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
+from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
 
 def _lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -25,7 +25,8 @@ def _lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None
     fmt = layout_of(A)
     prov = kernels(backend)
     A, bias = biased(prov, A, bias)
-    h, c_new = prov.cell_forward(A, c.contiguous(memory_format=fmt), **bias_kwargs(bias))
+    with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
+        h, c_new = prov.cell_forward(A, c.contiguous(memory_format=fmt), **bias_kwargs(bias))
     return h.contiguous(memory_format=fmt), c_new.contiguous(memory_format=fmt)
 
 
@@ -58,8 +59,9 @@ def _cell_backward(A, c, dh, dc_new, backend, bias, bias_grad_wanted):
     fmt = layout_of(A)
     prov = kernels(backend)
     A, folded = biased(prov, A, bias)
-    res = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new),
-                             **bias_kwargs(folded))
+    with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
+        res = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new),
+                                 **bias_kwargs(folded))
     dA, dc = res[0], res[1]
     return (dA.contiguous(memory_format=fmt), dc.contiguous(memory_format=fmt),
             bias_grad(res, 2, dA, bias, bias_grad_wanted))

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..validation import check_lstm_cell_zero_state_args, check_lstm_cell_zero_state_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
-from .providers import bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
+from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
 
 def _state_shape(A: Tensor):
@@ -39,7 +39,8 @@ def _lstm_cell_zero_state(A: Tensor, backend: str, bias: Optional[Tensor] = None
     fmt = layout_of(A)
     prov = kernels(backend)
     A, bias = biased(prov, A, bias)
-    h, c_new = prov.cell_zero_state_forward(A, **bias_kwargs(bias))
+    with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
+        h, c_new = prov.cell_zero_state_forward(A, **bias_kwargs(bias))
     return h.contiguous(memory_format=fmt), c_new.contiguous(memory_format=fmt)
 
 
@@ -73,7 +74,8 @@ def _cell_zero_state_backward(A, dh, dc_new, backend, bias, bias_grad_wanted):
     prov = kernels(backend)
     A, folded = biased(prov, A, bias)
     like = A[:, : A.shape[1] // 3]  # shape of the state, for zeros where the provider wants them
-    res = prov.cell_zero_state_backward(A, *state_grads_for(prov, like, fmt, dh, dc_new), **bias_kwargs(folded))
+    with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
+        res = prov.cell_zero_state_backward(A, *state_grads_for(prov, like, fmt, dh, dc_new), **bias_kwargs(folded))
     dA = res[0]
     return dA.contiguous(memory_format=fmt), bias_grad(res, 1, dA, bias, bias_grad_wanted)
 

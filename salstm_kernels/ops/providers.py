@@ -40,6 +40,7 @@ so gradcheck can run; ``P`` then is float64 too).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 from typing import Tuple
@@ -96,6 +97,21 @@ def plain(*tensors):
     return tuple(t if t is None or type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter)
                  or type(t).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__ else t.as_subclass(torch.Tensor)
                  for t in tensors)
+
+
+def autocast_off(A: torch.Tensor):
+    """A context that turns autocast off for ``A``'s device while a provider computes (else nothing).
+
+    The ops' contract is their own precision: outputs in ``A``'s dtype, accumulation and the
+    softmax in float32.  Under ``torch.autocast`` the torch calls inside a provider (the reference
+    provider's ``bmm``s, the Triton matmul path's cuBLAS products) would run in the autocast dtype:
+    lower precision than the C++ and Triton kernels compute, a 16-bit ``P`` where float32 is
+    promised, and a backward outside the autocast block (the usual AMP pattern) then met mixed
+    dtypes and raised."""
+    device_type = A.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def biased(provider: ModuleType, A: torch.Tensor, bias):
