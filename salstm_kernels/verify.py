@@ -4,7 +4,9 @@ For each module design, shape, dtype and backend: run the module on the backend,
 ``reference`` backend in float64 on the *same* (already rounded) parameters, input and initial
 state, and compare the output, the final states, and every gradient -- input, initial state, all
 parameters -- under one random upstream gradient.  Errors are :func:`salstm_kernels.testing.scaled_error`
-against the one tolerance table in :mod:`salstm_kernels.testing`.
+against the one tolerance table in :mod:`salstm_kernels.testing`; a tensor over its tolerance still
+passes when the reference backend, run in the same dtype, misses the float64 answer at least half as
+much (:data:`SAME_DTYPE_MARGIN`: an ill-conditioned tensor, not this package's error).
 
 Which backends: everything :func:`salstm_kernels.available_backends` lists for the device (so new
 backends are picked up as they are registered), plus ``reference-ops``: the fused-op path
@@ -101,10 +103,24 @@ class Parity:
     fwd_tol: float = 0.0
     bwd_tol: float = 0.0
     error: str = ""  # an exception raised by the backend, if any
+    #: tensors over the dtype's tolerance that the reference itself, run in the same dtype, misses
+    #: too: name -> that reference's error (see :data:`SAME_DTYPE_MARGIN`); their allowance is
+    #: ``max(tolerance, margin x error)``, and ``fwd_tol`` / ``bwd_tol`` show the worst one's
+    same_dtype_reference: Dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.error and self.fwd_err <= self.fwd_tol and self.bwd_err <= self.bwd_tol
+
+
+#: A tensor over the dtype's tolerance passes if its error is at most this many times the error of
+#: the reference backend run in the same dtype (against the same float64 answer).  Errors are
+#: relative to each tensor's own largest value, so an ill-conditioned one -- a gradient that is a
+#: small difference of large terms, a saturated softmax -- can miss a fixed tolerance in every
+#: implementation, eager PyTorch included (a fuzzing run: float32 q-projection gradient 6.4e-3, eager
+#: float32 the same 6.4e-3, tolerance 1e-4).  What the check is for still fails: a wrong or zeroed
+#: tensor is far beyond twice the same-dtype reference's rounding.
+SAME_DTYPE_MARGIN = 2.0
 
 
 Runner = Callable[[Tensor, Optional[List[Tuple[Tensor, Tensor]]]], Tuple[Tensor, List[Tuple[Tensor, Tensor]]]]
@@ -164,9 +180,10 @@ def _forward_backward(run: Runner, module: nn.Module, x: Tensor, state, upstream
     return {k: v.detach() for k, v in outputs.items()}, grads, upstream
 
 
-def reference_copy(module: nn.Module) -> nn.Module:
-    """A float64 copy of ``module`` (its already-rounded parameters, upcast) on the reference backend."""
-    ref = copy.deepcopy(getattr(module, "_orig_mod", module)).double()
+def reference_copy(module: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A copy of ``module`` in ``dtype`` (default float64: its already-rounded parameters, upcast) on
+    the reference backend."""
+    ref = copy.deepcopy(getattr(module, "_orig_mod", module)).to(dtype)
     ref.backend = "reference"
     return ref
 
@@ -210,14 +227,28 @@ def parity(run: Runner, module: nn.Module, x: Tensor, state=None, seed: int = 0,
     except Exception as e:  # noqa: BLE001 -- any failure of the backend is a verification failure
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         return res
-    for name, ref in ref_out.items():
-        err = scaled_error(out[name], ref) if name in out else float("inf")
-        if err > res.fwd_err or not res.fwd_worst:
-            res.fwd_err, res.fwd_worst = err, name
-    for name, ref in ref_grads.items():
-        err = scaled_error(grads[name], ref) if name in grads else float("inf")
-        if err > res.bwd_err or not res.bwd_worst:
-            res.bwd_err, res.bwd_worst = err, name
+    fwd = {name: scaled_error(out[name], ref) if name in out else float("inf") for name, ref in ref_out.items()}
+    bwd = {name: scaled_error(grads[name], ref) if name in grads else float("inf") for name, ref in ref_grads.items()}
+    over = [n for n, e in fwd.items() if e > res.fwd_tol] + [n for n, e in bwd.items() if e > res.bwd_tol]
+    if over and dtype != torch.float64:  # only then: one more run, of the reference in this dtype
+        try:
+            same = reference_copy(module, dtype)
+            with exact_float32_convs():
+                s_out, s_grads, _ = _forward_backward(module_runner(same), same, x, state, upstream, gen)
+        except Exception:  # noqa: BLE001 -- no same-dtype reference here (an op without that dtype): no allowance
+            s_out = s_grads = {}
+        for n in over:
+            got, ref = (s_out, ref_out) if n in fwd else (s_grads, ref_grads)
+            if n in got:
+                res.same_dtype_reference[n] = scaled_error(got[n], ref[n])
+    for errs, tol, kind in ((fwd, res.fwd_tol, "fwd"), (bwd, res.bwd_tol, "bwd")):
+        allowed = {n: max(tol, SAME_DTYPE_MARGIN * res.same_dtype_reference[n]) if n in res.same_dtype_reference
+                   else tol for n in errs}
+        worst = max(errs, key=lambda n: errs[n] / allowed[n], default="")
+        if worst:
+            setattr(res, f"{kind}_err", errs[worst])
+            setattr(res, f"{kind}_worst", worst)
+            setattr(res, f"{kind}_tol", allowed[worst])
     return res
 
 
@@ -315,14 +346,20 @@ def format_table(rows: Sequence[VerifyRow]) -> str:
         if p.error:
             body.append([r.backend, p.dtype, r.design, r.shape, "-", f"{p.fwd_tol:.0e}", "-", f"{p.bwd_tol:.0e}", p.error, "FAIL"])
             continue
+        def tol(value, worst):  # "*": widened by the same-dtype reference's own error
+            return f"{value:.1e}*" if worst in p.same_dtype_reference else f"{value:.0e}"
+
         body.append([
             r.backend, p.dtype, r.design, r.shape,
-            f"{p.fwd_err:.2e}", f"{p.fwd_tol:.0e}", f"{p.bwd_err:.2e}", f"{p.bwd_tol:.0e}",
+            f"{p.fwd_err:.2e}", tol(p.fwd_tol, p.fwd_worst), f"{p.bwd_err:.2e}", tol(p.bwd_tol, p.bwd_worst),
             f"{p.fwd_worst} / {p.bwd_worst}", "ok" if p.ok else "FAIL",
         ])
     widths = [max(len(str(row[i])) for row in [header] + body) for i in range(len(header))]
     fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     lines = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in body]
+    if any(r.parity.same_dtype_reference for r in rows):
+        lines.append(f"* tolerance widened to {SAME_DTYPE_MARGIN:g}x the error of the reference backend run in the "
+                     "same dtype, which misses the float64 answer as much (an ill-conditioned tensor)")
     return "\n".join(lines)
 
 
@@ -341,7 +378,8 @@ def main(device: Optional[str] = None, quick: bool = False, backends=None, dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     targets = verify_targets(torch.device(device).type, backends)
     print(f"verify on {device}: {', '.join(targets)} against the float64 reference "
-          f"({'quick' if quick else 'full'} shapes); errors are max|x-ref|/max|ref|", file=out)
+          f"({'quick' if quick else 'full'} shapes); errors are max|x-ref|/max|ref|; a tensor over its tolerance passes at "
+          f"up to {SAME_DTYPE_MARGIN:g}x the error of the reference run in the same dtype", file=out)
     rows = run_verify(device, quick, backends, dtypes, designs)
     print(format_table(rows), file=out)
     failed = [r for r in rows if not r.parity.ok]
