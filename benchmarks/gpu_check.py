@@ -51,7 +51,7 @@ import salstm_kernels as sk  # noqa: E402
 from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import providers  # noqa: E402
 from salstm_kernels.testing import nan_allocations, random_projections, scaled_error, tolerance  # noqa: E402
-from salstm_kernels.verify import DESIGNS, module_runner, parity  # noqa: E402
+from salstm_kernels.verify import DESIGNS, SAME_DTYPE_MARGIN, module_runner, parity  # noqa: E402
 
 if SMOKE:
     from salstm_kernels.testing import patch_triton_interpreter_once  # noqa: E402
@@ -91,17 +91,20 @@ class ParityLog:
         self.failures = []
 
     def row(self, label, dtype, errs, error=None):
-        """``errs``: list of (name, err, backward)."""
+        """``errs``: list of ``(name, err, backward)`` or ``(name, err, backward, allowed)``: a tolerance
+        widened by the same-dtype reference's own error (``verify.SAME_DTYPE_MARGIN``), marked ``*``."""
         if error is not None:
             ok, text = False, f"error: {error}"
         else:
-            worst = max(errs, key=lambda e: e[1] / tolerance(dtype, e[2]))
-            name, err, bwd = worst
-            ok = all(e <= tolerance(dtype, b) for _, e, b in errs)
-            fwd = max((e for _, e, b in errs if not b), default=0.0)
-            bwd_e = max((e for _, e, b in errs if b), default=0.0)
+            allowed = lambda e: e[3] if len(e) > 3 else tolerance(dtype, e[2])  # noqa: E731
+            worst = max(errs, key=lambda e: e[1] / allowed(e))
+            name, err = worst[0], worst[1]
+            ok = all(e[1] <= allowed(e) for e in errs)
+            fwd = max((e[1] for e in errs if not e[2]), default=0.0)
+            bwd_e = max((e[1] for e in errs if e[2]), default=0.0)
+            widened = "*" if len(worst) > 3 and worst[3] > tolerance(dtype, worst[2]) else ""
             text = (f"fwd {fwd:.2e}/{tolerance(dtype):.0e}  bwd {bwd_e:.2e}/{tolerance(dtype, True):.0e}"
-                    f"  worst {name} ({err / tolerance(dtype, bwd):.2f} of tol)")
+                    f"  worst {name} ({err / allowed(worst):.2f} of tol{widened})")
         status = "PASS" if ok else "FAIL"
         line = f"{status}  {label:<58} {dname(dtype):<9} {text}"
         print(line, flush=True)
@@ -181,9 +184,26 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torc
             names = ["dA", "dc"] + (["dWq", "dbq", "dWk", "dbk", "dWv", "dbv"] if gated else [])
             got = [dA, dc] + (list(dproj) if gated else [])
             errs += [(n, scaled_error(x, r), True) for n, x, r in zip(names, got, grads)]
+            if any(e > tolerance(dtype, b) for _, e, b in errs):
+                errs = _with_same_dtype_allowance(errs, dtype, A, c, proj, scale, comb, (dout, dh, dcn),
+                                                  list(refs) + list(grads))
             log.row(label, dtype, errs)
         except Exception as e:  # noqa: BLE001
             log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
+
+
+def _with_same_dtype_allowance(errs, dtype, A, c, proj, scale, comb, upstream, refs64):
+    """``errs`` with each tensor's tolerance widened to ``verify.SAME_DTYPE_MARGIN`` x the error of
+    the spec run in ``dtype`` itself (autograd of ``reference.lstm_attention_ref``), as ``verify``
+    does: an ill-conditioned tensor that PyTorch in the same dtype misses as much is not a kernel
+    error.  ``refs64``: the float64 outputs then gradients, in ``errs``' order."""
+    A_, c_ = A.detach().clone().requires_grad_(True), c.detach().clone().requires_grad_(True)
+    p_ = tuple(p.detach().clone().requires_grad_(True) for p in proj) if proj is not None else None
+    outs = reference.lstm_attention_ref(A_, c_, scale, comb, p_)
+    leaves = [A_, c_] + (list(p_) if p_ is not None else [])
+    same = list(outs) + list(torch.autograd.grad(list(outs), leaves, list(upstream)))
+    return [(n, e, b, max(tolerance(dtype, b), SAME_DTYPE_MARGIN * scaled_error(x, r)))
+            for (n, e, b), x, r in zip(errs, same, refs64)]
 
 
 def module_parity(log: ParityLog, device, design, cin, hidden, T, H, W, dtype, with_state, seed=0, nhwc=False):
@@ -206,7 +226,9 @@ def module_parity(log: ParityLog, device, design, cin, hidden, T, H, W, dtype, w
         if res.error:
             log.row(label, dtype, [], error=res.error)
         else:
-            log.row(label, dtype, [(res.fwd_worst, res.fwd_err, False), (res.bwd_worst, res.bwd_err, True)])
+            # verify.parity's tolerances: widened where the same-dtype reference misses as much
+            log.row(label, dtype, [(res.fwd_worst, res.fwd_err, False, res.fwd_tol),
+                                   (res.bwd_worst, res.bwd_err, True, res.bwd_tol)])
     except Exception as e:  # noqa: BLE001
         log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
     finally:

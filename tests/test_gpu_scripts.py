@@ -255,3 +255,42 @@ def test_our_kernel_names_cover_every_kernel_file():
         kinds = (triton.runtime.JITFunction, triton.runtime.interpreter.InterpretedFunction)
         jitted = {o.fn.__name__ for o in vars(mod).values() if isinstance(o, kinds)}
         assert jitted and jitted <= names, mod.__name__
+
+
+def test_gpu_check_widens_only_what_the_same_dtype_spec_misses_too(capsys):
+    """``op_parity``'s allowance, as ``verify``'s: each tensor's tolerance becomes the larger of the
+    table's and twice the error of the spec run in bfloat16 itself, and a zeroed output still
+    fails; the row marks a widened tolerance with ``*``."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from salstm_kernels import reference
+    from salstm_kernels.testing import random_projections, scaled_error
+
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16
+    A, c = torch.randn(2, 32, 3, 5, generator=g).to(dt), torch.randn(2, 8, 3, 5, generator=g).to(dt)
+    up = tuple(torch.randn(2, 8, 3, 5, generator=g).to(dt) for _ in range(3))
+    proj = tuple(p.detach() for p in random_projections(8, dt, generator=g))
+
+    def spec(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (A, c, *proj)]
+        outs = list(reference.lstm_attention_ref(leaves[0], leaves[1], 0.3, "linear", tuple(leaves[2:])))
+        return outs + list(torch.autograd.grad(outs, leaves, [u.to(dtype) for u in up]))
+
+    refs64, same = spec(torch.float64), spec(dt)
+    names = ["out", "h", "c'", "dA", "dc", "dWq", "dbq", "dWk", "dbk", "dWv", "dbv"]
+    got = [torch.zeros_like(same[0])] + same[1:]  # a kernel with its output zeroed
+    errs = [(n, scaled_error(x, r), i >= 3) for i, (n, x, r) in enumerate(zip(names, got, refs64))]
+    widened = gpu_check._with_same_dtype_allowance(errs, dt, A, c, proj, 0.3, "linear", up, refs64)
+    for (n, e, b, allowed), x, r in zip(widened, same, refs64):
+        assert allowed == max(gpu_check.tolerance(dt, b), gpu_check.SAME_DTYPE_MARGIN * scaled_error(x, r)), n
+    log = gpu_check.ParityLog()
+    log.row("zeroed out", dt, widened)
+    assert len(log.failures) == 1 and "worst out" in log.failures[0]
+    log.row("widened", dt, [("dWq", 0.1, True, 0.2)])
+    assert log.n_pass == 1 and "(0.50 of tol*)" in capsys.readouterr().out
