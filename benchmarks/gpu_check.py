@@ -51,7 +51,7 @@ import salstm_kernels as sk  # noqa: E402
 from salstm_kernels import ops, recurrence, reference  # noqa: E402
 from salstm_kernels.ops import providers  # noqa: E402
 from salstm_kernels.testing import nan_allocations, random_projections, scaled_error, tolerance  # noqa: E402
-from salstm_kernels.verify import DESIGNS, SAME_DTYPE_MARGIN, module_runner, parity  # noqa: E402
+from salstm_kernels.verify import DESIGNS, module_runner, parity, same_dtype_allowance  # noqa: E402
 
 if SMOKE:
     from salstm_kernels.testing import patch_triton_interpreter_once  # noqa: E402
@@ -92,7 +92,7 @@ class ParityLog:
 
     def row(self, label, dtype, errs, error=None):
         """``errs``: list of ``(name, err, backward)`` or ``(name, err, backward, allowed)``: a tolerance
-        widened by the same-dtype reference's own error (``verify.SAME_DTYPE_MARGIN``), marked ``*``."""
+        widened by the same-dtype reference's own error (``verify.same_dtype_allowance``), marked ``*``."""
         if error is not None:
             ok, text = False, f"error: {error}"
         else:
@@ -193,16 +193,17 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torc
 
 
 def _with_same_dtype_allowance(errs, dtype, A, c, proj, scale, comb, upstream, refs64):
-    """``errs`` with each tensor's tolerance widened to ``verify.SAME_DTYPE_MARGIN`` x the error of
-    the spec run in ``dtype`` itself (autograd of ``reference.lstm_attention_ref``), as ``verify``
-    does: an ill-conditioned tensor that PyTorch in the same dtype misses as much is not a kernel
-    error.  ``refs64``: the float64 outputs then gradients, in ``errs``' order."""
+    """``errs`` with each tensor's tolerance widened by the error of the spec (autograd of
+    ``reference.lstm_attention_ref``) run in ``dtype`` itself, by ``verify.same_dtype_allowance``
+    (twice it, capped), as ``verify`` does: an ill-conditioned tensor that PyTorch in the same dtype
+    misses as much is not a kernel error.  ``refs64``: the float64 outputs then gradients, in
+    ``errs``' order."""
     A_, c_ = A.detach().clone().requires_grad_(True), c.detach().clone().requires_grad_(True)
     p_ = tuple(p.detach().clone().requires_grad_(True) for p in proj) if proj is not None else None
     outs = reference.lstm_attention_ref(A_, c_, scale, comb, p_)
     leaves = [A_, c_] + (list(p_) if p_ is not None else [])
     same = list(outs) + list(torch.autograd.grad(list(outs), leaves, list(upstream)))
-    return [(n, e, b, max(tolerance(dtype, b), SAME_DTYPE_MARGIN * scaled_error(x, r)))
+    return [(n, e, b, same_dtype_allowance(tolerance(dtype, b), scaled_error(x, r)))
             for (n, e, b), x, r in zip(errs, same, refs64)]
 
 

@@ -29,7 +29,7 @@ rev=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 day=$(date -u +%F)
 export PYTHONPATH=.
 
-status=0  # the script's exit status: the last non-zero one of its commands (the device tool shows it)
+status=0  # the script's exit status: the last non-zero one of its run commands (the device tool shows it)
 run() {  # run NAME LIMIT_S COMMAND...: its output on screen and in $out/<day>-<NAME>-<rev>.log
   local name=$1 limit=$2 rc
   shift 2

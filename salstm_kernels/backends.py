@@ -135,8 +135,9 @@ def requested_backend(module_backend: str = "auto") -> str:
     """The name asked for, before resolving ``auto``, following the precedence above."""
     if module_backend != "auto":
         return module_backend
-    if _stack:
-        return _stack[-1][1]
+    top = _stack[-1:]  # one read (a slice), safe against another thread closing its block meanwhile
+    if top:
+        return top[0][1]
     return os.environ.get(ENV_VAR, "").strip() or "auto"
 
 

@@ -47,9 +47,12 @@ def _sizes(text: str):
     from .bench import parse_size
 
     try:
-        return [parse_size(s) for s in _csv(text)]
+        sizes = [parse_size(s) for s in _csv(text)]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW with positive ints, got {text!r}")
+    return sizes
 
 
 def _device(text: str) -> str:
@@ -58,7 +61,7 @@ def _device(text: str) -> str:
         device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -94,7 +97,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.backends is not None:
         from .backends import backend_names
 
-        cfg.backends = _names(args.backends, backend_names(), "backend(s)")
+        # "" (or only commas): no fused backend, the eager and compile rows alone
+        cfg.backends = _names(args.backends, backend_names(), "backend(s)") if _csv(args.backends) else []
     return bench.main(cfg, args.out, progress=not args.no_progress)
 
 
@@ -163,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int, help="CPU intra-op threads for the run (default: torch's); 1 is steadiest on a busy machine")
     b.add_argument("--quick", action="store_true", help="tiny shapes, few timing samples, compile with aot_eager: a smoke run")
     b.add_argument("--out", default="bench-results", help="directory for bench.json, bench.csv, bench.png (default: %(default)s)")
-    b.add_argument("--backends", help="comma-separated fused backends to run (default: every available one)")
+    b.add_argument("--backends", help="comma-separated fused backends to run (default: every available one; '' for none)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     b.add_argument("--compile-backend", help="torch.compile backend (default: inductor; aot_eager with --quick)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -288,7 +288,7 @@ def test_gpu_check_widens_only_what_the_same_dtype_spec_misses_too(capsys):
     errs = [(n, scaled_error(x, r), i >= 3) for i, (n, x, r) in enumerate(zip(names, got, refs64))]
     widened = gpu_check._with_same_dtype_allowance(errs, dt, A, c, proj, 0.3, "linear", up, refs64)
     for (n, e, b, allowed), x, r in zip(widened, same, refs64):
-        assert allowed == max(gpu_check.tolerance(dt, b), gpu_check.SAME_DTYPE_MARGIN * scaled_error(x, r)), n
+        assert allowed == gpu_check.same_dtype_allowance(gpu_check.tolerance(dt, b), scaled_error(x, r)), n
     log = gpu_check.ParityLog()
     log.row("zeroed out", dt, widened)
     assert len(log.failures) == 1 and "worst out" in log.failures[0]
