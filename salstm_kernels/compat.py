@@ -10,6 +10,7 @@ Differences: the initial state is created on the input's device and dtype (upstr
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 from torch import Tensor, nn
@@ -19,18 +20,46 @@ from .modules import LSTMSA2d, SALSTM2d, SliceFusion2d
 __all__ = ["TransLSTM", "GatedTransLSTM", "TransLSTMLayer", "GatedTransLSTMLayer", "SALSTM", "LSTMSA"]
 
 
-class TransLSTM(SALSTM2d):
+class _UpstreamAttributes:
+    """Upstream's plain attributes of ``TransLSTM`` / ``GatedTransLSTM``, as read-only views of this
+    module's configuration: ``input_channels`` (upstream's list ``[input_channels] +
+    hidden_channels``), ``hidden_channels`` and ``all_layers`` (the cells), besides ``kernel_size``,
+    ``num_layers``, ``bias`` and ``attention.scale``, which the classes set."""
+
+    @property
+    def input_channels(self) -> List[int]:
+        return [self.in_channels] + list(self.hidden_list)
+
+    @property
+    def hidden_channels(self) -> List[int]:
+        return list(self.hidden_list)
+
+    @property
+    def all_layers(self) -> List[nn.Module]:
+        return [getattr(self, f"cell{layer}") for layer in range(self.num_layers)]
+
+
+class _Scale(nn.Module):
+    """Upstream ``TransLSTM.attention``: no parameters (so no state_dict keys), only its ``scale``."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+
+class TransLSTM(_UpstreamAttributes, SALSTM2d):
     """Upstream ``TransLSTM`` (SA-LSTM): ``forward(x (B, T, Cin, H, W)) -> (B, C, H, W)``."""
 
     def __init__(self, input_channels: int, hidden_channels: List[int], kernel_size: int, bias: bool, attention_size: int):
         super().__init__(input_channels, list(hidden_channels), kernel_size, combination="linear", attention_size=attention_size)
         self.bias = bias
+        self.attention = _Scale(1.0 / math.sqrt(self.attention_size))
 
     def forward(self, x: Tensor) -> Tensor:  # upstream signature: no state argument
         return super().forward(x)
 
 
-class GatedTransLSTM(LSTMSA2d):
+class GatedTransLSTM(_UpstreamAttributes, LSTMSA2d):
     """Upstream ``GatedTransLSTM`` (LSTM-SA); its projections are ``Linear(input_channels, input_channels)``
     applied to ``h'``, so ``input_channels`` must equal ``hidden_channels[-1]``."""
 
@@ -44,6 +73,7 @@ class GatedTransLSTM(LSTMSA2d):
             )
         super().__init__(input_channels, hidden, kernel_size, combination="linear", attention_size=attention_size)
         self.bias = bias
+        self.attention.scale = 1.0 / math.sqrt(self.attention_size)  # upstream GatedAttention's
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x)

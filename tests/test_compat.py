@@ -152,3 +152,18 @@ def test_constructor_takes_the_numbers_upstream_takes(gated):
 def test_bad_attention_size_is_rejected(bad):
     with pytest.raises(ValueError, match="attention_size must be a positive number or None"):
         compat.TransLSTM(4, [4], 3, True, bad)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_upstream_plain_attributes(gated):
+    """The attributes upstream's constructor sets, with upstream's values (its ``model.py``:
+    ``input_channels = [input_channels] + hidden_channels``, ``all_layers`` the cells,
+    ``attention.scale = 1 / sqrt(attention_size)``), and no new state_dict keys for them."""
+    cls = compat.GatedTransLSTM if gated else compat.TransLSTM
+    m = cls(6, [5, 6], 3, True, 49)
+    assert m.input_channels == [6, 5, 6] and m.hidden_channels == [5, 6]
+    assert m.kernel_size == 3 and m.num_layers == 2 and m.bias is True
+    assert m.all_layers == [m.cell0, m.cell1]
+    assert m.attention.scale == pytest.approx(1 / 7)
+    attention_keys = [k for k in m.state_dict() if k.startswith("attention.")]
+    assert attention_keys == ([f"attention.{q}_matrix.{p}" for q in "qkv" for p in ("weight", "bias")] if gated else [])
