@@ -175,34 +175,31 @@ def op_parity(log: ParityLog, tk, device, shape, dtype, combos, seed=0, fmt=torc
             out, h, c1, P = tk.attention_forward(A, c, proj, scale, comb)
             dA, dc, dproj = tk.attention_backward(A, c, proj, P, dout, dh, dcn, scale, comb)
             layout_kept(out, h, c1, dA, dc)
-            A64, c64 = _leaf64(A), _leaf64(c)
-            p64 = tuple(_leaf64(p) for p in proj) if gated else None
-            refs = reference.lstm_attention_ref(A64, c64, scale, comb, p64)
-            leaves = [A64, c64] + (list(p64) if gated else [])
-            grads = torch.autograd.grad(list(refs), leaves, [dout.double(), dh.double(), dcn.double()])
-            errs = [(n, scaled_error(x, r), False) for n, x, r in zip(("out", "h", "c'"), (out, h, c1), refs)]
-            names = ["dA", "dc"] + (["dWq", "dbq", "dWk", "dbk", "dWv", "dbv"] if gated else [])
-            got = [dA, dc] + (list(dproj) if gated else [])
-            errs += [(n, scaled_error(x, r), True) for n, x, r in zip(names, got, grads)]
+            refs64 = _attention_spec(A, c, proj, scale, comb, (dout, dh, dcn), torch.float64)
+            names = ["out", "h", "c'", "dA", "dc"] + (["dWq", "dbq", "dWk", "dbk", "dWv", "dbv"] if gated else [])
+            got = [out, h, c1, dA, dc] + (list(dproj) if gated else [])
+            errs = [(n, scaled_error(x, r), i >= 3) for i, (n, x, r) in enumerate(zip(names, got, refs64))]
             if any(e > tolerance(dtype, b) for _, e, b in errs):
-                errs = _with_same_dtype_allowance(errs, dtype, A, c, proj, scale, comb, (dout, dh, dcn),
-                                                  list(refs) + list(grads))
+                errs = _with_same_dtype_allowance(errs, dtype, A, c, proj, scale, comb, (dout, dh, dcn), refs64)
             log.row(label, dtype, errs)
         except Exception as e:  # noqa: BLE001
             log.row(label, dtype, [], error=f"{type(e).__name__}: {e}"[:200])
 
 
+def _attention_spec(A, c, proj, scale, comb, upstream, dtype):
+    """The spec (autograd of ``reference.lstm_attention_ref``) run in ``dtype`` on these inputs and
+    upstream gradients ``(dout, dh, dc')``: ``[out, h', c', dA, dc, *dproj]``."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (A, c, *(proj or ()))]
+    outs = list(reference.lstm_attention_ref(leaves[0], leaves[1], scale, comb, tuple(leaves[2:]) or None))
+    return outs + list(torch.autograd.grad(outs, leaves, [u.to(dtype) for u in upstream]))
+
+
 def _with_same_dtype_allowance(errs, dtype, A, c, proj, scale, comb, upstream, refs64):
-    """``errs`` with each tensor's tolerance widened by the error of the spec (autograd of
-    ``reference.lstm_attention_ref``) run in ``dtype`` itself, by ``verify.same_dtype_allowance``
-    (twice it, capped), as ``verify`` does: an ill-conditioned tensor that PyTorch in the same dtype
-    misses as much is not a kernel error.  ``refs64``: the float64 outputs then gradients, in
-    ``errs``' order."""
-    A_, c_ = A.detach().clone().requires_grad_(True), c.detach().clone().requires_grad_(True)
-    p_ = tuple(p.detach().clone().requires_grad_(True) for p in proj) if proj is not None else None
-    outs = reference.lstm_attention_ref(A_, c_, scale, comb, p_)
-    leaves = [A_, c_] + (list(p_) if p_ is not None else [])
-    same = list(outs) + list(torch.autograd.grad(list(outs), leaves, list(upstream)))
+    """``errs`` with each tensor's tolerance widened by the error of the spec run in ``dtype`` itself
+    (:func:`_attention_spec`), by ``verify.same_dtype_allowance`` (twice it, capped), as ``verify``
+    does: an ill-conditioned tensor that PyTorch in the same dtype misses as much is not a kernel
+    error.  ``refs64``: the float64 spec, in ``errs``' order."""
+    same = _attention_spec(A, c, proj, scale, comb, upstream, dtype)
     return [(n, e, b, same_dtype_allowance(tolerance(dtype, b), scaled_error(x, r)))
             for (n, e, b), x, r in zip(errs, same, refs64)]
 

@@ -50,7 +50,7 @@ class ChannelProjections(nn.Module):
 
 
 def _as_list(hidden_channels: Union[int, Sequence[int]]) -> List[int]:
-    single = isinstance(hidden_channels, (numbers.Integral, bool))
+    single = isinstance(hidden_channels, numbers.Integral)  # bool too: positive_int rejects it
     try:
         hidden = [hidden_channels] if single else list(hidden_channels)
         if not hidden:

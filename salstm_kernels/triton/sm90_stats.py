@@ -241,8 +241,8 @@ def stage_variants():
                            f"warps={launch.num_warps} stages={stages}{bias}{apart}", fn, a, kconsts, launch.num_warps,
                            stages)
             if backward and gated and not launch.dw_apart:  # the sweep's dW-apart candidates, 4 and 8 warps
+                fn, a, kconsts = _single_pass_kernels(dt, True, True, launch._replace(dw_apart=True))[1]
                 for warps in (4, 8):
-                    fn, a, kconsts = _single_pass_kernels(dt, True, True, launch._replace(dw_apart=True))[1]
                     for stages in (1, 2, 3):
                         yield (f"attention_bwd_kernel {dt} gated=1 BN={launch.bn} warps={warps} stages={stages} "
                                f"+bias dw_apart", fn, a, kconsts, warps, stages)
