@@ -1,14 +1,24 @@
 """Property-based parity: random small shapes, layer stacks, kernel sizes, combinations and initial
 states -- every available backend and the fused path with the pure-PyTorch provider against the
-reference backend, forward (output and every final state) and backward (parameters, x, state)."""
+float64 reference, forward (output and every final state) and backward (parameters, x, state), as
+``salstm-kernels verify`` checks them (:func:`salstm_kernels.verify.parity`).
+
+Against float64, not the float32 reference: on tiny shapes a gradient can be a sum that cancels
+(a bias gradient of 9e-5 from terms near 1), and then two float32 orders of summation differ by
+more than the float32 tolerance while both are close to the exact answer.  Such a case (found by
+this test with Triton 3.6): the Triton and C++ kernels 5.5e-5 and 1.8e-5 off float64, the float32
+reference 9.9e-5 off, and the kernels 1.02e-4 off the float32 reference (tolerance 1e-4).
+``verify.parity`` measures every tensor against float64 and, for one over the tolerance, allows
+twice the float32 reference's own error (capped at 0.25), so a wrong or zeroed tensor still fails."""
 from __future__ import annotations
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import salstm_kernels as sk
-from test_robustness import PATHS, check_against, forward_backward
+from salstm_kernels import verify
+from test_robustness import FUSED_REFERENCE, PATHS
 
 MODULES = [
     (sk.SALSTM2d, ("linear", "nonlinear")),
@@ -37,16 +47,20 @@ def cases(draw):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
+# the cancelling bias gradient of the module docstring (failed against the float32 reference)
+@example(case=dict(cls=sk.LSTMThenSA2d, kw={"attention_size": 26}, B=1, T=3, Cin=1, hidden=[3, 2], H=2, W=2, k=1,
+                   with_state=True, seed=5697))
 def test_every_path_matches_reference(case):
     torch.manual_seed(case["seed"])
     m = case["cls"](case["Cin"], case["hidden"], case["k"], **case["kw"])
     B, T, H, W = case["B"], case["T"], case["H"], case["W"]
-    x = torch.randn(B, T, case["Cin"], H, W, requires_grad=True)
+    x = torch.randn(B, T, case["Cin"], H, W)
     state = None
     if case["with_state"]:
-        state = [(torch.randn(B, C, H, W, requires_grad=True), torch.randn(B, C, H, W, requires_grad=True))
-                 for C in case["hidden"]]
-    ref = forward_backward(m, x, "reference", state)
-    assert ref[0][0].shape == (B, case["hidden"][-1], H, W)
+        state = [(torch.randn(B, C, H, W), torch.randn(B, C, H, W)) for C in case["hidden"]]
+    assert m(x, state).shape == (B, case["hidden"][-1], H, W)
     for path in PATHS:
-        check_against(forward_backward(m, x, path, state), ref, torch.float32, f"{path} {case}")
+        m.backend = "auto" if path == FUSED_REFERENCE else path
+        run = verify.module_runner(m, verify.REFERENCE_OPS if path == FUSED_REFERENCE else None)
+        res = verify.parity(run, m, x, state, seed=case["seed"])
+        assert res.ok, f"{path} {case}: {res}"
