@@ -252,3 +252,38 @@ def test_meta_tensors_and_vmap_go_through_the_custom_op():
     assert h.is_meta and h.shape == (2, 2, 3, 3) and c_new.shape == (2, 2, 3, 3)
     batched = torch.func.vmap(lambda a, s: ops.apply_lstm_cell(a, s, "reference")[0])(A[:, None], c[:, None])
     assert torch.equal(batched[:, 0], ops.lstm_cell(A, c, "reference")[0])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"] + ["fused:reference"])
+@pytest.mark.parametrize("entries", [True, False], ids=["entries", "custom-ops"])
+def test_forward_mode_ad_raises_on_the_fused_paths(backend, entries, monkeypatch):
+    """``torch.func.jvp`` through a custom op without a forward-mode formula returned all-zero
+    tangents, silently (the primal was right); eager ``forward_ad`` on the ops gave no tangent.
+    Every fused path now raises a clear error, module or bare op; the reference backend computes
+    the tangent (checked against a central difference)."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setattr(dispatch, "EAGER_FUNCTION", entries)
+    torch.manual_seed(6)
+    m = sk.LSTMSA2d(3, [4], 3, backend="reference").double()
+    x = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64)
+    t = torch.randn_like(x)
+    _, tangent = torch.func.jvp(m, (x,), (t,))
+    eps = 1e-6
+    assert torch.allclose(tangent, (m(x + eps * t) - m(x - eps * t)) / (2 * eps), atol=1e-6)
+    assert tangent.abs().max() > 1e-3
+    if backend == "fused:reference":
+        fused = lambda x: m._forward_fused(x, None, "reference")[0]  # noqa: E731
+    else:
+        m.backend = backend
+        fused = m
+    with pytest.raises(RuntimeError, match=r"salstm_kernels::lstm_\w+: forward-mode AD .* backend='reference'"):
+        torch.func.jvp(fused, (x,), (t,))
+    A, c = torch.randn(1, 8, 3, 3, dtype=torch.float64), torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    op_backend = "reference" if backend == "fused:reference" else backend
+    with pytest.raises(RuntimeError, match=r"salstm_kernels::lstm_cell: forward-mode AD"):
+        torch.func.jvp(lambda a: ops.lstm_cell(a, c, op_backend)[0], (A,), (torch.ones_like(A),))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=r"salstm_kernels::lstm_cell: forward-mode AD"):
+        ops.apply_lstm_cell(fwAD.make_dual(A, torch.ones_like(A)), c, op_backend)
+    m.backend = "reference"
+    assert torch.equal(torch.func.jvp(m, (x,), (t,))[1], tangent)  # nothing left switched on

@@ -572,3 +572,28 @@ def test_state_dict_moves_between_backends(cls, save_path):
         m2.load_state_dict(torch.load(buf, weights_only=True), strict=True)
         assert_close(run(m2, x, load_path)[0], expected, torch.float32, name=f"{save_path} -> {load_path}")
 
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cls", [sk.LSTMSA2d, sk.LSTMThenSA2d])
+def test_a_loss_on_the_states_only_leaves_projection_gradients_none(cls, path):
+    """The attention output unused (a loss on the returned ``h, c``): the projections get no
+    gradient -- None, as in the reference, not zeros (AdamW's weight decay moved a zero-gradient
+    ``q_matrix`` on the fused backends and not on the reference) -- and everything else matches."""
+    m = make(cls)
+    x = torch.randn(2, 2, CIN, 5, 4, requires_grad=True)
+
+    def grads(p):
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        out, states = run(m, x, p)
+        (states[-1][0].sum() + 2 * states[-1][1].sum() + states[0][1].pow(2).sum()).backward()
+        return [x.grad] + [q.grad for q in m.parameters()]
+
+    want, got = grads("reference"), grads(path)
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, got, want):
+        if name.startswith("attention."):
+            assert a is None and b is None, name
+        else:
+            _close(a, b, torch.float32, True, f"{path} {name}")

@@ -102,6 +102,19 @@ def forward_entry(op, forward: Callable, setup_context: Callable, backward: Call
     return entry
 
 
+def refuse_forward_ad(name: str) -> None:
+    """Raise a clear error when forward-mode AD is active (``torch.func.jvp`` / ``jacfwd`` /
+    ``hessian``, ``torch.autograd.forward_ad``).  The fused ops have no forward-mode formula, and a
+    custom op without one gets all-zero tangents from ``torch.func.jvp`` -- silently (torch 2.11 and
+    2.13).  Called at the top of every op's function, where both the custom op and the modules'
+    eager entries arrive; by then functorch has unwrapped the inputs, but the dual level it opened
+    is still current."""
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        raise RuntimeError(f"salstm_kernels::{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
+                           "torch.autograd.forward_ad) is not supported by the fused backends; run the module "
+                           "with backend='reference' for it")
+
+
 def call_backward(op, backward_fn: Callable, *args):
     """A backward op inside a backward formula: the custom op where it is needed (a traced or
     intercepted backward) and where the backward itself is being recorded (``create_graph=True``:

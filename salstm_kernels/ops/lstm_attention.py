@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_attention_args, check_lstm_attention_backward_args
-from .dispatch import call_backward, forward_entry, refuse_double_backward
+from .dispatch import call_backward, forward_entry, refuse_double_backward, refuse_forward_ad
 from .layout import empty_in, layout_of
+from .lstm_cell import _cell_backward, lstm_cell_backward
 from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
 _PROJ_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv")
@@ -48,6 +49,7 @@ def _lstm_attention(
     bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None, conv ``bias (4C,)`` or None."""
+    refuse_forward_ad("lstm_attention")
     proj = _projections(wq, bq, wk, bk, wv, bv)
     check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination, bias)
     A, c, bias = plain(A, c, bias)
@@ -108,6 +110,7 @@ def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale
                         bias_grad_wanted):
     """:func:`_lstm_attention_backward` without the argument checks (the modules' eager backward;
     see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
+    refuse_forward_ad("lstm_attention_backward")
     A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, h, bias = plain(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new,
                                                                         h, bias)
     proj = _projections(wq, bq, wk, bk, wv, bv)
@@ -162,8 +165,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dh, dc_new, dP):
     A, c, wq, bq, wk, bk, wv, bv, P, h, bias = ctx.saved_tensors
-    dout = torch.zeros_like(c) if dout is None else dout
     wanted = bias is not None and ctx.needs_input_grad[11]
+    if dout is None:
+        # no gradient on the attention output (a loss on the returned states only): the cell's
+        # backward alone, and no projection gradients -- None as in the reference, not zeros (an
+        # optimizer's weight decay skips a None gradient, not a zero one)
+        dA, dc, dbias = call_backward(lstm_cell_backward, _cell_backward, A, c, dh, dc_new, ctx.backend, bias, wanted)
+        return (dA, dc, *(None,) * 6, None, None, None, dbias.to(bias.dtype) if wanted else None)
     grads = call_backward(
         lstm_attention_backward, _attention_backward,
         A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, ctx.scale, ctx.combination, ctx.backend, h, bias, wanted
