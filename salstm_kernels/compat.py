@@ -4,7 +4,8 @@
 constructor signatures (including the ``attenion_size`` spelling), same state_dict keys, so released
 checkpoints load with ``strict=True``.  Each class is a thin subclass of the new modules, so it runs
 on whichever backend is selected.  Upstream quirks kept: the conv always has a bias (``bias`` is
-accepted and ignored), the attention scale is fixed from the constructor's ``attention_size``.
+accepted and ignored), the attention scale is ``attention.scale``, set from the constructor's
+``attention_size`` and read at every forward (a scale written there later is used, as upstream's).
 Differences: the initial state is created on the input's device and dtype (upstream calls
 ``.cuda()``), and LSTM-SA checks at construction that its projections fit the hidden size.
 """
@@ -24,7 +25,7 @@ class _UpstreamAttributes:
     """Upstream's plain attributes of ``TransLSTM`` / ``GatedTransLSTM``, as read-only views of this
     module's configuration: ``input_channels`` (upstream's list ``[input_channels] +
     hidden_channels``), ``hidden_channels`` and ``all_layers`` (the cells), besides ``kernel_size``,
-    ``num_layers``, ``bias`` and ``attention.scale``, which the classes set."""
+    ``num_layers``, ``bias`` and ``attention.scale`` (writable, read at every forward), which the classes set."""
 
     @property
     def input_channels(self) -> List[int]:
@@ -37,6 +38,10 @@ class _UpstreamAttributes:
     @property
     def all_layers(self) -> List[nn.Module]:
         return [getattr(self, f"cell{layer}") for layer in range(self.num_layers)]
+
+    def scale_for(self, x: Tensor) -> float:
+        """``attention.scale`` as it is now: upstream reads that attribute in every forward."""
+        return float(self.attention.scale)
 
 
 class _Scale(nn.Module):

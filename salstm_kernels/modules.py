@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from . import ops, reference
 from .backends import resolve_backend
 from .recurrence import bias_in, split_conv_recurrence, widen_to_state_dtype
-from .validation import (check_attention_size, check_input, check_kernel_size, check_matches_parameters, check_state,
-                         positive_int)
+from .submodules import prepare_submodules
+from .validation import check_attention_size, check_input, check_kernel_size, check_state, positive_int
 
 State = Tuple[Tensor, Tensor]
 
@@ -42,11 +42,22 @@ class ChannelProjections(nn.Module):
         self.v_matrix = nn.Linear(channels, channels)
 
     def tensors(self, dtype: Optional[torch.dtype] = None):
-        """``(wq, bq, wk, bk, wv, bv)``, cast to ``dtype`` (autograd flows back to the parameters)."""
+        """``(wq, bq, wk, bk, wv, bv)``, cast to ``dtype`` (autograd flows back to the parameters); a
+        projection without a bias (``bias=None`` set by a user) gets zeros, which the fused ops take."""
         out = []
         for lin in (self.q_matrix, self.k_matrix, self.v_matrix):
-            out += [lin.weight, lin.bias]
+            weight = lin.weight
+            out += [weight, weight.new_zeros(weight.shape[0]) if lin.bias is None else lin.bias]
         return tuple(t if dtype is None else t.to(dtype) for t in out)
+
+    def submodules(self, prefix: str):
+        """``(name, module, base class)`` of the projections, for :func:`prepare_submodules`."""
+        return [(f"{prefix}{n}", getattr(self, n), nn.Linear) for n in ("q_matrix", "k_matrix", "v_matrix")]
+
+
+def _saveable(t: Tensor) -> Tensor:
+    """``t``, or a copy of it where it is an inference tensor (which autograd cannot save)."""
+    return t.clone() if t.is_inference() else t
 
 
 def _as_list(hidden_channels: Union[int, Sequence[int]]) -> List[int]:
@@ -114,9 +125,14 @@ class ConvLSTM2d(nn.Module):
     def forward(self, x: Tensor, state: Optional[Sequence[State]] = None, return_state: bool = False):
         who = type(self).__name__
         x = check_input(x, self.in_channels, who)
-        check_matches_parameters(x, self.cell0.conv.weight, who)
+        prepare_submodules(self._submodules(), x, who)
         if state is not None:
             state = check_state(state, x, self.hidden_list)
+        if torch.is_grad_enabled():
+            # tensors made under torch.inference_mode (a frozen encoder's features) cannot be saved
+            # for backward, and the fused recurrence saves x's step slices and the state as given
+            x = _saveable(x)
+            state = None if state is None else [(_saveable(h), _saveable(c)) for h, c in state]
         backend = resolve_backend(self.backend, x.device)
         if x.shape[0] == 0:
             out, states = self._forward_empty(x, state)
@@ -125,6 +141,9 @@ class ConvLSTM2d(nn.Module):
         else:
             out, states = self._forward_fused(x, state, backend)
         return (out, states) if return_state else out
+
+    def _submodules(self):
+        return [(f"cell{layer}.conv", conv, nn.Conv2d) for layer, conv in enumerate(self.convs())]
 
     def _weights(self):
         convs = self.convs()
@@ -208,6 +227,9 @@ class _ProjectedAttention(_AttentionMixin, ConvLSTM2d):
     def _projection_tensors(self, dtype=None):
         return self.attention.tensors(dtype)
 
+    def _submodules(self):
+        return super()._submodules() + self.attention.submodules("attention.")
+
 
 class LSTMSA2d(_ProjectedAttention):
     """LSTM-SA (paper Fig. 3b): LSTM states gate learned per-pixel projections of ``h'``.
@@ -243,7 +265,7 @@ class SAOnly2d(_AttentionMixin, nn.Module):
             raise TypeError(f"SAOnly2d: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SAOnly2d: x must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
-        check_matches_parameters(x, self.attention.q_matrix.weight, "SAOnly2d")
+        prepare_submodules(self.attention.submodules("attention."), x, "SAOnly2d")
         return reference.sa_only_ref(x, self.attention.tensors(), self.scale_for(x))
 
 

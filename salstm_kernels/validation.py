@@ -78,13 +78,14 @@ def check_input(x, in_channels: int, who: str) -> Tensor:
     return x
 
 
-def check_matches_parameters(x: Tensor, param: Optional[Tensor], who: str) -> None:
-    """``x`` on the parameters' device; same dtype too, unless autocast is on for that device."""
+def check_matches_parameters(x: Tensor, param: Optional[Tensor], who: str, name: str = "") -> None:
+    """``x`` on the parameter's device; same dtype too, unless autocast is on for that device."""
     if param is None:
         return
+    what = f"the module's parameter {name} is" if name else "the module's parameters are"
     if x.device != param.device:
         raise ValueError(
-            f"{who}: x is on {x.device} but the module's parameters are on {param.device}; "
+            f"{who}: x is on {x.device} but {what} on {param.device}; "
             f"move one of them (e.g. module.to({str(x.device)!r}))"
         )
     if x.dtype == param.dtype:
@@ -92,7 +93,7 @@ def check_matches_parameters(x: Tensor, param: Optional[Tensor], who: str) -> No
     if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, param.dtype):
         return  # autocast casts both for the convs and matmuls
     raise TypeError(
-        f"{who}: x has dtype {x.dtype} but the module's parameters are {param.dtype}; cast one "
+        f"{who}: x has dtype {x.dtype} but {what} {param.dtype}; cast one "
         f"(e.g. module.to({x.dtype}) or x.to({param.dtype})) or run under torch.autocast"
     )
 

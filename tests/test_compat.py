@@ -167,3 +167,61 @@ def test_upstream_plain_attributes(gated):
     assert m.attention.scale == pytest.approx(1 / 7)
     attention_keys = [k for k in m.state_dict() if k.startswith("attention.")]
     assert attention_keys == ([f"attention.{q}_matrix.{p}" for q in "qkv" for p in ("weight", "bias")] if gated else [])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_scale_written_to_attention_scale_is_used_as_upstream(gated, backend):
+    """Upstream reads ``attention.scale`` in every forward; ours kept the constructor's copy, so a
+    scale set afterwards (retraining at another resolution) was silently ignored."""
+    torch.manual_seed(2)
+    ucls, cls = (up.GatedTransLSTM, compat.GatedTransLSTM) if gated else (up.TransLSTM, compat.TransLSTM)
+    theirs, ours = ucls(4, [4], 3, True, 16), cls(4, [4], 3, True, 16)
+    _load_from_upstream(ours, theirs)
+    ours.backend = backend if backend in __import__("salstm_kernels").available_backends("cpu") else "reference"
+    x = torch.randn(2, 2, 4, 4, 4)
+    before = ours(x)
+    # (the real upstream TransLSTM keeps it on its ``attention`` too; this file's stand-in keeps it on itself)
+    (theirs.attention if gated else theirs).scale = ours.attention.scale = 0.5
+    assert scaled_error(ours(x), theirs(x)) < 1e-5
+    assert scaled_error(before, theirs(x)) > 1e-4  # the new scale changes the output
+
+
+@pytest.mark.parametrize("reparametrize", ["weight_norm", "spectral_norm_eval", "prune", "parametrizations.weight_norm"])
+def test_weight_reparametrizations_of_the_conv_train_as_upstream(reparametrize):
+    """``torch.nn.utils.weight_norm`` / ``spectral_norm`` / ``prune`` keep the conv's weight in a
+    forward pre-hook, which runs only when the conv is called; the modules read the weight without
+    calling it, so it went stale (0.05-0.09 off upstream after an update) and ``weight_orig`` / ``_g``
+    / ``_v`` got no gradient.  The modules now run those hooks; parametrizations work as they are."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(3)
+    theirs, ours = up.GatedTransLSTM(4, [4], 3, True, 16), compat.GatedTransLSTM(4, [4], 3, True, 16)
+    _load_from_upstream(ours, theirs)
+    for m in (theirs, ours):
+        conv = m.cell0.conv
+        if reparametrize == "weight_norm":
+            torch.nn.utils.weight_norm(conv)
+        elif reparametrize == "spectral_norm_eval":  # eval: no power iteration, so the weights agree
+            torch.nn.utils.spectral_norm(conv)
+            m.eval()
+        elif reparametrize == "prune":
+            prune.l1_unstructured(conv, "weight", amount=0.3)
+        else:
+            torch.nn.utils.parametrizations.weight_norm(conv)
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # the reparametrization's own state too
+    named, named_up = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert named.keys() == named_up.keys()
+    with torch.no_grad():  # an optimizer step on the reparametrization's own parameters
+        for name, p in named.items():
+            noise = 0.1 * torch.randn_like(p)
+            p.add_(noise)
+            named_up[name].add_(noise)
+    x = torch.randn(2, 2, 4, 5, 4)
+    y_up, y = theirs(x), ours(x)
+    assert scaled_error(y, y_up) < 1e-5
+    gy = torch.randn_like(y)
+    g_up = grads_of([y_up], list(named_up.values()), [gy])
+    g = grads_of([y], list(named.values()), [gy])
+    for name, a, b in zip(named, g, g_up):
+        assert a is not None and b is not None and scaled_error(a, b) < 1e-5, name

@@ -597,3 +597,71 @@ def test_a_loss_on_the_states_only_leaves_projection_gradients_none(cls, path):
             assert a is None and b is None, name
         else:
             _close(a, b, torch.float32, True, f"{path} {name}")
+
+
+@pytest.mark.parametrize("path", sk.available_backends("cpu"))
+def test_inference_mode_inputs_train(path):
+    """Features made under ``torch.inference_mode`` (a frozen encoder) feed a trainable module: the
+    fused recurrence saved ``x``'s step slices as they were, and autograd cannot save an inference
+    tensor ("Inference tensors cannot be saved for backward"); the reference copied them in its cat."""
+    m = make(sk.LSTMSA2d, backend=path)
+    with torch.inference_mode():
+        x = torch.randn(2, 2, CIN, 5, 4)
+        state = [(torch.randn(2, C, 5, 4), torch.randn(2, C, 5, 4)) for C in HIDDEN]
+    want = forward_backward(make(sk.LSTMSA2d), x.clone(), "reference", [(h.clone(), c.clone()) for h, c in state])
+    check_against(forward_backward(m, x, path, state), want, torch.float32, f"{path} inference-mode inputs")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("which", ["q_matrix", "v_matrix"])
+def test_projection_without_bias(path, which):
+    """A projection ``Linear`` whose bias a user removed: the reference ran, the fused paths raised
+    AttributeError on ``None.to``; they now take a zero bias (exact)."""
+    m = make(sk.LSTMSA2d)
+    getattr(m.attention, which).bias = None
+    x = torch.randn(2, 2, CIN, 5, 4, requires_grad=True)
+    check_against(forward_backward(m, x, path), forward_backward(m, x, "reference"), torch.float32, path)
+
+
+@pytest.mark.parametrize("path", sk.available_backends("cpu"))
+def test_what_the_modules_cannot_run_of_their_submodules_is_refused_or_warned(path):
+    """The modules read their convs' and projections' parameters and compute them without calling
+    them (every backend): a conv padding mode other than zeros or a subclass with its own forward
+    would be skipped silently, so they raise; other forward hooks warn that they do not run."""
+
+    class StandardizedConv(torch.nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            return self._conv_forward(x, (w - w.mean()) / w.std(), self.bias)
+
+    x = torch.randn(1, 2, CIN, 5, 4)
+    m = make(sk.LSTMSA2d, backend=path)
+    m.cell1.conv.padding_mode = "reflect"
+    with pytest.raises(ValueError, match=r"LSTMSA2d: cell1.conv.padding_mode='reflect' is not supported"):
+        m(x)
+    m = make(sk.LSTMSA2d, backend=path)
+    conv = m.cell0.conv
+    m.cell0.conv = StandardizedConv(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    with pytest.raises(TypeError, match=r"cell0.conv is a StandardizedConv with its own forward"):
+        m(x)
+    m = make(sk.LSTMSA2d, backend=path)
+    m.attention.k_matrix = torch.nn.Identity()
+    with pytest.raises(TypeError, match=r"attention.k_matrix is a Identity with its own forward"):
+        m(x)
+    m = make(sk.LSTMSA2d, backend=path)
+    seen = []
+    m.attention.v_matrix.register_forward_hook(lambda *a: seen.append(a))
+    with pytest.warns(UserWarning, match=r"the forward hooks registered on attention.v_matrix do not run"):
+        m(x)
+    assert not seen
+
+
+@pytest.mark.parametrize("path", sk.available_backends("cpu"))
+@pytest.mark.parametrize("where", ["cell1.conv", "attention.v_matrix"])
+def test_every_parameter_dtype_is_checked(path, where):
+    """Only ``cell0``'s dtype was compared with ``x``: a projection or a later layer left in another
+    dtype was cast silently by the fused backends (the reference raised PyTorch's own error)."""
+    m = make(sk.LSTMSA2d, backend=path)
+    m.get_submodule(where).double()
+    with pytest.raises(TypeError, match=rf"LSTMSA2d: x has dtype torch.float32 but the module's parameter {where}.\w+ is torch.float64"):
+        m(torch.randn(1, 2, CIN, 5, 4))

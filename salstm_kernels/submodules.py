@@ -1,0 +1,74 @@
+"""What the modules need of their ``nn.Conv2d`` / ``nn.Linear`` submodules, checked every forward.
+
+The modules never *call* ``cell{l}.conv`` or ``attention.{q,k,v}_matrix``: every backend reads their
+``weight`` and ``bias`` and computes the conv (split over time, the forget rows skipped at t = 0)
+and the projections itself, as the fused kernels must.  So whatever lives in a submodule's call
+would be skipped silently; upstream's ``LSTMCell`` calls ``self.conv(...)``, so its users can have
+put something there.  Per kind:
+
+* **Weight reparametrizations that keep the weight in a forward pre-hook** --
+  ``torch.nn.utils.weight_norm``, ``spectral_norm`` and ``torch.nn.utils.prune`` -- would leave a
+  stale ``weight`` and their ``*_orig`` parameter without a gradient.  Their hooks are run here,
+  once per forward, before the weights are read.  Exact for weight norm and pruning (their hooks
+  recompute the same weight every call); old-style spectral norm's power iteration (training mode)
+  then runs once per forward, where upstream's per-step calls run it once per time step.
+  ``torch.nn.utils.parametrize`` / ``parametrizations`` need nothing: ``weight`` is computed on read.
+* A **subclass with its own forward** (a weight-standardised conv, a LoRA or quantization-aware
+  wrapper) or a **padding mode other than zeros**: refused (``TypeError`` / ``ValueError``).
+* **Other forward hooks** (a feature-capturing hook, a summary tool's): a warning that they do not
+  run.
+
+The same pass checks every submodule's parameters against ``x`` (device, and dtype unless autocast
+is on): a layer or projection left in another dtype was cast silently by the fused backends.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Tuple
+
+from torch import Tensor, nn
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
+from .validation import check_matches_parameters
+
+#: forward pre-hooks that only recompute a parameter from others (run here, see the module docstring)
+WEIGHT_HOOKS = (WeightNorm, SpectralNorm, prune.BasePruningMethod)
+
+
+def _own_forward(mod: nn.Module, base: type) -> bool:
+    cls = type(mod)
+    if cls is base:
+        return False
+    return cls.forward is not base.forward or getattr(cls, "_conv_forward", None) is not getattr(base, "_conv_forward", None)
+
+
+def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type]], x: Tensor, who: str) -> None:
+    """Check each ``(name, module, base)`` (``base`` ``nn.Conv2d`` or ``nn.Linear``) and its
+    parameters against ``x`` as the module docstring says, and run its weight-recomputing forward
+    pre-hooks."""
+    for name, mod, base in named:
+        if not isinstance(mod, base) or _own_forward(mod, base):
+            raise TypeError(
+                f"{who}: {name} is a {type(mod).__name__} with its own forward; the module reads {name}.weight and "
+                f".bias and computes the {base.__name__} itself (every backend does), so that forward would be "
+                f"skipped. Use a plain nn.{base.__name__}; a weight reparametrization can go through "
+                "torch.nn.utils.parametrize")
+        if base is nn.Conv2d and mod.padding_mode != "zeros":
+            raise ValueError(f"{who}: {name}.padding_mode={mod.padding_mode!r} is not supported; the convs pad "
+                             "with zeros (padding_mode='zeros')")
+        for pname, param in mod._parameters.items():  # (a parametrized weight is checked as its original)
+            check_matches_parameters(x, param, who, f"{name}.{pname}")
+        if not (mod._forward_pre_hooks or mod._forward_hooks):
+            continue
+        others = False
+        for hook in list(mod._forward_pre_hooks.values()):
+            if isinstance(hook, WEIGHT_HOOKS):
+                hook(mod, ())
+            else:
+                others = True
+        if others or mod._forward_hooks:
+            warnings.warn(f"{who}: the forward hooks registered on {name} do not run: the module reads its "
+                          "parameters and computes it without calling it (weight_norm, spectral_norm and prune "
+                          "hooks are the exception: they are run)", stacklevel=3)
