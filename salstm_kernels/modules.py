@@ -128,7 +128,7 @@ class ConvLSTM2d(nn.Module):
         prepare_submodules(self._submodules(), x, who)
         if state is not None:
             state = check_state(state, x, self.hidden_list)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (dynamo cannot trace is_inference)
             # tensors made under torch.inference_mode (a frozen encoder's features) cannot be saved
             # for backward, and the fused recurrence saves x's step slices and the state as given
             x = _saveable(x)

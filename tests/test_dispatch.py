@@ -287,3 +287,22 @@ def test_forward_mode_ad_raises_on_the_fused_paths(backend, entries, monkeypatch
         ops.apply_lstm_cell(fwAD.make_dual(A, torch.ones_like(A)), c, op_backend)
     m.backend = "reference"
     assert torch.equal(torch.func.jvp(m, (x,), (t,))[1], tangent)  # nothing left switched on
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
+def test_functorch_reverse_mode_raises_a_clear_error(transform):
+    """``torch.func.grad`` / ``vjp`` / ``jacrev`` through a fused module raised torch's internal
+    "autograd.Function ... must override the setup_context staticmethod", naming neither the op nor
+    what to do; now the op and the way out.  The reference backend differentiates."""
+    torch.manual_seed(7)
+    m = sk.SALSTM2d(3, 4, 3, backend="reference")
+    x = torch.randn(1, 2, 3, 4, 4)
+    run = {"grad": lambda f: torch.func.grad(lambda x: f(x).sum())(x),
+           "vjp": lambda f: torch.func.vjp(f, x)[1](torch.ones(1, 4, 4, 4)),
+           "jacrev": lambda f: torch.func.jacrev(lambda x: f(x).sum())(x)}[transform]
+    run(m)
+    for backend in [b for b in BACKENDS if b != "reference"]:
+        m.backend = backend
+        with pytest.raises(RuntimeError, match=r"salstm_kernels::lstm_\w+: torch.func.grad / vjp / jacrev are not "
+                                               r"supported by the fused backends; use torch.autograd.grad"):
+            run(m)

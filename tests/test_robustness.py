@@ -148,7 +148,7 @@ def test_state_structure_errors():
 def test_dtype_mismatches(path):
     m = make(sk.SALSTM2d, backend=path)
     x = torch.randn(2, 2, 3, 5, 6)
-    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the module's parameters are torch.float32"):
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the module's parameter cell0.conv.weight is torch.float32"):
         m(x.double())
     with pytest.raises(TypeError, match=r"state\[0\] h has dtype torch.float64, expected x's dtype torch.float32"):
         m(x, state=[(torch.zeros(2, 4, 5, 6, dtype=torch.float64), torch.zeros(2, 4, 5, 6))] + _state()[1:])
@@ -162,7 +162,7 @@ def test_dtype_mismatches(path):
 def test_device_mismatches(path):
     """``meta`` stands in for a second device: the checks run before any kernel is chosen."""
     m = make(sk.LSTMSA2d, backend=path)
-    with pytest.raises(ValueError, match=r"x is on meta but the module's parameters are on cpu"):
+    with pytest.raises(ValueError, match=r"x is on meta but the module's parameter cell0.conv.weight is on cpu"):
         m(torch.empty(2, 2, 3, 5, 6, device="meta"))
     x = torch.randn(2, 2, 3, 5, 6)
     state = _state()
@@ -232,7 +232,7 @@ def test_sa_only_checks():
     m = sk.SAOnly2d(3)
     with pytest.raises(ValueError, match=r"SAOnly2d: x must be \(B, 3, H, W\), got shape \(1, 4, 5, 5\)"):
         m(torch.randn(1, 4, 5, 5))
-    with pytest.raises(TypeError, match="x has dtype torch.float64 but the module's parameters are torch.float32"):
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but the module's parameter attention.q_matrix.weight is torch.float32"):
         m(torch.randn(1, 3, 5, 5, dtype=torch.float64))
 
 

@@ -19,8 +19,9 @@ fake kernels, FLOP formulas) and is what runs whenever it has to be seen as one 
 * under any ``TorchDispatchMode`` (``FlopCounterMode`` counts the op by its FLOP formula, fake and
   proxy tensor modes trace it);
 * under ``torch.jit.trace`` (the trace records the op, so ``torch.jit.save`` can export it) and
-  ``torch.func`` transforms (``vmap`` runs the op's batching fallback; ``torch.func.grad`` fails
-  either way: the custom op's autograd is an ``autograd.Function`` without a functorch rule);
+  ``torch.func`` transforms (``vmap`` runs the op's batching fallback; ``torch.func.grad`` / ``vjp``
+  / ``jacrev`` raise a clear error: the custom op's autograd has no functorch rule; forward-mode AD
+  raises too, see :func:`refuse_forward_ad`);
 * with a tensor subclass or a meta tensor among the inputs (the fake kernel gives the shapes).
 
 Both paths run the same functions, so they agree bitwise (``tests/test_dispatch.py``).  A backward
@@ -94,6 +95,7 @@ def forward_entry(op, forward: Callable, setup_context: Callable, backward: Call
     def entry(*args, **kwargs):
         args = fill(args, kwargs)
         if _op_needed(args):
+            _refuse_functorch_grad(op)
             return op(*args)
         return function.apply(*args)
 
@@ -113,6 +115,20 @@ def refuse_forward_ad(name: str) -> None:
         raise RuntimeError(f"salstm_kernels::{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
                            "torch.autograd.forward_ad) is not supported by the fused backends; run the module "
                            "with backend='reference' for it")
+
+
+def _refuse_functorch_grad(op) -> None:
+    """A clear error for ``torch.func.grad`` / ``vjp`` / ``jacrev`` around a fused op: the custom op's
+    autograd has no functorch rule, and torch's own message (an ``autograd.Function`` "must override
+    the setup_context staticmethod") names neither the op nor what to do."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return  # (dynamo cannot trace the interpreter stack; a compiled graph runs no functorch transform here)
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(i.key() == torch._C._functorch.TransformType.Grad for i in retrieve_all_functorch_interpreters()):
+        name = op._qualname if hasattr(op, "_qualname") else str(op)
+        raise RuntimeError(f"{name}: torch.func.grad / vjp / jacrev are not supported by the fused backends; "
+                           "use torch.autograd.grad or .backward(), or run the module with backend='reference'")
 
 
 def call_backward(op, backward_fn: Callable, *args):
