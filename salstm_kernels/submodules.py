@@ -26,6 +26,7 @@ from __future__ import annotations
 import warnings
 from typing import Iterable, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -48,18 +49,20 @@ def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type]], x: Tensor, 
     """Check each ``(name, module, base)`` (``base`` ``nn.Conv2d`` or ``nn.Linear``) and its
     parameters against ``x`` as the module docstring says, and run its weight-recomputing forward
     pre-hooks."""
+    dtype, device = x.dtype, x.device
     for name, mod, base in named:
         if not isinstance(mod, base) or _own_forward(mod, base):
+            what = "with its own forward" if isinstance(mod, base) else f"not an nn.{base.__name__}"
             raise TypeError(
-                f"{who}: {name} is a {type(mod).__name__} with its own forward; the module reads {name}.weight and "
-                f".bias and computes the {base.__name__} itself (every backend does), so that forward would be "
-                f"skipped. Use a plain nn.{base.__name__}; a weight reparametrization can go through "
-                "torch.nn.utils.parametrize")
+                f"{who}: {name} is a {type(mod).__name__} {what}; the module reads {name}.weight and .bias and "
+                f"computes the {base.__name__} itself (every backend does), so its forward would be skipped. Use a "
+                f"plain nn.{base.__name__}; a weight reparametrization can go through torch.nn.utils.parametrize")
         if base is nn.Conv2d and mod.padding_mode != "zeros":
             raise ValueError(f"{who}: {name}.padding_mode={mod.padding_mode!r} is not supported; the convs pad "
                              "with zeros (padding_mode='zeros')")
-        for pname, param in mod._parameters.items():  # (a parametrized weight is checked as its original)
-            check_matches_parameters(x, param, who, f"{name}.{pname}")
+        for pname, param in mod._parameters.items():  # (a parametrized weight is not among them)
+            if param is not None and (param.dtype != dtype or param.device != device):  # (the common case fast)
+                check_matches_parameters(x, param, who, f"{name}.{pname}")
         if not (mod._forward_pre_hooks or mod._forward_hooks):
             continue
         others = False
@@ -68,7 +71,7 @@ def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type]], x: Tensor, 
                 hook(mod, ())
             else:
                 others = True
-        if others or mod._forward_hooks:
+        if (others or mod._forward_hooks) and not torch.compiler.is_compiling():  # (dynamo cannot trace warn)
             warnings.warn(f"{who}: the forward hooks registered on {name} do not run: the module reads its "
                           "parameters and computes it without calling it (weight_norm, spectral_norm and prune "
-                          "hooks are the exception: they are run)", stacklevel=3)
+                          "hooks are the exception: they are run)", stacklevel=2)

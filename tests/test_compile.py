@@ -94,3 +94,20 @@ def test_backend_choice_is_traced_without_graph_break_and_follows_use_backend():
         with sk.use_backend("reference"):
             assert torch.equal(cf(x), x + len("reference"))
     assert calls[-1] == "reference"
+
+
+def test_fullgraph_compile_with_hooked_and_reparametrized_submodules():
+    """A forward hook on a conv (the modules warn in eager mode that it does not run) and a
+    ``weight_norm`` pre-hook (which they run) leave no graph break: the warning stayed in the trace
+    and ``fullgraph=True`` raised."""
+    torch.manual_seed(1)
+    m = sk.LSTMSA2d(3, [4], 3, backend=sk.available_backends("cpu")[-1])
+    m.cell0.conv.register_forward_hook(lambda *a: None)
+    torch.nn.utils.weight_norm(m.attention.q_matrix)
+    x = torch.randn(1, 2, 3, 4, 4)
+    with pytest.warns(UserWarning, match="do not run"):
+        want = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from inside the compiled graph either
+        got = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    assert_close(got, want, torch.float32)

@@ -282,9 +282,22 @@ def test_forward_mode_ad_raises_on_the_fused_paths(backend, entries, monkeypatch
     A, c = torch.randn(1, 8, 3, 3, dtype=torch.float64), torch.randn(1, 2, 3, 3, dtype=torch.float64)
     op_backend = "reference" if backend == "fused:reference" else backend
     with pytest.raises(RuntimeError, match=r"salstm_kernels::lstm_cell: forward-mode AD"):
-        torch.func.jvp(lambda a: ops.lstm_cell(a, c, op_backend)[0], (A,), (torch.ones_like(A),))
+        torch.func.jvp(lambda a: ops.apply_lstm_cell(a, c, op_backend)[0], (A,), (torch.ones_like(A),))
     with fwAD.dual_level(), pytest.raises(RuntimeError, match=r"salstm_kernels::lstm_cell: forward-mode AD"):
         ops.apply_lstm_cell(fwAD.make_dual(A, torch.ones_like(A)), c, op_backend)
+    # ... but only where a tangent reaches the op: a jvp the module does not depend on, and an open
+    # dual level without dual inputs, run as before
+    m.float()  # (float32: the Triton kernels take no float64)
+    x32 = x.float()
+    y = fused(x32)
+    a = torch.ones(3)
+    primal, tan = torch.func.jvp(lambda a: a * fused(x32).sum(), (a,), (2 * a,))
+    assert torch.allclose(tan, 2 * y.sum().detach() * a)
+    with fwAD.dual_level():
+        m.zero_grad()
+        fused(x32).sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+    m.double()
     m.backend = "reference"
     assert torch.equal(torch.func.jvp(m, (x,), (t,))[1], tangent)  # nothing left switched on
 
@@ -301,8 +314,20 @@ def test_functorch_reverse_mode_raises_a_clear_error(transform):
            "vjp": lambda f: torch.func.vjp(f, x)[1](torch.ones(1, 4, 4, 4)),
            "jacrev": lambda f: torch.func.jacrev(lambda x: f(x).sum())(x)}[transform]
     run(m)
+    head = torch.randn(4)
+
+    def frozen_features(w):  # a transform around the module that does not differentiate it
+        with torch.no_grad():
+            f = m(x).mean((2, 3))[0]
+        return (f * w).sum() ** 2
+
+    want = torch.func.grad(frozen_features)(head)
     for backend in [b for b in BACKENDS if b != "reference"]:
         m.backend = backend
         with pytest.raises(RuntimeError, match=r"salstm_kernels::lstm_\w+: torch.func.grad / vjp / jacrev are not "
                                                r"supported by the fused backends; use torch.autograd.grad"):
             run(m)
+        assert torch.allclose(torch.func.grad(frozen_features)(head), want, atol=1e-5)
+        a = torch.ones(3)  # grad mode on, trainable parameters, but nothing of the module differentiated
+        assert torch.allclose(torch.func.grad(lambda a: (a * m(x).detach().sum()).sum())(a),
+                              m(x).detach().sum().expand(3), rtol=1e-5)

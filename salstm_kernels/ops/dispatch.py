@@ -20,8 +20,8 @@ fake kernels, FLOP formulas) and is what runs whenever it has to be seen as one 
   proxy tensor modes trace it);
 * under ``torch.jit.trace`` (the trace records the op, so ``torch.jit.save`` can export it) and
   ``torch.func`` transforms (``vmap`` runs the op's batching fallback; ``torch.func.grad`` / ``vjp``
-  / ``jacrev`` raise a clear error: the custom op's autograd has no functorch rule; forward-mode AD
-  raises too, see :func:`refuse_forward_ad`);
+  / ``jacrev`` and forward-mode AD raise a clear error where they would differentiate the op, see
+  :func:`_refuse_autodiff_transforms`);
 * with a tensor subclass or a meta tensor among the inputs (the fake kernel gives the shapes).
 
 Both paths run the same functions, so they agree bitwise (``tests/test_dispatch.py``).  A backward
@@ -94,8 +94,8 @@ def forward_entry(op, forward: Callable, setup_context: Callable, backward: Call
 
     def entry(*args, **kwargs):
         args = fill(args, kwargs)
+        _refuse_autodiff_transforms(op, args)
         if _op_needed(args):
-            _refuse_functorch_grad(op)
             return op(*args)
         return function.apply(*args)
 
@@ -104,29 +104,37 @@ def forward_entry(op, forward: Callable, setup_context: Callable, backward: Call
     return entry
 
 
-def refuse_forward_ad(name: str) -> None:
-    """Raise a clear error when forward-mode AD is active (``torch.func.jvp`` / ``jacfwd`` /
-    ``hessian``, ``torch.autograd.forward_ad``).  The fused ops have no forward-mode formula, and a
-    custom op without one gets all-zero tangents from ``torch.func.jvp`` -- silently (torch 2.11 and
-    2.13).  Called at the top of every op's function, where both the custom op and the modules'
-    eager entries arrive; by then functorch has unwrapped the inputs, but the dual level it opened
-    is still current."""
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
-        raise RuntimeError(f"salstm_kernels::{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, "
-                           "torch.autograd.forward_ad) is not supported by the fused backends; run the module "
-                           "with backend='reference' for it")
+def _refuse_autodiff_transforms(op, args) -> None:
+    """A clear error where the op would be differentiated by a transform it has no rule for:
 
+    * forward-mode AD -- ``torch.func.jvp`` / ``jacfwd`` / ``hessian``, ``torch.autograd.forward_ad``
+      -- with a tangent on an argument: a custom op without a forward-mode formula gets all-zero
+      tangents from ``torch.func.jvp``, silently (torch 2.11 and 2.13);
+    * ``torch.func.grad`` / ``vjp`` / ``jacrev`` with grad mode on and an argument the transform
+      tracks: the custom op's autograd has no functorch rule, and torch's own message (an
+      ``autograd.Function`` "must override the setup_context staticmethod") names neither the op
+      nor what to do.
 
-def _refuse_functorch_grad(op) -> None:
-    """A clear error for ``torch.func.grad`` / ``vjp`` / ``jacrev`` around a fused op: the custom op's
-    autograd has no functorch rule, and torch's own message (an ``autograd.Function`` "must override
-    the setup_context staticmethod") names neither the op nor what to do."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
-        return  # (dynamo cannot trace the interpreter stack; a compiled graph runs no functorch transform here)
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    if any(i.key() == torch._C._functorch.TransformType.Grad for i in retrieve_all_functorch_interpreters()):
-        name = op._qualname if hasattr(op, "_qualname") else str(op)
+    Decided per call from the arguments (before functorch unwraps them), so a transform around a
+    frozen module it does not differentiate, or a dual level open in another thread, runs as
+    before.  The bare custom ops (``torch.ops.salstm_kernels.*``) skip this: under ``torch.func.jvp``
+    PyTorch gives them zero tangents."""
+    if torch.compiler.is_compiling():
+        return  # (dynamo cannot trace the functorch stack; a compiled graph runs no transform here)
+    stack = torch._C._functorch.peek_interpreter_stack() is not None
+    forward_ad = getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    if not (stack or forward_ad):
+        return
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    # (inside a transform every intermediate is wrapped; one the transform differentiates requires grad)
+    jvp = forward_ad and any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in tensors)
+    tracked = stack and torch.is_grad_enabled() and any(
+        torch._C._functorch.is_gradtrackingtensor(a) and a.requires_grad for a in tensors)
+    name = op._qualname if hasattr(op, "_qualname") else str(op)
+    if jvp:
+        raise RuntimeError(f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is "
+                           "not supported by the fused backends; run the module with backend='reference' for it")
+    if tracked:
         raise RuntimeError(f"{name}: torch.func.grad / vjp / jacrev are not supported by the fused backends; "
                            "use torch.autograd.grad or .backward(), or run the module with backend='reference'")
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_attention_args, check_lstm_attention_backward_args
-from .dispatch import call_backward, forward_entry, refuse_double_backward, refuse_forward_ad
+from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .lstm_cell import _cell_backward, lstm_cell_backward
 from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
@@ -49,7 +49,6 @@ def _lstm_attention(
     bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)``, projections ``(C, C)`` / ``(C,)`` or None, conv ``bias (4C,)`` or None."""
-    refuse_forward_ad("lstm_attention")
     proj = _projections(wq, bq, wk, bk, wv, bv)
     check_lstm_attention_args(A, c, wq, bq, wk, bk, wv, bv, scale, combination, bias)
     A, c, bias = plain(A, c, bias)
@@ -110,7 +109,6 @@ def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale
                         bias_grad_wanted):
     """:func:`_lstm_attention_backward` without the argument checks (the modules' eager backward;
     see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
-    refuse_forward_ad("lstm_attention_backward")
     A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, h, bias = plain(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new,
                                                                         h, bias)
     proj = _projections(wq, bq, wk, bk, wv, bv)

@@ -13,14 +13,13 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_args, check_lstm_cell_backward_args
-from .dispatch import call_backward, forward_entry, refuse_double_backward, refuse_forward_ad
+from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
 
 def _lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``A (B, 4C, H, W)``, ``c (B, C, H, W)`` (, conv ``bias (4C,)``) -> ``(h', c')``, both ``(B, C, H, W)``."""
-    refuse_forward_ad("lstm_cell")
     check_lstm_cell_args(A, c, bias=bias)
     A, c, bias = plain(A, c, bias)
     fmt = layout_of(A)
@@ -56,7 +55,6 @@ def _lstm_cell_backward(
 def _cell_backward(A, c, dh, dc_new, backend, bias, bias_grad_wanted):
     """:func:`_lstm_cell_backward` without the argument checks: the modules' eager backward calls it
     with the forward's checked inputs and autograd's gradients (shaped as the outputs)."""
-    refuse_forward_ad("lstm_cell_backward")
     A, c, dh, dc_new, bias = plain(A, c, dh, dc_new, bias)
     fmt = layout_of(A)
     prov = kernels(backend)

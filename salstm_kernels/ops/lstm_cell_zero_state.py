@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_zero_state_args, check_lstm_cell_zero_state_backward_args
-from .dispatch import call_backward, forward_entry, refuse_double_backward, refuse_forward_ad
+from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
 
@@ -34,7 +34,6 @@ def _state_shape(A: Tensor):
 
 def _lstm_cell_zero_state(A: Tensor, backend: str, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``A (B, 3C, H, W)`` (gate rows i, o, g; conv ``bias (3C,)``) -> ``(h', c')``, both ``(B, C, H, W)``."""
-    refuse_forward_ad("lstm_cell_zero_state")
     check_lstm_cell_zero_state_args(A, bias)
     A, bias = plain(A, bias)
     fmt = layout_of(A)
@@ -70,7 +69,6 @@ def _lstm_cell_zero_state_backward(
 def _cell_zero_state_backward(A, dh, dc_new, backend, bias, bias_grad_wanted):
     """:func:`_lstm_cell_zero_state_backward` without the argument checks (the modules' eager backward;
     see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
-    refuse_forward_ad("lstm_cell_zero_state_backward")
     A, dh, dc_new, bias = plain(A, dh, dc_new, bias)
     fmt = layout_of(A)
     prov = kernels(backend)
