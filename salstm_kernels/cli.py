@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     b.add_argument("--compile-backend", help="torch.compile backend (default: inductor; aot_eager with --quick)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.set_defaults(func=_cmd_bench)
+    b.set_defaults(func=_cmd_bench, subparser=b)
 
     v = sub.add_parser("verify", help="parity of every available backend with the reference (exit 1 on failure)",
                        description="Forward outputs and every gradient of every available backend against the "
@@ -182,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtypes", help="comma-separated dtypes (default: per device and backend)")
     v.add_argument("--threads", type=_positive_int, help="CPU intra-op threads (default: torch's)")
     v.add_argument("--designs", help="comma-separated designs, e.g. 'SALSTM2d(linear),ConvLSTM2d'")
-    v.set_defaults(func=_cmd_verify)
+    v.set_defaults(func=_cmd_verify, subparser=v)
 
     i = sub.add_parser("info", help="versions, devices and available backends (and why others are not)")
-    i.set_defaults(func=_cmd_info)
+    i.set_defaults(func=_cmd_info, subparser=i)
     return p
 
 
@@ -195,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except UsageError as e:
-        parser.error(f"{args.command}: {e}")
+        args.subparser.error(str(e))  # the subcommand's usage line, as for its argparse errors
 
 
 if __name__ == "__main__":

@@ -209,7 +209,9 @@ def test_cli_rejects_bad_values_with_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith(f"usage: salstm-kernels {argv[0]} "), err  # the subcommand's usage, not the top level's
 
 
 def test_verify_quick_passes(capsys):
