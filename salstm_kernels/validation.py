@@ -78,11 +78,12 @@ def check_input(x, in_channels: int, who: str) -> Tensor:
     return x
 
 
-def check_matches_parameters(x: Tensor, param: Optional[Tensor], who: str, name: str = "") -> None:
-    """``x`` on the parameter's device; same dtype too, unless autocast is on for that device."""
+def check_matches_parameters(x: Tensor, param: Optional[Tensor], who: str, name: str) -> None:
+    """``x`` on the device of the module's parameter ``name``; same dtype too, unless autocast is on
+    for that device."""
     if param is None:
         return
-    what = f"the module's parameter {name} is" if name else "the module's parameters are"
+    what = f"the module's parameter {name} is"
     if x.device != param.device:
         raise ValueError(
             f"{who}: x is on {x.device} but {what} on {param.device}; "

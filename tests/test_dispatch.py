@@ -259,8 +259,9 @@ def test_meta_tensors_and_vmap_go_through_the_custom_op():
 def test_forward_mode_ad_raises_on_the_fused_paths(backend, entries, monkeypatch):
     """``torch.func.jvp`` through a custom op without a forward-mode formula returned all-zero
     tangents, silently (the primal was right); eager ``forward_ad`` on the ops gave no tangent.
-    Every fused path now raises a clear error, module or bare op; the reference backend computes
-    the tangent (checked against a central difference)."""
+    Every fused path now raises a clear error, through the module or an op entry (``ops.apply_*``;
+    the bare custom ops cannot see the transform); the reference backend computes the tangent
+    (checked against a central difference)."""
     import torch.autograd.forward_ad as fwAD
 
     monkeypatch.setattr(dispatch, "EAGER_FUNCTION", entries)

@@ -573,7 +573,6 @@ def test_state_dict_moves_between_backends(cls, save_path):
         assert_close(run(m2, x, load_path)[0], expected, torch.float32, name=f"{save_path} -> {load_path}")
 
 
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cls", [sk.LSTMSA2d, sk.LSTMThenSA2d])
 def test_a_loss_on_the_states_only_leaves_projection_gradients_none(cls, path):

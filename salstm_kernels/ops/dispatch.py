@@ -54,6 +54,11 @@ def _op_needed(args) -> bool:
     return any(isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta) for a in args)
 
 
+def _op_name(op) -> str:
+    """``salstm_kernels::name`` of a custom op, for messages."""
+    return op._qualname if hasattr(op, "_qualname") else str(op)
+
+
 def _with_defaults(fn: Callable) -> Callable:
     """``(args, kwargs) -> args``: every argument of ``fn``'s signature positionally, defaults filled
     in (``autograd.Function.apply`` takes positional arguments only)."""
@@ -100,7 +105,7 @@ def forward_entry(op, forward: Callable, setup_context: Callable, backward: Call
         return function.apply(*args)
 
     entry.__name__ = entry.__qualname__ = f"apply_{forward.__name__.strip('_')}"
-    entry.__doc__ = f"``{op._qualname if hasattr(op, '_qualname') else op}`` (see :mod:`{__name__}`)."
+    entry.__doc__ = f"``{_op_name(op)}`` (see :mod:`{__name__}`)."
     return entry
 
 
@@ -130,7 +135,7 @@ def _refuse_autodiff_transforms(op, args) -> None:
     jvp = forward_ad and any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in tensors)
     tracked = stack and torch.is_grad_enabled() and any(
         torch._C._functorch.is_gradtrackingtensor(a) and a.requires_grad for a in tensors)
-    name = op._qualname if hasattr(op, "_qualname") else str(op)
+    name = _op_name(op)
     if jvp:
         raise RuntimeError(f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is "
                            "not supported by the fused backends; run the module with backend='reference' for it")
@@ -151,7 +156,7 @@ def call_backward(op, backward_fn: Callable, *args):
 def refuse_double_backward(backward_op) -> None:
     """Register an autograd formula for a backward op that raises a clear error: a double backward
     (``create_graph=True``, e.g. a gradient penalty) through the fused ops is not supported."""
-    name = backward_op._qualname if hasattr(backward_op, "_qualname") else str(backward_op)
+    name = _op_name(backward_op)
 
     def backward(ctx, *grads):
         raise RuntimeError(f"{name}: second derivatives (double backward, create_graph=True) are not "
