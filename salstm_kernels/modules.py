@@ -8,7 +8,6 @@ recurrence (:mod:`salstm_kernels.recurrence`) and the fused ops.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -181,7 +180,14 @@ class _AttentionMixin:
     def scale_for(self, x: Tensor) -> float:
         """``1/sqrt(attention_size)``; ``attention_size=None`` means the runtime ``N = H*W``."""
         size = self.attention_size if self.attention_size is not None else x.shape[-1] * x.shape[-2]
-        return 1.0 / math.sqrt(size)
+        return reference.default_scale(size)
+
+    def _op_scale(self, x: Tensor) -> Optional[float]:
+        """The fused op's ``scale``: None for the runtime ``1/sqrt(H*W)``, which the op then takes
+        from ``A``'s shape.  A custom op's float argument is a constant in a traced graph, so passing
+        the number would specialize a ``torch.compile(dynamic=True)`` / ``torch.export`` graph to one
+        image size (a recompile per ``H*W``)."""
+        return None if self.attention_size is None else self.scale_for(x)
 
     def _projection_tensors(self, dtype=None):
         return None
@@ -199,7 +205,7 @@ class _AttentionMixin:
         out_dtype = A.dtype  # the attention matmuls' dtype (the autocast dtype under autocast)
         A, c = widen_to_state_dtype(A, c)  # the cell runs in the state dtype
         proj = self._projection_tensors(A.dtype) or (None,) * 6
-        out, h, c_new, _ = ops.apply_lstm_attention(A, c, *proj, self.scale_for(x), self.combination, backend,
+        out, h, c_new, _ = ops.apply_lstm_attention(A, c, *proj, self._op_scale(x), self.combination, backend,
                                                     bias_in(bias, A))
         states[-1] = (h, c_new)
         return out.to(out_dtype), states

@@ -12,7 +12,6 @@ Nothing here is fused or clever: the point is that a reader can check it against
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -27,8 +26,11 @@ COMBINATIONS = ("linear", "nonlinear", "none")
 
 
 def default_scale(attention_size: int) -> float:
-    """Upstream's attention scale, ``1 / sqrt(attention_size)``."""
-    return 1.0 / math.sqrt(attention_size)
+    """Upstream's attention scale, ``1 / sqrt(attention_size)``.  ``torch.sym_sqrt`` is
+    ``math.sqrt`` for a number and stays symbolic for a traced size (``H*W`` under
+    ``torch.compile(dynamic=True)`` / ``torch.export``), so a graph is not specialized to one
+    image size."""
+    return 1.0 / torch.sym_sqrt(attention_size)
 
 
 # --------------------------------------------------------------------------------------------

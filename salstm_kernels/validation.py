@@ -184,21 +184,23 @@ def check_lstm_cell_zero_state_args(A, bias=None, op: str = "lstm_cell_zero_stat
 
 
 def check_lstm_attention_args(A, c, wq=None, bq=None, wk=None, bk=None, wv=None, bv=None,
-                              scale: float = 1.0, combination: str = "linear", bias=None,
+                              scale: Optional[float] = 1.0, combination: str = "linear", bias=None,
                               op: str = "lstm_attention") -> None:
     """Boundary checks of ``lstm_attention(A, c, wq, bq, wk, bk, wv, bv, scale, combination, backend)``.
 
     ``A (B, 4C, H, W)``, ``c (B, C, H, W)`` (same dtype and device, non-empty); the projections all
     given (``w (C, C)``, ``b (C,)``, with ``A``'s device and dtype) or all ``None``;
-    ``combination`` "linear" / "nonlinear" / "none" (the last needs projections); ``scale`` finite.
+    ``combination`` "linear" / "nonlinear" / "none" (the last needs projections); ``scale`` finite,
+    or None (``1/sqrt(H*W)``).
     """
     check_lstm_cell_args(A, c, op, bias)
     from .reference import COMBINATIONS
 
     if combination not in COMBINATIONS:
         raise ValueError(f"{op}: combination must be one of {COMBINATIONS}, got {combination!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or scale in (float("inf"), float("-inf")):
-        raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale
+                              or scale in (float("inf"), float("-inf"))):
+        raise ValueError(f"{op}: scale must be a finite float or None (1/sqrt(H*W)), got {scale!r}")
     names = ("wq", "bq", "wk", "bk", "wv", "bv")
     proj = (wq, bq, wk, bk, wv, bv)
     given = [p is not None for p in proj]

@@ -1,5 +1,7 @@
 """The fused-op plumbing (torch.library registration, fake kernels, autograd) with the pure-PyTorch
 provider, and the split-conv recurrence against the reference math."""
+import math
+
 import pytest
 import torch
 
@@ -142,6 +144,26 @@ def test_opcheck_all_ops_reference_provider():
         torch.ops.salstm_kernels.lstm_attention_backward.default,
         (A.detach(), c.detach(), *[p.detach() for p in proj], P, d, d, d, 0.3, "linear", "reference"),
     )
+
+
+@pytest.mark.parametrize("backend", sk.available_backends("cpu"))
+def test_attention_scale_none_is_one_over_sqrt_of_the_pixel_count(backend):
+    """``scale=None`` (what the modules pass for ``attention_size=None``, so a traced graph is not
+    tied to one ``H*W``) is ``1/sqrt(H*W)`` of ``A``, forward and backward, bit for bit; the ops
+    with it pass ``opcheck``."""
+    A, c, g = _inputs(2, 8, 3, 5, torch.float32)
+    proj = random_projections(8, generator=g)
+    want = ops.lstm_attention(A, c, *proj, 1 / math.sqrt(15), "linear", backend)
+    got = ops.lstm_attention(A, c, *proj, None, "linear", backend)
+    gout = torch.randn_like(want[0])
+    params = [A, c, *proj]
+    for a, b in zip([*got, *grads_of([got[0]], params, [gout])], [*want, *grads_of([want[0]], params, [gout])]):
+        assert torch.equal(a, b)
+    d = torch.randn(2, 8, 3, 5)
+    opcheck = torch.library.opcheck
+    opcheck(torch.ops.salstm_kernels.lstm_attention.default, (A, c, *proj, None, "linear", "reference"))
+    opcheck(torch.ops.salstm_kernels.lstm_attention_backward.default,
+            (A.detach(), c.detach(), *[p.detach() for p in proj], want[3], d, d, d, None, "linear", "reference"))
 
 
 def test_opcheck_attention_backward_with_transposed_weights():

@@ -295,7 +295,7 @@ def test_lstm_cell_op_checks(case, exc, msg):
     ("p device", ValueError, r"lstm_attention: bv is on meta, expected A's device cpu"),
     ("combination", ValueError, r"combination must be one of \('linear', 'nonlinear', 'none'\), got 'gated'"),
     ("none needs proj", ValueError, r"combination='none' needs the projections"),
-    ("scale", ValueError, r"scale must be a finite float, got nan"),
+    ("scale", ValueError, r"scale must be a finite float or None \(1/sqrt\(H\*W\)\), got nan"),
 ])
 def test_lstm_attention_op_checks(case, exc, msg):
     A, c, P = _op_args()

@@ -2,8 +2,11 @@
 
 From the conv output ``A`` and the previous cell state ``c``: gates, ``c'``, ``h'``, the QKV of
 paper eq. 4 (gating learned per-pixel projections of ``h'`` for LSTM-SA), and channel attention
-``softmax(Q K^T * scale) V``; ``bias`` (optional) is the bias of the conv that produced ``A``, folded
-in as in :mod:`.lstm_cell`.  Returns ``(out, h', c', P)``; ``P (B, C, C)`` float32 is the softmax,
+``softmax(Q K^T * scale) V``; ``scale`` None means ``1/sqrt(H*W)`` of ``A``, taken from its shape
+when the op runs (what the modules pass for ``attention_size=None``: a float argument is a
+constant in a traced graph, so a number computed from ``H*W`` would tie the graph to one image
+size); ``bias`` (optional) is the bias of the conv that produced ``A``, folded in as in
+:mod:`.lstm_cell`.  Returns ``(out, h', c', P)``; ``P (B, C, C)`` float32 is the softmax,
 kept for backward (it is tiny: C x C per image).  Reference:
 :func:`salstm_kernels.reference.lstm_attention_ref`.
 """
@@ -14,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..reference import default_scale
 from ..validation import check_lstm_attention_args, check_lstm_attention_backward_args
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
@@ -34,6 +38,11 @@ def _projections(wq, bq, wk, bk, wv, bv):
     return proj
 
 
+def _resolved_scale(scale: Optional[float], A: Tensor) -> float:
+    """``scale``, or ``1/sqrt(H*W)`` of ``A`` for None (see the module docstring)."""
+    return default_scale(A.shape[-2] * A.shape[-1]) if scale is None else scale
+
+
 def _lstm_attention(
     A: Tensor,
     c: Tensor,
@@ -43,7 +52,7 @@ def _lstm_attention(
     bk: Optional[Tensor],
     wv: Optional[Tensor],
     bv: Optional[Tensor],
-    scale: float,
+    scale: Optional[float],
     combination: str,
     backend: str,
     bias: Optional[Tensor] = None,
@@ -57,8 +66,8 @@ def _lstm_attention(
     prov = kernels(backend)
     A, bias = biased(prov, A, bias)
     with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
-        out, h, c_new, P = prov.attention_forward(A, c.contiguous(memory_format=fmt), proj, scale, combination,
-                                                  **bias_kwargs(bias))
+        out, h, c_new, P = prov.attention_forward(A, c.contiguous(memory_format=fmt), proj, _resolved_scale(scale, A),
+                                                  combination, **bias_kwargs(bias))
     return (*(t.contiguous(memory_format=fmt) for t in (out, h, c_new)), P)
 
 
@@ -88,7 +97,7 @@ def _lstm_attention_backward(
     dout: Tensor,
     dh: Optional[Tensor],
     dc_new: Optional[Tensor],
-    scale: float,
+    scale: Optional[float],
     combination: str,
     backend: str,
     h: Optional[Tensor] = None,
@@ -118,7 +127,8 @@ def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale
     c, dout = c.contiguous(memory_format=fmt), dout.contiguous(memory_format=fmt)
     dh, dc_new = state_grads_for(prov, c, fmt, dh, dc_new)
     with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
-        res = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, scale, combination, h, **bias_kwargs(folded))
+        res = prov.attention_backward(A, c, proj, P, dout, dh, dc_new, _resolved_scale(scale, A), combination, h,
+                                      **bias_kwargs(folded))
     dA, dc, dproj = res[:3]
     # contiguous, as the fake kernel says (a provider's sum could follow a transposed weight's strides)
     dproj = tuple(A.new_empty((0,)) for _ in range(6)) if dproj is None else tuple(g.contiguous() for g in dproj)
