@@ -89,6 +89,7 @@ setup(
         "triton": ["triton>=3.0"],
         "bench": ["matplotlib", "tqdm"],
         "examples": ["monai>=1.3", "matplotlib", "tqdm", "scipy"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

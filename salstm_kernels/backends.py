@@ -149,8 +149,22 @@ def resolve_backend(module_backend: str, device: torch.device) -> str:
     so entering a different :func:`use_backend` recompiles -- and the registry lookup runs once as a
     trace-time constant (no graph break).  The environment variable is read when a module is first
     traced; set it before compiling.
+
+    Under ``torch.onnx.export`` (either exporter) every module runs ``"reference"``: ONNX has no
+    translation of the fused custom ops, and the reference is the math they compute, so the
+    exported graph is that math for ONNX runtimes to run with their own kernels.
     """
+    if torch.onnx.is_in_onnx_export():
+        return "reference"
     return _resolve_name(requested_backend(module_backend), torch.device(device).type)
+
+
+def check_available(name: str, device_type: str) -> None:
+    """Raise :class:`BackendUnavailableError` (with the reason) unless backend ``name`` runs on
+    ``device_type`` tensors."""
+    ok, reason = _REGISTRY[name].check(device_type)
+    if not ok:
+        raise BackendUnavailableError(f"backend {name!r} is not available for {device_type} tensors: {reason}")
 
 
 @torch.compiler.assume_constant_result
@@ -158,11 +172,7 @@ def _resolve_name(name: str, device_type: str) -> str:
     """``resolve_backend`` after the precedence rules: a pure function of its two strings."""
     _validate_name(name)
     if name != "auto":
-        ok, reason = _REGISTRY[name].check(device_type)
-        if not ok:
-            raise BackendUnavailableError(
-                f"backend {name!r} is not available for {device_type} tensors: {reason}"
-            )
+        check_available(name, device_type)
         return name
     for b in _REGISTRY.values():
         if device_type in b.auto_devices:

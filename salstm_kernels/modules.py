@@ -70,6 +70,13 @@ def _as_list(hidden_channels: Union[int, Sequence[int]]) -> List[int]:
         raise ValueError(f"hidden_channels must be a positive int or a non-empty list of them, got {hidden_channels!r}") from None
 
 
+def _refuse_torchscript(self):
+    """``torch.jit.script`` calls this first (``__prepare_scriptable__``): the forward uses Python
+    that TorchScript cannot compile, and its own error names a type annotation, not the way out."""
+    raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script; use torch.jit.trace, "
+                       "torch.export or torch.compile (they keep batch and image size dynamic: see the README)")
+
+
 class ConvLSTM2d(nn.Module):
     """Stacked ConvLSTM ("LSTM only" baseline); the base of every module here.
 
@@ -273,6 +280,9 @@ class SAOnly2d(_AttentionMixin, nn.Module):
             raise ValueError(f"SAOnly2d: x must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         prepare_submodules(self.attention.submodules("attention."), x, "SAOnly2d")
         return reference.sa_only_ref(x, self.attention.tensors(), self.scale_for(x))
+
+
+ConvLSTM2d.__prepare_scriptable__ = SAOnly2d.__prepare_scriptable__ = _refuse_torchscript
 
 
 class SliceFusion2d(nn.Module):

@@ -12,6 +12,7 @@ Nothing here is fused or clever: the point is that a reader can check it against
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,12 +26,23 @@ State = Tuple[Tensor, Tensor]
 COMBINATIONS = ("linear", "nonlinear", "none")
 
 
-def default_scale(attention_size: int) -> float:
-    """Upstream's attention scale, ``1 / sqrt(attention_size)``.  ``torch.sym_sqrt`` is
-    ``math.sqrt`` for a number and stays symbolic for a traced size (``H*W`` under
-    ``torch.compile(dynamic=True)`` / ``torch.export``), so a graph is not specialized to one
-    image size."""
-    return 1.0 / torch.sym_sqrt(attention_size)
+def default_scale(attention_size) -> float:
+    """Upstream's attention scale, ``1 / sqrt(attention_size)``: ``1 / math.sqrt`` of a number.
+
+    A size that is traced (``H*W`` of the input, for ``attention_size=None``) stays traced, so the
+    graph is not tied to one image size:
+
+    * ``torch.compile(dynamic=True)`` / ``torch.export`` (a ``SymInt``): a symbolic float,
+      ``sym_float(n) ** -0.5`` (``torch.onnx.export`` has no translation for ``sym_sqrt``);
+    * ``torch.jit.trace`` and the TorchScript-based ``torch.onnx.export`` (sizes are 0-dim tensors
+      there): a 0-dim float64 tensor on the CPU, which scales a tensor exactly as the Python float
+      does; ``math.sqrt`` would record it as a constant of the example's size.
+    """
+    if isinstance(attention_size, torch.SymInt):
+        return torch.sym_float(attention_size) ** -0.5
+    if isinstance(attention_size, Tensor):
+        return 1.0 / attention_size.to(torch.float64).sqrt()
+    return 1.0 / math.sqrt(attention_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,24 @@ def test_unavailable_backend_never_falls_back(monkeypatch):
         sk.SALSTM2d(3, 4, 3, backend="triton")(torch.randn(1, 3, 5, 5))
 
 
+def test_bare_op_with_an_unavailable_backend_raises_clearly(monkeypatch):
+    """A graph keeps the backend it was traced with (``torch.export`` on a GPU, run on a CPU): the
+    op says which backend is missing and why, where Triton said "0 active drivers"."""
+    from salstm_kernels.ops import providers
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(providers, "_RUNS_ON", set(), raising=False)  # (checked once per backend and device)
+    A, c = torch.randn(2, 12, 3, 4), torch.randn(2, 3, 3, 4)
+    with pytest.raises(sk.BackendUnavailableError, match="'triton' is not available for cpu tensors: CPU tensors need"):
+        torch.ops.salstm_kernels.lstm_cell(A, c, "triton")
+    with pytest.raises(sk.BackendUnavailableError, match="'triton' is not available for cpu"):
+        torch.ops.salstm_kernels.lstm_cell_zero_state(torch.randn(2, 9, 3, 4), "triton")
+    with pytest.raises(sk.BackendUnavailableError, match="'triton' is not available for cpu"):
+        torch.ops.salstm_kernels.lstm_attention(A, c, *(None,) * 6, 0.5, "linear", "triton")
+    with pytest.raises(sk.BackendUnavailableError, match="'triton' is not available for cpu"):
+        torch.ops.salstm_kernels.lstm_cell_backward(A, c, c, c, "triton")
+
+
 def test_precedence_module_arg_then_context_then_env(monkeypatch):
     dev = torch.device("cpu")
     monkeypatch.setenv(backends.ENV_VAR, "bogus-env")

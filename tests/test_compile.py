@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch._dynamo.testing import CompileCounterWithBackend
 
 import salstm_kernels as sk
 from salstm_kernels import backends, compat
@@ -113,50 +112,3 @@ def test_fullgraph_compile_with_hooked_and_reparametrized_submodules():
         got = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
     assert_close(got, want, torch.float32)
 
-
-def _dynamic_case(path):
-    torch.manual_seed(2)
-    nets = [sk.SALSTM2d(3, [4], 3), sk.LSTMSA2d(3, [3], 3, combination="nonlinear")]  # attention_size=None
-    for net in nets:
-        net.backend = path
-    return nets
-
-
-@pytest.mark.parametrize("path", sk.available_backends("cpu"))
-def test_compile_dynamic_does_not_recompile_per_image_size(path):
-    """``attention_size=None`` scales by ``1/sqrt(H*W)``: a graph compiled with dynamic shapes serves
-    every image size.  A float computed from ``H*W`` and passed to the fused op (a constant in the
-    graph) once guarded the graph to one ``H*W``: a recompile per size, and eager after 8 sizes."""
-    for net in _dynamic_case(path):
-        torch._dynamo.reset()
-        counter = CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(net, backend=counter, dynamic=True, fullgraph=True)
-        # first call: B, H, W unlike each other, T = 2 and Cin = 3 (dynamo gives equal sizes one symbol, and
-        # specializes 0 and 1)
-        for B, H, W in ((4, 5, 6), (6, 3, 7), (5, 8, 4)):
-            x = torch.randn(B, 2, 3, H, W, requires_grad=True)
-            params = [x] + list(net.parameters())
-            want = net(x)
-            gout = torch.randn_like(want)
-            got = compiled(x)
-            assert_close(got, want, torch.float32, name=f"{path} {H}x{W}")
-            for i, (a, b) in enumerate(zip(grads_of([got], params, [gout]), grads_of([want], params, [gout]))):
-                assert_close(a, b, torch.float32, backward=True, name=f"{path} {H}x{W} grad {i}")
-        assert counter.frame_count == 1, f"{type(net).__name__} on {path}: {counter.frame_count} compiles for 3 sizes"
-
-
-@pytest.mark.parametrize("path", sk.available_backends("cpu"))
-def test_export_with_dynamic_batch_and_image_size(path):
-    """``torch.export`` with symbolic ``B, H, W`` (the time loop unrolls, so ``T`` is fixed): the
-    exported program runs other sizes, matching the eager module forward and backward."""
-    B, H, W = torch.export.Dim("B"), torch.export.Dim("H", min=2), torch.export.Dim("W", min=2)
-    for net in _dynamic_case(path):
-        ep = torch.export.export(net, (torch.randn(4, 2, 3, 5, 6),), dynamic_shapes=({0: B, 3: H, 4: W},))
-        x = torch.randn(3, 2, 3, 6, 3, requires_grad=True)
-        params = [x] + list(net.parameters())
-        want = net(x)
-        got = ep.module()(x)
-        gout = torch.randn_like(want)
-        assert_close(got, want, torch.float32, name=f"{path} exported")
-        for i, (a, b) in enumerate(zip(grads_of([got], params, [gout]), grads_of([want], params, [gout]))):
-            assert_close(a, b, torch.float32, backward=True, name=f"{path} exported grad {i}")

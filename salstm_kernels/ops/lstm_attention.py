@@ -63,7 +63,7 @@ def _lstm_attention(
     A, c, bias = plain(A, c, bias)
     proj = None if proj is None else plain(*proj)
     fmt = layout_of(A)
-    prov = kernels(backend)
+    prov = kernels(backend, A.device.type)
     A, bias = biased(prov, A, bias)
     with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
         out, h, c_new, P = prov.attention_forward(A, c.contiguous(memory_format=fmt), proj, _resolved_scale(scale, A),
@@ -122,7 +122,7 @@ def _attention_backward(A, c, wq, bq, wk, bk, wv, bv, P, dout, dh, dc_new, scale
                                                                         h, bias)
     proj = _projections(wq, bq, wk, bk, wv, bv)
     fmt = layout_of(A)
-    prov = kernels(backend)
+    prov = kernels(backend, A.device.type)
     A, folded = biased(prov, A, bias)
     c, dout = c.contiguous(memory_format=fmt), dout.contiguous(memory_format=fmt)
     dh, dc_new = state_grads_for(prov, c, fmt, dh, dc_new)

@@ -23,7 +23,7 @@ def _lstm_cell(A: Tensor, c: Tensor, backend: str, bias: Optional[Tensor] = None
     check_lstm_cell_args(A, c, bias=bias)
     A, c, bias = plain(A, c, bias)
     fmt = layout_of(A)
-    prov = kernels(backend)
+    prov = kernels(backend, A.device.type)
     A, bias = biased(prov, A, bias)
     with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
         h, c_new = prov.cell_forward(A, c.contiguous(memory_format=fmt), **bias_kwargs(bias))
@@ -57,7 +57,7 @@ def _cell_backward(A, c, dh, dc_new, backend, bias, bias_grad_wanted):
     with the forward's checked inputs and autograd's gradients (shaped as the outputs)."""
     A, c, dh, dc_new, bias = plain(A, c, dh, dc_new, bias)
     fmt = layout_of(A)
-    prov = kernels(backend)
+    prov = kernels(backend, A.device.type)
     A, folded = biased(prov, A, bias)
     with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
         res = prov.cell_backward(A, c.contiguous(memory_format=fmt), *state_grads_for(prov, c, fmt, dh, dc_new),

@@ -37,7 +37,7 @@ def _lstm_cell_zero_state(A: Tensor, backend: str, bias: Optional[Tensor] = None
     check_lstm_cell_zero_state_args(A, bias)
     A, bias = plain(A, bias)
     fmt = layout_of(A)
-    prov = kernels(backend)
+    prov = kernels(backend, A.device.type)
     A, bias = biased(prov, A, bias)
     with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)
         h, c_new = prov.cell_zero_state_forward(A, **bias_kwargs(bias))
@@ -71,7 +71,7 @@ def _cell_zero_state_backward(A, dh, dc_new, backend, bias, bias_grad_wanted):
     see :func:`salstm_kernels.ops.lstm_cell._cell_backward`)."""
     A, dh, dc_new, bias = plain(A, dh, dc_new, bias)
     fmt = layout_of(A)
-    prov = kernels(backend)
+    prov = kernels(backend, A.device.type)
     A, folded = biased(prov, A, bias)
     like = A[:, : A.shape[1] // 3]  # shape of the state, for zeros where the provider wants them
     with autocast_off(A):  # the kernels' precision is their own (see providers.autocast_off)

@@ -43,9 +43,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 from types import ModuleType
-from typing import Tuple
+from typing import Optional, Set, Tuple
 
 import torch
+
+from ..backends import check_available
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -56,12 +58,22 @@ _PROVIDERS = {
 }
 
 
-def kernels(backend: str) -> ModuleType:
+def kernels(backend: str, device_type: Optional[str] = None) -> ModuleType:
+    """The provider module of ``backend``; with ``device_type`` (the op bodies pass their input's),
+    first the check that it runs there (:func:`salstm_kernels.backends.check_available`): a graph
+    exported with one backend can be run where that backend is missing, e.g. a Triton graph on a
+    CPU without the interpreter, which Triton itself answers with "0 active drivers"."""
     try:
         path = _PROVIDERS[backend]
     except KeyError:
         raise ValueError(f"no fused kernels for backend {backend!r}; expected one of {list(_PROVIDERS)}") from None
+    if device_type is not None and (backend, device_type) not in _RUNS_ON:
+        check_available(backend, device_type)
+        _RUNS_ON.add((backend, device_type))  # (a backend that ran stays available: checked once)
     return importlib.import_module(path)
+
+
+_RUNS_ON: Set[Tuple[str, str]] = set()
 
 
 def state_grads_for(provider: ModuleType, like: torch.Tensor, fmt: torch.memory_format, *grads):
