@@ -3,6 +3,7 @@
 New code uses :class:`SALSTM2d` / :class:`LSTMSA2d`; the authors' training scripts swap
 ``from model import ...`` for ``from salstm_kernels.compat import ...``.
 """
+from . import cpp_extension  # noqa: F401  (its status() is documented; the extension loads on first use)
 from .backends import (  # noqa: F401
     BackendUnavailableError,
     available_backends,

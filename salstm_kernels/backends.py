@@ -9,14 +9,16 @@ cannot run on the tensor's device raises :class:`BackendUnavailableError`; it ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from .user_warnings import warn_user
 
 ENV_VAR = "SALSTM_KERNELS_BACKEND"
 
@@ -37,7 +39,9 @@ class Backend:
 _REGISTRY: Dict[str, Backend] = {}
 #: The open :func:`use_backend` contexts, innermost last: ``[token, name]`` pairs.  Process-wide, not
 #: per thread, like ``torch.backends`` flags: ``nn.DataParallel`` (the authors' ``train.py`` with
-#: several GPUs) runs its replicas in worker threads, which a per-thread choice would not reach.
+#: several GPUs) runs its replicas in worker threads, which a per-thread choice would not reach.  So
+#: "innermost" is the block entered last by any thread: threads that each open their own block
+#: see the latest one.
 _stack: List[list] = []
 _stack_lock = threading.Lock()
 
@@ -50,11 +54,29 @@ def _check_reference(device_type: str) -> Tuple[bool, str]:
     return True, ""
 
 
+@functools.lru_cache(maxsize=None)
 def triton_import_error() -> Optional[str]:
-    """``None`` when Triton can be imported, else why not (checked without importing it)."""
+    """``None`` when Triton imports, else why not.  Imported to find out (once): an install that
+    is present but broken would otherwise be reported available and fail in the first forward."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # (any error: a broken install raises more than ImportError)
+        return f"triton is installed but does not import ({type(e).__name__}: {e})"
     return None
+
+
+def _triton_imported_without_interpreter() -> bool:
+    """Whether Triton was imported before ``TRITON_INTERPRET=1`` was set: its own ``@triton.jit``
+    library functions were then built for the compiler, and an interpreted kernel that calls them
+    fails inside Triton ("Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    try:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # (another Triton layout: cannot tell, assume it is fine)
+        return False
+    return not isinstance(standard.sigmoid, InterpretedFunction)
 
 
 def triton_interpreter_on() -> bool:
@@ -70,9 +92,12 @@ def _check_triton(device_type: str) -> Tuple[bool, str]:
             return False, "no CUDA device"
         return True, ""
     if device_type == "cpu":
-        if triton_interpreter_on():
-            return True, ""
-        return False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        if not triton_interpreter_on():
+            return False, "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        if _triton_imported_without_interpreter():
+            return False, ("TRITON_INTERPRET=1 was set after Triton was imported; set it before importing "
+                           "salstm_kernels (torch.utils.flop_counter, which it uses, imports Triton)")
+        return True, ""
     return False, f"no Triton kernels for device type {device_type!r}"
 
 
@@ -123,8 +148,10 @@ def use_backend(name: str) -> Iterator[None]:
 
 def _validate_name(name: str) -> None:
     if name != "auto" and name not in _REGISTRY:
+        env = os.environ.get(ENV_VAR, "").strip()
+        source = f" (from the environment variable {ENV_VAR})" if name == env else ""
         raise BackendUnavailableError(
-            f"unknown backend {name!r}; expected 'auto' or one of {backend_names()}"
+            f"unknown backend {name!r}{source}; expected 'auto' or one of {backend_names()}"
         )
 
 
@@ -167,7 +194,16 @@ def check_available(name: str, device_type: str) -> None:
         raise BackendUnavailableError(f"backend {name!r} is not available for {device_type} tensors: {reason}")
 
 
-@torch.compiler.assume_constant_result
+def mark_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` with the package
+    (1.1 s, and Triton with it, which then reads ``TRITON_INTERPRET`` for good).  The decorator
+    only marks the function (torch 2.6 to 2.13); ``tests/test_compile.py`` traces it with
+    ``fullgraph=True``, so a torch that changes this fails there, loudly."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@mark_constant_result
 def _resolve_name(name: str, device_type: str) -> str:
     """``resolve_backend`` after the precedence rules: a pure function of its two strings."""
     _validate_name(name)
@@ -180,12 +216,8 @@ def _resolve_name(name: str, device_type: str) -> str:
             if ok:
                 return b.name
             key = (b.name, device_type)
-            if key not in _warned_auto:
+            if key not in _warned_auto and not reason.startswith("disabled by"):  # (switched off on purpose)
                 _warned_auto.add(key)
-                warnings.warn(
-                    f"salstm_kernels: backend {b.name!r} unavailable for {device_type} tensors "
-                    f"({reason}); 'auto' uses 'reference'",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                warn_user(f"salstm_kernels: backend {b.name!r} unavailable for {device_type} tensors "
+                          f"({reason}); 'auto' uses 'reference'", RuntimeWarning)
     return "reference"

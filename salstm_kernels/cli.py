@@ -117,7 +117,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__
+    from . import __version__, cpp_extension
     from .backends import backend_status
 
     def version(dist: str) -> str:
@@ -133,6 +133,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"triton         {version('triton') if importlib.util.find_spec('triton') else 'not installed'}")
     print(f"CUDA (torch)   {torch.version.cuda or 'none (CPU build)'}")
     print(f"threads        {torch.get_num_threads()}")
+    print(f"cpp kernels    {cpp_extension.capability()}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Tuple
 
 SKIP_ENV = "SALSTM_KERNELS_NO_CPP"
@@ -21,7 +22,28 @@ def status() -> Tuple[bool, str]:
         from . import _C  # noqa: F401  (registers torch.ops.salstm_kernels_cpp.*)
     except ImportError as e:
         return False, f"C++ extension not built ({e}); build it with `pip install --no-build-isolation -e .`"
+    cap = os.environ.get(CAPABILITY_ENV, "")
+    if cap not in CAPABILITIES:  # the C++ side reads only the exact names, and ignores the rest
+        import torch
+
+        warnings.warn(f"{CAPABILITY_ENV}={cap!r} is ignored: expected one of {CAPABILITIES[1:]}; the row kernels "
+                      f"run {torch.ops.salstm_kernels_cpp.cpu_capability()}", RuntimeWarning)
     return True, ""
+
+
+#: Caps the C++ row kernels' instruction set (read once, by the extension), for comparisons.
+CAPABILITY_ENV = "SALSTM_KERNELS_CPU_CAPABILITY"
+CAPABILITIES = ("", "default", "avx2", "avx512")
+
+
+def capability() -> str:
+    """The row-kernel build the C++ extension runs (``avx512``, ``avx2``, ``default``), or why none."""
+    ok, reason = status()
+    if not ok:
+        return f"none ({reason})"
+    import torch
+
+    return torch.ops.salstm_kernels_cpp.cpu_capability()
 
 
 def is_available() -> bool:

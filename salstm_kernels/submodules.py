@@ -23,10 +23,11 @@ is on): a layer or projection left in another dtype was cast silently by the fus
 """
 from __future__ import annotations
 
-import warnings
 from typing import Iterable, Tuple
 
 import torch
+
+from .user_warnings import warn_user
 from torch import Tensor, nn
 from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -72,6 +73,6 @@ def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type]], x: Tensor, 
             else:
                 others = True
         if (others or mod._forward_hooks) and not torch.compiler.is_compiling():  # (dynamo cannot trace warn)
-            warnings.warn(f"{who}: the forward hooks registered on {name} do not run: the module reads its "
-                          "parameters and computes it without calling it (weight_norm, spectral_norm and prune "
-                          "hooks are the exception: they are run)", stacklevel=2)
+            warn_user(f"{who}: the forward hooks registered on {name} do not run: the module reads its "
+                      "parameters and computes it without calling it (weight_norm, spectral_norm and prune "
+                      "hooks are the exception: they are run)")

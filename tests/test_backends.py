@@ -94,3 +94,98 @@ def test_auto_picks_cpp_on_cpu_only_when_loaded():
 
     expected = "cpp" if cpp_extension.is_available() else "reference"
     assert backends.resolve_backend("auto", torch.device("cpu")) == expected
+
+
+def test_unknown_backend_from_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "CPP")
+    with pytest.raises(sk.BackendUnavailableError, match=f"unknown backend 'CPP' \\(from the environment variable {backends.ENV_VAR}\\)"):
+        sk.SALSTM2d(3, 4, 3)(torch.randn(1, 3, 5, 5))
+
+
+def test_a_triton_that_does_not_import_is_unavailable(monkeypatch):
+    """``find_spec`` alone reported a broken install available; the first forward then raised a raw
+    ImportError (and ``auto`` on CUDA would pick it)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else spec(name, *a))
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    backends.triton_import_error.cache_clear()
+    try:
+        ok, reason = backends.backend_status("cuda")["triton"]
+        assert not ok and reason.startswith("triton is installed but does not import (ModuleNotFoundError"), reason
+        with pytest.raises(sk.BackendUnavailableError, match="does not import"):
+            backends.resolve_backend("triton", torch.device("cpu"))
+    finally:
+        backends.triton_import_error.cache_clear()
+
+
+def _run(code, **env):
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_import_is_light_and_exposes_the_extension_status():
+    """``import salstm_kernels`` does not import ``torch._dynamo`` (1.1 s, and Triton with it, whose
+    interpreter switch is read at its import), and ``salstm_kernels.cpp_extension.status()``, which
+    the README documents, works right after it."""
+    out = _run("import sys, salstm_kernels as sk; print('torch._dynamo' in sys.modules, sk.cpp_extension.status()[0] in (True, False))")
+    assert out.split() == ["False", "True"], out
+
+
+def test_interpreter_switched_on_after_triton_was_imported_is_refused_with_the_reason():
+    """``TRITON_INTERPRET=1`` set after Triton is imported: Triton's own jit functions were built for
+    the compiler, and a kernel failed inside Triton ("Cannot call @triton.jit'd outside of the scope
+    of a kernel") though the backend was reported available."""
+    pytest.importorskip("triton")
+    out = _run("import os, triton, salstm_kernels as sk; os.environ['TRITON_INTERPRET'] = '1';"
+               "print(sk.backend_status('cpu')['triton'])")
+    assert "False" in out and "was set after Triton was imported" in out, out
+    out = _run("import salstm_kernels as sk; print(sk.backend_status('cpu')['triton'])", TRITON_INTERPRET="1")
+    assert out.strip() == "(True, '')", out
+
+
+def test_warnings_point_at_the_callers_line(monkeypatch):
+    """The hook warning and ``auto``'s fallback note name the line that called the module (a fixed
+    stacklevel named torch's module.py or one of ours); a C++ extension switched off on purpose
+    (``SALSTM_KERNELS_NO_CPP``) gets no fallback note."""
+    import warnings
+
+    from salstm_kernels import cpp_extension
+
+    m = sk.SALSTM2d(3, 4, 3)
+    m.cell0.conv.register_forward_hook(lambda *a: None)
+    x = torch.randn(1, 3, 4, 4)
+    for reason, noted in (("C++ extension not built (test)", True), ("disabled by SALSTM_KERNELS_NO_CPP", False)):
+        monkeypatch.setattr(cpp_extension, "status", lambda: (False, reason))
+        monkeypatch.setattr(backends, "_warned_auto", set())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            m(x)
+        assert {w.filename for w in seen} == {__file__}, [(w.filename, str(w.message)) for w in seen]
+        assert any("'auto' uses 'reference'" in str(w.message) for w in seen) == noted
+        assert any("do not run" in str(w.message) for w in seen)
+
+
+def test_a_misspelt_cpu_capability_warns(monkeypatch):
+    """The C++ side reads ``SALSTM_KERNELS_CPU_CAPABILITY`` by exact name and ignored any other value
+    (``AVX2``) silently."""
+    from salstm_kernels import cpp_extension
+
+    if not cpp_extension.is_available():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv(cpp_extension.CAPABILITY_ENV, "AVX2")
+    with pytest.warns(RuntimeWarning, match=f"{cpp_extension.CAPABILITY_ENV}='AVX2' is ignored"):
+        assert cpp_extension.status.__wrapped__() == (True, "")
+    monkeypatch.setenv(cpp_extension.CAPABILITY_ENV, "avx2")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpp_extension.status.__wrapped__() == (True, "")

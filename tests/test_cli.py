@@ -94,6 +94,9 @@ def test_info_lists_every_backend_and_why(capsys):
     for name, (ok, reason) in backends.backend_status("cpu").items():
         line = next(line for line in cpu_section.splitlines() if line.strip().startswith(name))
         assert ("available" in line) if ok else (reason in line)
+    from salstm_kernels import cpp_extension
+
+    assert f"cpp kernels    {cpp_extension.capability()}\n" in out  # (the row-kernel build, or why none)
 
 
 def test_bench_quick_writes_json_and_csv_with_every_row(tmp_path, capsys):

@@ -47,7 +47,7 @@ from typing import Optional, Set, Tuple
 
 import torch
 
-from ..backends import check_available
+from ..backends import check_available, mark_constant_result
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -93,7 +93,7 @@ def folds_bias(provider: ModuleType) -> bool:
     return getattr(provider, "FOLDS_BIAS", False)
 
 
-@torch.compiler.assume_constant_result
+@mark_constant_result
 def backend_folds_bias(backend: str) -> bool:
     """Whether ``backend``'s kernels fold the conv bias (a constant to ``torch.compile``, which
     cannot trace the provider import)."""
