@@ -28,13 +28,17 @@ def _nets(path):
 
 
 def _compare(graph, net, x, what):
-    """``graph(x)`` against ``net(x)``, forward and the gradients of ``x`` and every parameter."""
+    """``graph(x)`` against ``net(x)``, forward and the gradients of ``x`` and every parameter (the
+    graph's own where it holds copies: a loaded program)."""
+    own = list(graph.parameters()) if isinstance(graph, torch.nn.Module) else []
     params = [x] + list(net.parameters())
+    graph_params = [x] + own if own else params
+    assert len(graph_params) == len(params), what
     want = net(x)
     got = graph(x)
     gout = torch.randn_like(want)
     assert_close(got, want, torch.float32, name=what)
-    for i, (a, b) in enumerate(zip(grads_of([got], params, [gout]), grads_of([want], params, [gout]))):
+    for i, (a, b) in enumerate(zip(grads_of([got], graph_params, [gout]), grads_of([want], params, [gout]))):
         assert_close(a, b, torch.float32, backward=True, name=f"{what} grad {i}")
 
 
@@ -56,11 +60,16 @@ def test_compile_dynamic_does_not_recompile_per_image_size(path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_export_with_dynamic_batch_and_image_size(path):
-    """``torch.export`` with symbolic ``B, H, W`` (the time loop unrolls, so ``T`` is fixed)."""
+    """``torch.export`` with symbolic ``B, H, W`` (the time loop unrolls, so ``T`` is fixed), then a
+    ``torch.export.save`` / ``load`` round trip."""
     B, H, W = torch.export.Dim("B"), torch.export.Dim("H", min=2), torch.export.Dim("W", min=2)
     for net in _nets(path):
         ep = torch.export.export(net, (torch.randn(4, 2, 3, 5, 6),), dynamic_shapes=({0: B, 3: H, 4: W},))
         _compare(ep.module(), net, torch.randn(3, 2, 3, 6, 3, requires_grad=True), f"{path} exported")
+        f = io.BytesIO()
+        torch.export.save(ep, f)
+        f.seek(0)
+        _compare(torch.export.load(f).module(), net, torch.randn(5, 2, 3, 4, 7, requires_grad=True), f"{path} loaded")
 
 
 @pytest.mark.parametrize("path", PATHS)
