@@ -52,6 +52,11 @@ def test_bare_op_with_an_unavailable_backend_raises_clearly(monkeypatch):
         torch.ops.salstm_kernels.lstm_attention(A, c, *(None,) * 6, 0.5, "linear", "triton")
     with pytest.raises(sk.BackendUnavailableError, match="'triton' is not available for cpu"):
         torch.ops.salstm_kernels.lstm_cell_backward(A, c, c, c, "triton")
+    with pytest.raises(sk.BackendUnavailableError, match="'triton' is not available for cpu"):
+        torch.ops.salstm_kernels.lstm_cell_zero_state_backward(torch.randn(2, 9, 3, 4), c, c, "triton")
+    P = torch.softmax(torch.randn(2, 3, 3), -1)
+    with pytest.raises(sk.BackendUnavailableError, match="'triton' is not available for cpu"):
+        torch.ops.salstm_kernels.lstm_attention_backward(A, c, *(None,) * 6, P, c, c, c, 0.5, "linear", "triton")
 
 
 def test_precedence_module_arg_then_context_then_env(monkeypatch):
@@ -100,6 +105,10 @@ def test_unknown_backend_from_the_environment_names_the_variable(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "CPP")
     with pytest.raises(sk.BackendUnavailableError, match=f"unknown backend 'CPP' \\(from the environment variable {backends.ENV_VAR}\\)"):
         sk.SALSTM2d(3, 4, 3)(torch.randn(1, 3, 5, 5))
+    monkeypatch.setenv(backends.ENV_VAR, "cpp")
+    with pytest.raises(sk.BackendUnavailableError) as e:  # a module argument's typo is not the variable's
+        sk.SALSTM2d(3, 4, 3, backend="CPP")(torch.randn(1, 3, 5, 5))
+    assert "environment variable" not in str(e.value)
 
 
 def test_a_triton_that_does_not_import_is_unavailable(monkeypatch):
@@ -149,6 +158,11 @@ def test_interpreter_switched_on_after_triton_was_imported_is_refused_with_the_r
     assert "False" in out and "was set after Triton was imported" in out, out
     out = _run("import salstm_kernels as sk; print(sk.backend_status('cpu')['triton'])", TRITON_INTERPRET="1")
     assert out.strip() == "(True, '')", out
+    # a Triton whose layout this check does not know: assume the interpreter is fine, as before
+    out = _run("import sys, salstm_kernels as sk; sys.modules['triton.runtime.interpreter'] = None;"
+               "print(sk.backends._triton_imported_without_interpreter(), sk.backend_status('cpu')['triton'])",
+               TRITON_INTERPRET="1")
+    assert out.strip() == "False (True, '')", out
 
 
 def test_warnings_point_at_the_callers_line(monkeypatch):

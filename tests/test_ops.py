@@ -166,6 +166,36 @@ def test_attention_scale_none_is_one_over_sqrt_of_the_pixel_count(backend):
             (A.detach(), c.detach(), *[p.detach() for p in proj], want[3], d, d, d, None, "linear", "reference"))
 
 
+def test_default_scale_keeps_traced_sizes_traced_and_numbers_exact():
+    """A number gives ``1/math.sqrt`` (the spec); a 0-dim size tensor (``torch.jit.trace``) a float64
+    0-dim tensor holding the same value, which scales a tensor exactly as the float does."""
+    assert reference.default_scale(35) == 1 / math.sqrt(35)
+    s = reference.default_scale(torch.tensor(35))
+    assert isinstance(s, torch.Tensor) and s.dtype == torch.float64 and s.item() == 1 / math.sqrt(35)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        S = (torch.randn(3, 8, 8) * 30).to(dtype)
+        assert torch.equal(S * s, S * (1 / math.sqrt(35))), dtype
+
+
+@pytest.mark.parametrize("backend", sk.available_backends("cpu"))
+def test_fixed_attention_size_reaches_the_fused_op(backend):
+    """With ``attention_size`` set, the fused path passes its ``1/sqrt(attention_size)`` (``None``,
+    the runtime ``1/sqrt(H*W)``, is for ``attention_size=None`` only); inputs large enough that the
+    two scales give clearly different outputs."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, 3, 5, 6) * 4
+    fixed = sk.SALSTM2d(3, 4, 3, attention_size=7, backend=backend)
+    assert fixed._op_scale(x) == 1 / math.sqrt(7)
+    runtime = sk.SALSTM2d(3, 4, 3, backend=backend)
+    runtime.load_state_dict(fixed.state_dict())
+    assert runtime._op_scale(x) is None
+    want = sk.SALSTM2d(3, 4, 3, attention_size=7, backend="reference")
+    want.load_state_dict(fixed.state_dict())
+    got, other = fixed(x), runtime(x)
+    assert_close(got, want(x), torch.float32)
+    assert (got - other).abs().max() > 1e-3  # the scales differ visibly here
+
+
 def test_opcheck_attention_backward_with_transposed_weights():
     """The weight gradients are contiguous whatever the weights' strides, in the op and its fake
     kernel alike (the fake once followed a transposed weight's strides: inductor then asserted)."""
