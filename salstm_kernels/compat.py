@@ -11,12 +11,12 @@ Differences: the initial state is created on the input's device and dtype (upstr
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 from torch import Tensor, nn
 
 from .modules import LSTMSA2d, SALSTM2d, SliceFusion2d
+from .reference import default_scale
 
 __all__ = ["TransLSTM", "GatedTransLSTM", "TransLSTMLayer", "GatedTransLSTMLayer", "SALSTM", "LSTMSA"]
 
@@ -58,7 +58,7 @@ class TransLSTM(_UpstreamAttributes, SALSTM2d):
     def __init__(self, input_channels: int, hidden_channels: List[int], kernel_size: int, bias: bool, attention_size: int):
         super().__init__(input_channels, list(hidden_channels), kernel_size, combination="linear", attention_size=attention_size)
         self.bias = bias
-        self.attention = _Scale(1.0 / math.sqrt(self.attention_size))
+        self.attention = _Scale(default_scale(self.attention_size))
 
     def forward(self, x: Tensor) -> Tensor:  # upstream signature: no state argument
         return super().forward(x)
@@ -78,7 +78,7 @@ class GatedTransLSTM(_UpstreamAttributes, LSTMSA2d):
             )
         super().__init__(input_channels, hidden, kernel_size, combination="linear", attention_size=attention_size)
         self.bias = bias
-        self.attention.scale = 1.0 / math.sqrt(self.attention_size)  # upstream GatedAttention's
+        self.attention.scale = default_scale(self.attention_size)  # upstream GatedAttention's
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x)

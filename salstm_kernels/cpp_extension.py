@@ -24,10 +24,8 @@ def status() -> Tuple[bool, str]:
         return False, f"C++ extension not built ({e}); build it with `pip install --no-build-isolation -e .`"
     cap = os.environ.get(CAPABILITY_ENV, "")
     if cap not in CAPABILITIES:  # the C++ side reads only the exact names, and ignores the rest
-        import torch
-
         warnings.warn(f"{CAPABILITY_ENV}={cap!r} is ignored: expected one of {CAPABILITIES[1:]}; the row kernels "
-                      f"run {torch.ops.salstm_kernels_cpp.cpu_capability()}", RuntimeWarning)
+                      f"run {_row_kernels()}", RuntimeWarning)
     return True, ""
 
 
@@ -39,8 +37,11 @@ CAPABILITIES = ("", "default", "avx2", "avx512")
 def capability() -> str:
     """The row-kernel build the C++ extension runs (``avx512``, ``avx2``, ``default``), or why none."""
     ok, reason = status()
-    if not ok:
-        return f"none ({reason})"
+    return _row_kernels() if ok else f"none ({reason})"
+
+
+def _row_kernels() -> str:
+    """The loaded extension's answer (``status`` asks it too, before its own result is cached)."""
     import torch
 
     return torch.ops.salstm_kernels_cpp.cpu_capability()

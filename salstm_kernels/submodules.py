@@ -26,13 +26,12 @@ from __future__ import annotations
 from typing import Iterable, Tuple
 
 import torch
-
-from .user_warnings import warn_user
 from torch import Tensor, nn
 from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .user_warnings import warn_user
 from .validation import check_matches_parameters
 
 #: forward pre-hooks that only recompute a parameter from others (run here, see the module docstring)

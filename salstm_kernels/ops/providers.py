@@ -58,6 +58,10 @@ _PROVIDERS = {
 }
 
 
+#: ``(backend, device type)`` pairs whose availability check passed (see :func:`kernels`).
+_RUNS_ON: Set[Tuple[str, str]] = set()
+
+
 def kernels(backend: str, device_type: Optional[str] = None) -> ModuleType:
     """The provider module of ``backend``; with ``device_type`` (the op bodies pass their input's),
     first the check that it runs there (:func:`salstm_kernels.backends.check_available`): a graph
@@ -71,9 +75,6 @@ def kernels(backend: str, device_type: Optional[str] = None) -> ModuleType:
         check_available(backend, device_type)
         _RUNS_ON.add((backend, device_type))  # (a backend that ran stays available: checked once)
     return importlib.import_module(path)
-
-
-_RUNS_ON: Set[Tuple[str, str]] = set()
 
 
 def state_grads_for(provider: ModuleType, like: torch.Tensor, fmt: torch.memory_format, *grads):
