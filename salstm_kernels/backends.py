@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -181,9 +182,16 @@ def resolve_backend(module_backend: str, device: torch.device) -> str:
     translation of the fused custom ops, and the reference is the math they compute, so the
     exported graph is that math for ONNX runtimes to run with their own kernels.
     """
-    if torch.onnx.is_in_onnx_export():
+    if _in_onnx_export():
         return "reference"
     return _resolve_name(requested_backend(module_backend), torch.device(device).type)
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, without importing ``torch.onnx`` (28 ms, at the first
+    forward) where it is not imported: then no export can be running."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def check_available(name: str, device_type: str) -> None:
