@@ -35,6 +35,9 @@ class Backend:
     check: Callable[[str], Tuple[bool, str]]
     #: ``"auto"`` considers backends in ascending priority order per device.
     auto_devices: Tuple[str, ...] = ()
+    #: ``switched_off() -> bool``: the user turned the backend off on purpose, so ``auto`` passes it
+    #: over without a fallback note.
+    switched_off: Callable[[], bool] = lambda: False
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -112,7 +115,13 @@ def _check_cpp(device_type: str) -> Tuple[bool, str]:
 
 register_backend(Backend("reference", _check_reference, auto_devices=()))
 register_backend(Backend("triton", _check_triton, auto_devices=("cuda",)))
-register_backend(Backend("cpp", _check_cpp, auto_devices=("cpu",)))
+def _cpp_switched_off() -> bool:
+    from . import cpp_extension
+
+    return cpp_extension.switched_off()
+
+
+register_backend(Backend("cpp", _check_cpp, auto_devices=("cpu",), switched_off=_cpp_switched_off))
 
 
 def backend_names() -> List[str]:
@@ -224,7 +233,7 @@ def _resolve_name(name: str, device_type: str) -> str:
             if ok:
                 return b.name
             key = (b.name, device_type)
-            if key not in _warned_auto and not reason.startswith("disabled by"):  # (switched off on purpose)
+            if key not in _warned_auto and not b.switched_off():
                 _warned_auto.add(key)
                 warn_user(f"salstm_kernels: backend {b.name!r} unavailable for {device_type} tensors "
                           f"({reason}); 'auto' uses 'reference'", RuntimeWarning)

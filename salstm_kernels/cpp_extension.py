@@ -13,10 +13,16 @@ from typing import Tuple
 SKIP_ENV = "SALSTM_KERNELS_NO_CPP"
 
 
+def switched_off() -> bool:
+    """Whether ``SALSTM_KERNELS_NO_CPP`` switches the extension off on purpose (``auto`` then uses
+    the reference without a fallback note)."""
+    return os.environ.get(SKIP_ENV, "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def status() -> Tuple[bool, str]:
     """``(loaded, reason)``: whether the C++ kernels are registered with the dispatcher."""
-    if os.environ.get(SKIP_ENV, "0") not in ("", "0"):
+    if switched_off():
         return False, f"disabled by {SKIP_ENV}"
     try:
         from . import _C  # noqa: F401  (registers torch.ops.salstm_kernels_cpp.*)

@@ -178,6 +178,7 @@ def test_warnings_point_at_the_callers_line(monkeypatch):
     x = torch.randn(1, 3, 4, 4)
     for reason, noted in (("C++ extension not built (test)", True), ("disabled by SALSTM_KERNELS_NO_CPP", False)):
         monkeypatch.setattr(cpp_extension, "status", lambda: (False, reason))
+        monkeypatch.setenv(cpp_extension.SKIP_ENV, "0" if noted else "1")
         monkeypatch.setattr(backends, "_warned_auto", set())
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
