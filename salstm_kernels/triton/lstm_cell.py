@@ -34,10 +34,16 @@ from ..ops.layout import layout_of
 
 @triton.jit
 def tanh(x):
-    """``tanh`` from ``exp`` (no libdevice: the Triton interpreter cannot run it); no overflow."""
-    t = tl.exp(-2.0 * tl.abs(x))
+    """``tanh`` from ``exp`` (no libdevice: the Triton interpreter cannot run it); no overflow.
+    Below ``|x| = 0.3`` an odd Taylor polynomial to ``x^9`` (truncation 5e-8 relative): there
+    ``(1 - t) / (1 + t)`` cancels (``t = exp(-2|x|)`` near 1; 3e-3 relative error at ``|x| = 1e-5``,
+    where a saturated input gate leaves ``c'``)."""
+    ax = tl.abs(x)
+    t = tl.exp(-2.0 * ax)
     y = (1.0 - t) / (1.0 + t)
-    return tl.where(x >= 0, y, -y)
+    s = x * x
+    p = x * (1.0 + s * (-1.0 / 3.0 + s * (2.0 / 15.0 + s * (-17.0 / 315.0 + s * (62.0 / 2835.0)))))
+    return tl.where(ax < 0.3, p, tl.where(x >= 0, y, -y))
 
 
 @triton.jit
