@@ -223,8 +223,19 @@ CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 
 
 def channels_last_convs(backend: str, device_type: str) -> bool:
-    """Whether ``backend``'s recurrence runs its convs (and so its fused ops) channels_last there."""
-    return (backend, device_type) in CHANNELS_LAST_CONVS
+    """Whether ``backend``'s recurrence runs its convs (and so its fused ops) channels_last there.
+    Not inside ``torch.func.vmap``: its batched tensors cannot be asked for their layout ("NYI:
+    querying is_contiguous inside of vmap")."""
+    return (backend, device_type) in CHANNELS_LAST_CONVS and not _in_vmap()
+
+
+def _in_vmap() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    from torch._C._functorch import TransformType, peek_interpreter_stack
+
+    top = peek_interpreter_stack()
+    return top is not None and top.key() == TransformType.Vmap
 
 
 def bias_in(bias: Optional[Tensor], A: Tensor) -> Optional[Tensor]:

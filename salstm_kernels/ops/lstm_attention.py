@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..reference import default_scale
 from ..validation import check_lstm_attention_args, check_lstm_attention_backward_args
+from .batching import register_vmap_rule
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .lstm_cell import _cell_backward, lstm_cell_backward
@@ -192,5 +193,7 @@ def _backward(ctx, dout, dh, dc_new, dP):
 
 lstm_attention.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(lstm_attention_backward)
+register_vmap_rule(lstm_attention, per_image=(0, 1))  # A, c
+register_vmap_rule(lstm_attention_backward)
 #: What the modules call (:mod:`.dispatch`).
 apply_lstm_attention = forward_entry(lstm_attention, _lstm_attention, _setup_context, _backward)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_args, check_lstm_cell_backward_args
+from .batching import register_vmap_rule
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
@@ -94,6 +95,8 @@ def _backward(ctx, dh, dc_new):
 
 lstm_cell.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(lstm_cell_backward)
+register_vmap_rule(lstm_cell, per_image=(0, 1))  # A, c
+register_vmap_rule(lstm_cell_backward)
 #: What the modules call: ``lstm_cell``'s math without the custom-op dispatch in eager mode
 #: (:mod:`.dispatch`).
 apply_lstm_cell = forward_entry(lstm_cell, _lstm_cell, _setup_context, _backward)

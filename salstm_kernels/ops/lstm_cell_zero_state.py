@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_lstm_cell_zero_state_args, check_lstm_cell_zero_state_backward_args
+from .batching import register_vmap_rule
 from .dispatch import call_backward, forward_entry, refuse_double_backward
 from .layout import empty_in, layout_of
 from .providers import autocast_off, bias_grad, bias_grad_like, bias_kwargs, biased, kernels, plain, state_grads_for
@@ -107,5 +108,7 @@ def _backward(ctx, dh, dc_new):
 
 lstm_cell_zero_state.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(lstm_cell_zero_state_backward)
+register_vmap_rule(lstm_cell_zero_state, per_image=(0,))  # A
+register_vmap_rule(lstm_cell_zero_state_backward)
 #: What the modules call (:mod:`.dispatch`).
 apply_lstm_cell_zero_state = forward_entry(lstm_cell_zero_state, _lstm_cell_zero_state, _setup_context, _backward)
