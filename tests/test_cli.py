@@ -244,6 +244,17 @@ def test_verify_checks_gradients_not_just_outputs(register_broken):
     assert all(r.parity.fwd_err <= r.parity.fwd_tol < r.parity.bwd_tol < r.parity.bwd_err for r in rows)
 
 
+def test_verify_reference_ops_row_runs_the_fused_ops(monkeypatch):
+    """The ``reference-ops`` rows check the fused recurrence and custom ops (with the pure-PyTorch
+    provider) against the reference module: with that provider broken they fail.  (A row that ran
+    the reference module itself would compare it with itself and always pass.)"""
+    mod = _broken_provider(fwd_bias=1e-3)
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(providers._PROVIDERS, "reference", mod.__name__)
+    rows = verify.run_verify("cpu", quick=True, backends=[verify.REFERENCE_OPS], designs=["SALSTM2d(linear)"])
+    assert rows and all(not r.parity.ok for r in rows)
+
+
 @pytest.mark.parametrize("broken", [dict(out_scale=0.0), dict(qk_grad_scale=0.0), dict(qk_grad_scale=-1.0)],
                          ids=["output zeroed", "q/k grads zeroed", "q/k grads negated"])
 def test_verify_catches_wrong_tensors_of_small_values(register_broken, broken):

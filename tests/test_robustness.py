@@ -8,6 +8,7 @@ through ``module._forward_fused``.  New backends join the parametrisation as the
 """
 from __future__ import annotations
 
+import copy
 import io
 import re
 
@@ -156,6 +157,9 @@ def test_dtype_mismatches(path):
         m(torch.ones(2, 2, 3, 5, 6, dtype=torch.long))
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         m([1.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            TypeError, match=r"x has dtype torch.float64 but the module's parameter cell0.conv.weight is torch.float32"):
+        m(x.double())  # (autocast excuses 16/32-bit mixes only: it leaves float64 alone)
 
 
 @pytest.mark.parametrize("path", sk.available_backends("cpu"))
@@ -259,9 +263,10 @@ def test_op_checks_accept_what_the_ops_compute():
 @pytest.mark.parametrize("case,exc,msg", [
     ("A rank", ValueError, r"lstm_cell: A must be 4-D \(B, 4C, H, W\), got 3-D shape \(2, 12, 20\)"),
     ("c rank", ValueError, r"lstm_cell: c must be 4-D \(B, C, H, W\), got 5-D shape"),
-    ("A channels", ValueError, r"lstm_cell: A must have shape \(2, 12, 4, 5\), got \(2, 9, 4, 5\)"),
-    ("B", ValueError, r"lstm_cell: A must have shape \(2, 12, 4, 5\), got \(3, 12, 4, 5\)"),
-    ("HW", ValueError, r"lstm_cell: A must have shape \(2, 12, 4, 5\), got \(2, 12, 5, 4\)"),
+    ("A channels", ValueError, r"lstm_cell: A must have shape \(B, 4C, H, W\) = \(2, 12, 4, 5\) to match c of shape \(B, C, H, W\) = \(2, 3, 4, 5\), got \(2, 9, 4, 5\)"),
+    ("B", ValueError, r"lstm_cell: A must have shape \(B, 4C, H, W\) = \(2, 12, 4, 5\) to match c of shape \(B, C, H, W\) = \(2, 3, 4, 5\), got \(3, 12, 4, 5\)"),
+    ("HW", ValueError, r"lstm_cell: A must have shape \(B, 4C, H, W\) = \(2, 12, 4, 5\) to match c of shape \(B, C, H, W\) = \(2, 3, 4, 5\), got \(2, 12, 5, 4\)"),
+    ("c channels", ValueError, r"lstm_cell: A must have shape \(B, 4C, H, W\) = \(2, 8, 4, 5\) to match c of shape \(B, C, H, W\) = \(2, 2, 4, 5\), got \(2, 12, 4, 5\)"),
     ("dtype", TypeError, r"lstm_cell: c has dtype torch.float64, expected A's dtype torch.float32"),
     ("int", TypeError, r"lstm_cell: A must be floating, got dtype torch.int64"),
     ("device", ValueError, r"lstm_cell: c is on meta, expected A's device cpu"),
@@ -276,6 +281,7 @@ def test_lstm_cell_op_checks(case, exc, msg):
         "A channels": lambda: (A[:, :9], c),
         "B": lambda: (torch.cat([A, A[:1]]), c),
         "HW": lambda: (A.transpose(2, 3), c),
+        "c channels": lambda: (A, c[:, :2]),
         "dtype": lambda: (A, c.double()),
         "int": lambda: (A.long(), c),
         "device": lambda: (A, c.to("meta")),
@@ -287,7 +293,7 @@ def test_lstm_cell_op_checks(case, exc, msg):
 
 
 @pytest.mark.parametrize("case,exc,msg", [
-    ("cell", ValueError, r"lstm_attention: A must have shape \(2, 12, 4, 5\), got \(2, 9, 4, 5\)"),
+    ("cell", ValueError, r"lstm_attention: A must have shape \(B, 4C, H, W\) = \(2, 12, 4, 5\) to match c of shape \(B, C, H, W\) = \(2, 3, 4, 5\), got \(2, 9, 4, 5\)"),
     ("missing", ValueError, r"projections must be all given or all None; missing \['bk'\]"),
     ("w shape", ValueError, r"lstm_attention: wv must have shape \(3, 3\) \(C=3 from c\), got \(3, 4\)"),
     ("b shape", ValueError, r"lstm_attention: bq must have shape \(3,\) \(C=3 from c\), got \(1, 3\)"),
@@ -296,6 +302,8 @@ def test_lstm_cell_op_checks(case, exc, msg):
     ("combination", ValueError, r"combination must be one of \('linear', 'nonlinear', 'none'\), got 'gated'"),
     ("none needs proj", ValueError, r"combination='none' needs the projections"),
     ("scale", ValueError, r"scale must be a finite float or None \(1/sqrt\(H\*W\)\), got nan"),
+    ("scale inf", ValueError, r"scale must be a finite float or None \(1/sqrt\(H\*W\)\), got inf"),
+    ("scale -inf", ValueError, r"scale must be a finite float or None \(1/sqrt\(H\*W\)\), got -inf"),
 ])
 def test_lstm_attention_op_checks(case, exc, msg):
     A, c, P = _op_args()
@@ -317,8 +325,8 @@ def test_lstm_attention_op_checks(case, exc, msg):
         comb = "gated"
     elif case == "none needs proj":
         P, comb = [None] * 6, "none"
-    elif case == "scale":
-        scale = float("nan")
+    elif case.startswith("scale"):
+        scale = {"scale": float("nan"), "scale inf": float("inf"), "scale -inf": -float("inf")}[case]
     with pytest.raises(exc, match=msg):
         check_lstm_attention_args(A, c, *P, scale=scale, combination=comb)
 
@@ -415,6 +423,30 @@ def test_nan_in_state_propagates(cls, path):
     ref = forward_backward(m, x, "reference", state)
     assert ref[0][0][1].isnan().any() and torch.isfinite(ref[0][0][0]).all()
     check_against(forward_backward(m, x, path, state), ref, torch.float32, path)
+
+
+@pytest.mark.parametrize("path,dtype", [(p, d) for p in PATHS for d in (torch.float32, torch.float64)
+                                         if not (p == "triton" and d == torch.float64)])  # (Triton: 32 bits at most)
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("gate", ["i", "o"])
+def test_saturated_gates_keep_their_relative_precision(cls, path, gate, dtype):
+    """A gate whose conv bias holds it deep in saturation (sigmoid(-11) = 1.7e-5 in float32,
+    sigmoid(-30) = 9e-14 in float64) scales the states and the output down: they and every gradient
+    must keep the dtype's relative precision.  The cpp kernels' sigmoid, 0.5 tanh(x/2) + 0.5, had
+    a fixed absolute error, which left the float32 output 1.4e-3 off at -11 and gave an exactly
+    zero gate (a dead gradient) below -18."""
+    m = make(cls, dtype=dtype)
+    row = {"i": 0, "o": 2}[gate]
+    with torch.no_grad():
+        for conv in m.convs():
+            C = conv.out_channels // 4
+            conv.bias[row * C:(row + 1) * C] = -11.0 if dtype == torch.float32 else -30.0
+    torch.manual_seed(7)
+    x = torch.randn(2, 2, 3, 5, 6, dtype=dtype)
+    ref = forward_backward(m, x, "reference")
+    h_last = ref[0][-2]
+    assert 0 < h_last.abs().max() < 1e-4, "the gate must scale the last layer's h' down"
+    check_against(forward_backward(m, x, path), ref, dtype, f"{path} {gate} gate saturated")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -617,9 +649,16 @@ def test_projection_without_bias(path, which):
     """A projection ``Linear`` whose bias a user removed: the reference ran, the fused paths raised
     AttributeError on ``None.to``; they now take a zero bias (exact)."""
     m = make(sk.LSTMSA2d)
+    zero_bias = copy.deepcopy(m)
     getattr(m.attention, which).bias = None
+    with torch.no_grad():
+        getattr(zero_bias.attention, which).bias.zero_()
     x = torch.randn(2, 2, CIN, 5, 4, requires_grad=True)
-    check_against(forward_backward(m, x, path), forward_backward(m, x, "reference"), torch.float32, path)
+    outs, grads = forward_backward(zero_bias, x, "reference")
+    params = list(zero_bias.parameters())
+    kept = [g for p, g in zip(params, grads) if p is not getattr(zero_bias.attention, which).bias]
+    # the same as a zero bias, on every path (the reference's too: all take the module's tensors)
+    check_against(forward_backward(m, x, path), (outs, kept + grads[len(params):]), torch.float32, path)
 
 
 @pytest.mark.parametrize("path", sk.available_backends("cpu"))
