@@ -244,8 +244,8 @@ def test_jit_trace_records_the_custom_ops_and_saves():
 
 
 def test_meta_tensors_and_vmap_go_through_the_custom_op():
-    """Meta tensors get the fake kernel's shapes; ``torch.func.vmap`` runs the op's batching
-    fallback (the plain Function has no vmap rule)."""
+    """Meta tensors get the fake kernel's shapes; ``torch.func.vmap`` runs the op and its vmap rule
+    (the plain Function has none; ``tests/test_vmap.py``)."""
     A = torch.randn(2, 8, 3, 3)
     c = torch.randn(2, 2, 3, 3)
     h, c_new = ops.apply_lstm_cell(A.to("meta"), c.to("meta"), BACKENDS[-1])

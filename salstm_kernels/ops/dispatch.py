@@ -19,7 +19,7 @@ fake kernels, FLOP formulas) and is what runs whenever it has to be seen as one 
 * under any ``TorchDispatchMode`` (``FlopCounterMode`` counts the op by its FLOP formula, fake and
   proxy tensor modes trace it);
 * under ``torch.jit.trace`` (the trace records the op, so ``torch.jit.save`` can export it) and
-  ``torch.func`` transforms (``vmap`` runs the op's batching fallback; ``torch.func.grad`` / ``vjp``
+  ``torch.func`` transforms (``vmap`` runs the op's vmap rule, :mod:`.batching`; ``torch.func.grad`` / ``vjp``
   / ``jacrev`` and forward-mode AD raise a clear error where they would differentiate the op, see
   :func:`_refuse_autodiff_transforms`);
 * with a tensor subclass or a meta tensor among the inputs (the fake kernel gives the shapes).
