@@ -449,6 +449,23 @@ def test_saturated_gates_keep_their_relative_precision(cls, path, gate, dtype):
     check_against(forward_backward(m, x, path), ref, dtype, f"{path} {gate} gate saturated")
 
 
+@pytest.mark.parametrize("backend", sk.available_backends("cpu"))
+def test_gate_activations_at_extreme_pre_activations(backend):
+    """Every gate row of ``A`` runs through +-inf, +-3e38, +-1e30, +-1e10, +-104.5, +-88.7, +-20,
+    0 and NaN: ``h', c'`` as the reference's, NaN for NaN.  (A first cpp exp reduced ``x - n ln2``
+    in float: ~1e23 for ``x = 1e30``, which made sigmoid(1e30) 0.)"""
+    v = [float("inf"), 3e38, 1e30, 1e10, 104.5, 88.7, 20.0]
+    v = torch.tensor(v + [-x for x in v] + [0.0, float("nan")])
+    A = v.repeat(4).reshape(1, 4, 1, v.numel())  # C = 1: the rows i, f, o, g
+    c = torch.ones(1, 1, 1, v.numel())
+    for got, want, name in zip(ops.lstm_cell(A, c, backend), reference.lstm_cell_ref(A, c), ("h'", "c'")):
+        _close(got, want, torch.float32, False, f"{backend} {name}")
+    got = ops.lstm_cell_zero_state(A[:, :3], backend)
+    want = reference.lstm_cell_ref(torch.cat([A[:, :1], torch.zeros_like(A[:, :1]), A[:, 1:3]], 1), 0 * c)
+    for g, w, name in zip(got, want, ("h'", "c'")):
+        _close(g, w, torch.float32, False, f"{backend} zero-state {name}")
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d])
 def test_softmax_stable_for_huge_scores(cls, path):
