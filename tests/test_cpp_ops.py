@@ -668,6 +668,18 @@ def test_portable_row_kernel_builds_match_reference(capability):
                 dA4 = ck.cell_backward(A, z, d[0], d[1])[0]
                 assert_close(ck.cell_zero_state_backward(a3, d[0], d[1])[0], torch.cat([dA4[:, :8], dA4[:, 16:]], 1), dt,
                              backward=True)
+        # extreme gate pre-activations (the exp's range, NaN kept) and the sigmoid's relative error
+        v = torch.tensor([float("inf"), 3e38, 1e30, 1e10, 104.5, 88.7, 20.0, 11.0])
+        v = torch.cat([v, -v, torch.tensor([0.0, float("nan")])])
+        A, ones = v.repeat(4).reshape(1, 4, 1, v.numel()), torch.ones(1, 1, 1, v.numel())
+        for a, b in zip(ck.cell_forward(A, ones), rk.cell_forward(A, ones)):
+            assert torch.equal(a.isnan(), b.isnan())
+            assert_close(torch.where(b.isnan(), 0, a), torch.where(b.isnan(), 0, b), torch.float32)
+        x = torch.linspace(-30, 0, 301)
+        A = torch.stack([x, torch.full_like(x, 50.0), torch.full_like(x, 50.0)]).reshape(1, 3, 1, -1)
+        s = torch.sigmoid(x.double())  # = c' (g = tanh(50) = 1)
+        rel = ((ck.cell_zero_state_forward(A)[1].flatten().double() - s).abs() / s).max().item()
+        assert rel < 1e-6, f"sigmoid relative error {rel}"
         print("CAP", cap)
         """
     )
