@@ -113,14 +113,14 @@ def _check_cpp(device_type: str) -> Tuple[bool, str]:
     return cpp_extension.status()
 
 
-register_backend(Backend("reference", _check_reference, auto_devices=()))
-register_backend(Backend("triton", _check_triton, auto_devices=("cuda",)))
 def _cpp_switched_off() -> bool:
     from . import cpp_extension
 
     return cpp_extension.switched_off()
 
 
+register_backend(Backend("reference", _check_reference, auto_devices=()))
+register_backend(Backend("triton", _check_triton, auto_devices=("cuda",)))
 register_backend(Backend("cpp", _check_cpp, auto_devices=("cpu",), switched_off=_cpp_switched_off))
 
 

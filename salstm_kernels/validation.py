@@ -161,7 +161,7 @@ def check_lstm_cell_args(A, c, op: str = "lstm_cell", bias=None) -> None:
     if tuple(A.shape) != (B, 4 * C, H, W):  # (either may be the wrong one: say what it is measured by)
         raise ValueError(f"{op}: A must have shape (B, 4C, H, W) = {(B, 4 * C, H, W)} to match c of shape "
                          f"(B, C, H, W) = {tuple(c.shape)}, got {tuple(A.shape)}")
-    _check_tensor(op, "A", A, (B, 4 * C, H, W), None, "")
+    _check_tensor(op, "A", A, tuple(A.shape), None, "")  # (its type and dtype; the shape is checked above)
     _check_tensor(op, "c", c, (B, C, H, W), A, "A")
     if bias is not None:
         _check_tensor(op, "bias", bias, (4 * C,), A, "A")
