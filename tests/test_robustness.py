@@ -425,6 +425,26 @@ def test_nan_in_state_propagates(cls, path):
     check_against(forward_backward(m, x, path, state), ref, torch.float32, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cls", [sk.SALSTM2d, sk.LSTMSA2d])
+@pytest.mark.parametrize("value", [float("nan"), -float("inf")])
+def test_nonfinite_state_through_nonlinear_attention(cls, path, value):
+    """The nonlinear combination's relu(f c'), relu(g h') must keep a NaN (the Triton kernels' first
+    ``tl.maximum`` dropped it: one image column NaN where the reference's whole image is), and its
+    backward must take autograd's order, relu's mask then the product, so ``0 * inf`` is NaN where
+    ``c' = -inf`` (Triton's gradients were finite there).  Every gradient, state and input alike."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 1, 3, 5, 6, requires_grad=True)
+    state = [(torch.randn(2, C, 5, 6), torch.randn(2, C, 5, 6)) for C in HIDDEN]
+    state[-1][1][1, 0, 2, 3] = value  # last layer's c, batch 1
+    state = [(h.requires_grad_(), c.requires_grad_()) for h, c in state]
+    m = make(cls, combination="nonlinear")
+    ref = forward_backward(m, x, "reference", state)
+    assert torch.isfinite(ref[0][0][0]).all() and ref[0][0][1].isnan().any() == (value != value)
+    assert any(g.isnan().any() for g in ref[1])  # -inf too: the 0 * inf above
+    check_against(forward_backward(m, x, path, state), ref, torch.float32, path)
+
+
 @pytest.mark.parametrize("path,dtype", [(p, d) for p in PATHS for d in (torch.float32, torch.float64)
                                          if not (p == "triton" and d == torch.float64)])  # (Triton: 32 bits at most)
 @pytest.mark.parametrize("cls", CLASSES)

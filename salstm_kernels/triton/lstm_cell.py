@@ -112,9 +112,9 @@ def qk_factors(f, g, c_new, h, COMB: tl.constexpr):
     if COMB == 0:
         fq = (f + c_new) * 0.5
         fk = (g + h) * 0.5
-    else:
-        fq = tl.maximum(f * c_new, 0.0)
-        fk = tl.maximum(g * h, 0.0)
+    else:  # relu keeping NaN, as torch.relu (tl.maximum's default drops it: maxnum)
+        fq = tl.maximum(f * c_new, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        fk = tl.maximum(g * h, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return fq, fk
 
 
@@ -129,13 +129,14 @@ def qkv_factor_grads(f, g, c_new, h, dfq, dfk, dfv, dh, dc_new, COMB: tl.constex
         dc_new += dfq * 0.5
         dg = dfk * 0.5
         dh += dfk * 0.5 + dfv
-    else:  # (relu(f c'), relu(g h'), h')
-        mq = f * c_new > 0
-        mk = g * h > 0
-        df = tl.where(mq, dfq * c_new, 0.0)
-        dc_new += tl.where(mq, dfq * f, 0.0)
-        dg = tl.where(mk, dfk * h, 0.0)
-        dh += tl.where(mk, dfk * g, 0.0) + dfv
+    else:  # (relu(f c'), relu(g h'), h'), in autograd's order: relu's backward (zero where
+        # x <= 0; a NaN x or gradient passes), then the product's -- so 0 * inf is NaN there too
+        gq = tl.where(f * c_new <= 0, 0.0, dfq)
+        gk = tl.where(g * h <= 0, 0.0, dfk)
+        df = gq * c_new
+        dc_new += gq * f
+        dg = gk * h
+        dh += gk * g + dfv
     return df, dg, dh, dc_new
 
 
