@@ -38,7 +38,8 @@ precision, but ``A`` is widened to the state dtype before the cell, so ``h, c`` 
 float32 inputs -- the cell state is a running sum over time steps and keeps its precision.
 Any memory layout (sliced, ``channels_last``, expanded) is accepted.  **Conv layout:** with the
 ``cpp`` backend on CPU the convs run channels_last (:data:`CHANNELS_LAST_CONVS`: oneDNN's NHWC
-kernels are the faster ones; the ``triton`` backend can opt in on CUDA).  The fused ops then run
+kernels are the faster ones there, but not at small images, :data:`CHANNELS_LAST_MIN_PIXELS`; the
+``triton`` backend can opt in on CUDA).  The fused ops then run
 channels_last end to end (:mod:`salstm_kernels.ops.layout`): they read that ``A`` in place and
 return ``h', c'`` and ``dA`` channels_last, which feed the next convs without a layout copy; the
 other pairs get contiguous NCHW ``A``.  The module's outputs are then channels_last too (same
@@ -47,7 +48,7 @@ the input conv's in place (``add_``): one ``(B, 4C, H, W)`` allocation fewer per
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,7 @@ def split_conv_recurrence(
     states: List[State] = []
     last = None
     n_layers = len(convs)
-    cl = channels_last_convs(backend, x.device.type)
     fold = backend_folds_bias(backend)
-    fmt = torch.channels_last if cl else torch.contiguous_format
     no_graph = not (torch.is_grad_enabled()
                     and (x.requires_grad or any(p.requires_grad for conv in convs for p in conv.parameters())))
     for layer, conv in enumerate(convs):
@@ -90,6 +89,8 @@ def split_conv_recurrence(
         C = weight.shape[0] // 4
         cin = weight.shape[1] - C
         pad = conv.padding
+        cl = channels_last_convs(backend, x.device.type, B * H * W, cin + C, training=not no_graph)
+        fmt = torch.channels_last if cl else torch.contiguous_format
         # Views of the one parameter (the backward is one cat into its gradient).  Copying them to
         # contiguous / channels_last measured no faster and the copies are saved for backward; the
         # one copy made is the channels_last input-conv weight (see _input_conv).
@@ -210,8 +211,9 @@ CAT_CONV_DEVICES: Set[str] = {"cuda"}
 #: ``(backend, device type)`` pairs whose convs run channels_last; their fused kernels read that
 #: ``A`` in place and write ``h', c'``, ``dA`` channels_last too, so no layout copy is made in
 #: either direction.  The other pairs get NCHW.
-#: cpp on CPU: oneDNN's NHWC convolutions are faster than its NCHW ones (56x56, fwd, one thread:
-#: 85.8 -> 80.5 ms per module call).
+#: cpp on CPU: oneDNN's NHWC convolutions are faster than its NCHW ones at larger images (56x56,
+#: fwd, one thread: 85.8 -> 80.5 ms per module call); small ones run NCHW
+#: (:data:`CHANNELS_LAST_MIN_PIXELS`).
 #: Triton on CUDA: the kernels read channels_last too (``LAYOUT``), but the pair is not listed.
 #: cuDNN's NCHW convs add a transpose each way (``nchwToNhwcKernel`` / ``nhwcToNchwKernel``), and
 #: on an H200 a B=2, 64->256, 5x5, 224x224 conv fwd+bwd took 0.694 ms NCHW against 0.509 ms NHWC
@@ -222,11 +224,32 @@ CAT_CONV_DEVICES: Set[str] = {"cuda"}
 CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 
 
-def channels_last_convs(backend: str, device_type: str) -> bool:
-    """Whether ``backend``'s recurrence runs its convs (and so its fused ops) channels_last there.
-    Not inside ``torch.func.vmap``: its batched tensors cannot be asked for their layout ("NYI:
-    querying is_contiguous inside of vmap")."""
-    return (backend, device_type) in CHANNELS_LAST_CONVS and not _in_vmap()
+#: Device types whose channels_last convs (:data:`CHANNELS_LAST_CONVS`) run NCHW at small images:
+#: ``(pixels, pixels per input channel in training)``.  A layer's convs run channels_last from
+#: ``B * H * W >= pixels``, and in training (an autograd graph recorded) also from ``B * H * W >=
+#: pixels per input channel * (Cin + C)``.  Where the weight outweighs the activations, oneDNN's
+#: channels_last convs lose: each copies its weight into that layout, and each backward its weight
+#: gradient back (one weight-sized copy per conv and direction; NCHW convs make none), so at a
+#: U-Net's bottleneck (7x7-14x14, C = 64-256) the cpp module was slower than eager in training.
+#: cpp, SA-LSTM, T = 2-3, 2 threads, channels_last against NCHW: B=4 C=128 7x7 train 0.75x ->
+#: 1.17x eager, forward 0.83x -> 1.11x; the crossovers: forward about 1024 pixels at C = 32-128,
+#: training about 24 pixels per input channel (``benchmarks/RESULTS.md``, fourteenth session).
+CHANNELS_LAST_MIN_PIXELS: Dict[str, Tuple[int, int]] = {"cpu": (1024, 24)}
+
+
+def channels_last_convs(backend: str, device_type: str, pixels: Optional[int] = None,
+                        conv_in_channels: int = 0, training: bool = False) -> bool:
+    """Whether ``backend``'s recurrence runs a layer's convs (and so its fused ops) channels_last
+    there, for ``pixels = B * H * W`` and the layer's ``Cin + C`` (:data:`CHANNELS_LAST_CONVS`,
+    :data:`CHANNELS_LAST_MIN_PIXELS`; ``pixels=None``: at any size).  Not inside
+    ``torch.func.vmap``: its batched tensors cannot be asked for their layout ("NYI: querying
+    is_contiguous inside of vmap")."""
+    if (backend, device_type) not in CHANNELS_LAST_CONVS or _in_vmap():
+        return False
+    if pixels is None or device_type not in CHANNELS_LAST_MIN_PIXELS:
+        return True
+    least, per_channel = CHANNELS_LAST_MIN_PIXELS[device_type]
+    return pixels >= least and not (training and pixels < per_channel * conv_in_channels)
 
 
 def _in_vmap() -> bool:

@@ -478,6 +478,15 @@ def test_module_cpp_cat_conv_matches_reference(cls, extra, dtype, monkeypatch):
     _check_module_cpp(cls, extra, 2, [8], False, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,hidden,with_state", [(1, [8], False), (3, [6, 8], True), (2, [8], False)])
+@pytest.mark.parametrize("cls,extra", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_module_cpp_small_images_match_reference(cls, extra, T, hidden, with_state, dtype, small_images):
+    """Small images (``recurrence.CHANNELS_LAST_MIN_PIXELS``): the cpp path's convs and ops run NCHW."""
+    out = _check_module_cpp(cls, extra, T, hidden, with_state, dtype)
+    assert out.is_contiguous()  # the large-image form returns channels_last
+
+
 def _check_module_cpp(cls, extra, T, hidden, with_state, dtype):
     B, Cin, H, W = 2, 5, 7, 9
     ref, cpp = _module_pair(cls, dict(in_channels=Cin, hidden_channels=hidden, kernel_size=3, **extra), dtype)
@@ -499,6 +508,7 @@ def _check_module_cpp(cls, extra, T, hidden, with_state, dtype):
     gc = grads_of(outs_c, leaves + pc, gys)
     for name, a, b in zip(["dx"] + [f"dstate{i}" for i in range(len(leaves) - 1)] + names, gc, gr):
         assert_close(a, b, dtype, backward=True, name=name)
+    return out_c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -724,3 +734,29 @@ def test_no_grad_forward_batched_input_conv_matches(cls, T, monkeypatch):
     for (h, c), (hr, cr) in zip(states, want_states):
         assert_close(h, hr, torch.float32, name="h")
         assert_close(c, cr, torch.float32, name="c")
+
+
+SHIPPED_CHANNELS_LAST_MIN_PIXELS = dict(recurrence.CHANNELS_LAST_MIN_PIXELS)  # before conftest patches it
+
+
+def test_cpp_convs_run_nchw_at_small_images(monkeypatch):
+    """The shipped size rule on the cpp path: channels_last convs (and so channels_last outputs)
+    from ``pixels = B * H * W`` up in inference, and from ``per_channel * (Cin + C)`` up in
+    training; NCHW below, each layer deciding for itself."""
+    monkeypatch.setattr(recurrence, "CHANNELS_LAST_MIN_PIXELS", SHIPPED_CHANNELS_LAST_MIN_PIXELS)
+    least, per_channel = SHIPPED_CHANNELS_LAST_MIN_PIXELS["cpu"]
+    m = sk.SALSTM2d(3, [4, 64], 1, backend="cpp")
+
+    def layouts(W, grad):
+        x = torch.randn(1, 2, 3, 1, W, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            out, states = m(x, return_state=True)
+        return [h.is_contiguous() for h, _ in states] + [out.is_contiguous()]
+
+    assert layouts(least - 1, False) == [True, True, True]
+    assert layouts(least, False) == [False, False, False]
+    # training: layer 0's convs have Cin + C = 7 input channels, layer 1's 68
+    assert per_channel * 7 <= least < per_channel * 68
+    assert layouts(least, True) == [False, True, True]
+    assert layouts(per_channel * 68 - 1, True) == [False, True, True]
+    assert layouts(per_channel * 68, True) == [False, False, False]
