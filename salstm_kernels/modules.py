@@ -36,6 +36,7 @@ class ChannelProjections(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
+        self.channels = channels
         self.q_matrix = nn.Linear(channels, channels)
         self.k_matrix = nn.Linear(channels, channels)
         self.v_matrix = nn.Linear(channels, channels)
@@ -51,7 +52,8 @@ class ChannelProjections(nn.Module):
 
     def submodules(self, prefix: str):
         """``(name, module, base class)`` of the projections, for :func:`prepare_submodules`."""
-        return [(f"{prefix}{n}", getattr(self, n), nn.Linear) for n in ("q_matrix", "k_matrix", "v_matrix")]
+        C = self.channels
+        return [(f"{prefix}{n}", getattr(self, n), nn.Linear, (C, C)) for n in ("q_matrix", "k_matrix", "v_matrix")]
 
 
 def _saveable(t: Tensor) -> Tensor:
@@ -149,7 +151,9 @@ class ConvLSTM2d(nn.Module):
         return (out, states) if return_state else out
 
     def _submodules(self):
-        return [(f"cell{layer}.conv", conv, nn.Conv2d) for layer, conv in enumerate(self.convs())]
+        ins = [self.in_channels] + self.hidden_list[:-1]
+        return [(f"cell{layer}.conv", conv, nn.Conv2d, (4 * C, cin + C))
+                for layer, (conv, cin, C) in enumerate(zip(self.convs(), ins, self.hidden_list))]
 
     def _weights(self):
         convs = self.convs()

@@ -17,6 +17,11 @@ put something there.  Per kind:
   wrapper) or a **padding mode other than zeros**: refused (``TypeError`` / ``ValueError``).
 * **Other forward hooks** (a feature-capturing hook, a summary tool's): a warning that they do not
   run.
+* A **conv geometry** other than the one the math has -- a square odd kernel with "same" zero
+  padding, stride 1, dilation 1, one group -- or a weight or bias of another shape than the
+  layer's channels ask for: refused (``ValueError`` naming the submodule).  The backends would
+  each misread it differently (stride and dilation were ignored, a padding of 0 went through
+  one backend and crashed another).
 
 The same pass checks every submodule's parameters against ``x`` (device, and dtype unless autocast
 is on): a layer or projection left in another dtype was cast silently by the fused backends.
@@ -27,7 +32,7 @@ from typing import Iterable, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -45,12 +50,12 @@ def _own_forward(mod: nn.Module, base: type) -> bool:
     return cls.forward is not base.forward or getattr(cls, "_conv_forward", None) is not getattr(base, "_conv_forward", None)
 
 
-def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type]], x: Tensor, who: str) -> None:
-    """Check each ``(name, module, base)`` (``base`` ``nn.Conv2d`` or ``nn.Linear``) and its
-    parameters against ``x`` as the module docstring says, and run its weight-recomputing forward
-    pre-hooks."""
+def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type, Tuple[int, int]]], x: Tensor, who: str) -> None:
+    """Check each ``(name, module, base, (out, in))`` (``base`` ``nn.Conv2d`` or ``nn.Linear``, and
+    the channels its weight must have) and its parameters against ``x`` as the module docstring
+    says, and run its weight-recomputing forward pre-hooks."""
     dtype, device = x.dtype, x.device
-    for name, mod, base in named:
+    for name, mod, base, channels in named:
         if not isinstance(mod, base) or _own_forward(mod, base):
             what = "with its own forward" if isinstance(mod, base) else f"not an nn.{base.__name__}"
             raise TypeError(
@@ -60,18 +65,49 @@ def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type]], x: Tensor, 
         if base is nn.Conv2d and mod.padding_mode != "zeros":
             raise ValueError(f"{who}: {name}.padding_mode={mod.padding_mode!r} is not supported; the convs pad "
                              "with zeros (padding_mode='zeros')")
+        if not (mod._forward_pre_hooks and any(isinstance(h, WEIGHT_HOOKS) for h in mod._forward_pre_hooks.values())):
+            _check_geometry(mod, base, channels, name, who)  # (else after the hooks have made the weight)
         for pname, param in mod._parameters.items():  # (a parametrized weight is not among them)
             if param is not None and (param.dtype != dtype or param.device != device):  # (the common case fast)
                 check_matches_parameters(x, param, who, f"{name}.{pname}")
         if not (mod._forward_pre_hooks or mod._forward_hooks):
             continue
-        others = False
+        others = weight_hooks = False
         for hook in list(mod._forward_pre_hooks.values()):
             if isinstance(hook, WEIGHT_HOOKS):
                 hook(mod, ())
+                weight_hooks = True
             else:
                 others = True
+        if weight_hooks:
+            _check_geometry(mod, base, channels, name, who)
         if (others or mod._forward_hooks) and not torch.compiler.is_compiling():  # (dynamo cannot trace warn)
             warn_user(f"{who}: the forward hooks registered on {name} do not run: the module reads its "
                       "parameters and computes it without calling it (weight_norm, spectral_norm and prune "
                       "hooks are the exception: they are run)")
+
+
+def _check_geometry(mod: nn.Module, base: type, channels: Tuple[int, int], name: str, who: str) -> None:
+    """The weight and bias shapes, and for a conv the geometry, that every backend computes with."""
+    out_ch, in_ch = channels
+    shape: Tuple[int, ...] = (out_ch, in_ch)
+    if base is nn.Conv2d:
+        k = mod.kernel_size[0]
+        if mod.kernel_size != (k, k) or k % 2 == 0:
+            raise ValueError(f"{who}: {name}.kernel_size={mod.kernel_size!r} is not supported; the ConvLSTM conv's "
+                             "kernel is square and odd (k, k)")
+        for attr in ("stride", "dilation", "groups"):
+            if getattr(mod, attr) not in ((1, 1), 1):
+                raise ValueError(f"{who}: {name}.{attr}={getattr(mod, attr)!r} is not supported; the ConvLSTM "
+                                 "conv has stride 1, dilation 1 and groups 1")
+        same = ((k - 1) // 2,) * 2
+        if mod.padding != same and mod.padding != "same":
+            raise ValueError(f"{who}: {name}.padding={mod.padding!r} is not supported; a {k}x{k} kernel needs "
+                             f"'same' padding {same}")
+        shape += (k, k)
+    # a parametrized tensor is not read here: that would run its parametrization once more
+    for pname, want in (("weight", shape), ("bias", (out_ch,))):
+        t = None if parametrize.is_parametrized(mod, pname) else getattr(mod, pname)
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{who}: {name}.{pname} must have shape {want} for this layer's channels, got "
+                             f"{tuple(t.shape)}")

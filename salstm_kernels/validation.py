@@ -60,6 +60,7 @@ def check_input(x, in_channels: int, who: str) -> Tensor:
     """``x`` as ``(B, T, Cin, H, W)``; a 4-D ``(B, Cin, H, W)`` is taken as ``T = 1``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who}: x must be a torch.Tensor, got {type(x).__name__}")
+    given = tuple(x.shape)  # the messages name the shape as passed, not the 4-D input's 5-D view
     if x.dim() == 4:
         x = x.unsqueeze(1)
     if x.dim() != 5:
@@ -68,13 +69,13 @@ def check_input(x, in_channels: int, who: str) -> Tensor:
             f"got {x.dim()}-D shape {tuple(x.shape)}"
         )
     if x.shape[2] != in_channels:
-        raise ValueError(f"{who}: x has {x.shape[2]} channels, expected in_channels={in_channels} (x shape {tuple(x.shape)})")
+        raise ValueError(f"{who}: x has {x.shape[2]} channels, expected in_channels={in_channels} (x shape {given})")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{who}: x must be a floating tensor (one of {[str(d) for d in _FLOAT_DTYPES]}), got dtype {x.dtype}")
     if x.shape[1] == 0:
-        raise ValueError(f"{who}: x has T=0 time steps (shape {tuple(x.shape)}); need at least one")
+        raise ValueError(f"{who}: x has T=0 time steps (shape {given}); need at least one")
     if x.shape[3] == 0 or x.shape[4] == 0:
-        raise ValueError(f"{who}: x has an empty H x W = {x.shape[3]} x {x.shape[4]} (shape {tuple(x.shape)}); need H, W >= 1")
+        raise ValueError(f"{who}: x has an empty H x W = {x.shape[3]} x {x.shape[4]} (shape {given}); need H, W >= 1")
     return x
 
 

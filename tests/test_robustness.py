@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import salstm_kernels as sk
 from salstm_kernels import ops, reference
@@ -114,6 +115,58 @@ def test_wrong_channel_count(path):
     m = make(sk.LSTMSA2d, backend=path)
     with pytest.raises(ValueError, match=r"LSTMSA2d: x has 4 channels, expected in_channels=3 \(x shape \(2, 2, 4, 5, 6\)\)"):
         m(torch.randn(2, 2, 4, 5, 6))
+    with pytest.raises(ValueError, match=r"x has 4 channels, expected in_channels=3 \(x shape \(2, 4, 5, 6\)\)"):
+        m(torch.randn(2, 4, 5, 6))  # 4-D: the message names the shape passed, not its 5-D view
+
+
+def _conv_changes():
+    """Changes to a layer's conv (layer 1: Cin = 4, C = 5) or a projection that no backend computes."""
+    def conv(**kw):
+        args = dict(in_channels=9, out_channels=20, kernel_size=3, padding=1) | kw
+        return lambda m: setattr(m.cell1, "conv", nn.Conv2d(**args))
+
+    def setattr_(path, attr, value):
+        return lambda m: setattr(m.get_submodule(path), attr, value)
+
+    def param(path, name, shape):
+        return lambda m: setattr(m.get_submodule(path), name, nn.Parameter(torch.randn(shape)))
+
+    return {
+        "padding 0": (setattr_("cell1.conv", "padding", (0, 0)), r"cell1\.conv\.padding=\(0, 0\) .* 'same' padding \(1, 1\)"),
+        "stride 2": (setattr_("cell1.conv", "stride", (2, 2)), r"cell1\.conv\.stride=\(2, 2\) is not supported"),
+        "dilation 2": (setattr_("cell1.conv", "dilation", (2, 2)), r"cell1\.conv\.dilation=\(2, 2\) is not supported"),
+        "groups 2": (setattr_("cell1.conv", "groups", 2), r"cell1\.conv\.groups=2 is not supported"),
+        "rectangular kernel": (conv(kernel_size=(3, 5), padding=(1, 2)), r"cell1\.conv\.kernel_size=\(3, 5\)"),
+        "even kernel": (conv(kernel_size=4, padding=2), r"cell1\.conv\.kernel_size=\(4, 4\)"),
+        "in channels": (conv(in_channels=8), r"cell1\.conv\.weight must have shape \(20, 9, 3, 3\) .* got \(20, 8, 3, 3\)"),
+        "weight": (param("cell0.conv", "weight", (16, 7, 3, 3 + 2)), r"cell0\.conv\.weight must have shape \(16, 7, 3, 3\)"),
+        "bias": (param("cell1.conv", "bias", (21,)), r"cell1\.conv\.bias must have shape \(20,\) .* got \(21,\)"),
+        "projection": (param("attention.k_matrix", "weight", (5, 4)), r"attention\.k_matrix\.weight must have shape \(5, 5\)"),
+    }
+
+
+@pytest.mark.parametrize("change", list(_conv_changes()))
+@pytest.mark.parametrize("path", PATHS[:-1])
+def test_submodule_geometry_no_backend_computes_is_refused(change, path):
+    """A layer's conv must be what the math has -- square odd kernel, 'same' zero padding, stride 1,
+    dilation 1, groups 1, weight (4C, Cin + C, k, k) -- and a projection (C, C).  Otherwise every
+    backend refuses alike, naming the submodule: they used to misread it each its own way (stride
+    and dilation ignored everywhere; a padding of 0 ran on the reference and crashed cpp)."""
+    m = make(sk.LSTMSA2d)
+    mutate, message = _conv_changes()[change]
+    mutate(m)
+    with pytest.raises(ValueError, match="LSTMSA2d: " + message):
+        run(m, torch.randn(2, 2, 3, 5, 6), path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_submodule_geometry_the_math_allows_runs(path):
+    """'same' padding as a string and another odd kernel size (with its padding) are the same math."""
+    m = make(sk.SALSTM2d)
+    m.cell0.conv.padding = "same"
+    m.cell1.conv = nn.Conv2d(9, 20, 5, padding=2)
+    x = torch.randn(2, 2, 3, 5, 6)
+    check_against(forward_backward(m, x, path), forward_backward(m, x, "reference"), torch.float32, path)
 
 
 def _state(B=2, H=5, W=6, dtype=torch.float32, hidden=HIDDEN):
