@@ -32,7 +32,7 @@ from typing import Iterable, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -105,9 +105,11 @@ def _check_geometry(mod: nn.Module, base: type, channels: Tuple[int, int], name:
             raise ValueError(f"{who}: {name}.padding={mod.padding!r} is not supported; a {k}x{k} kernel needs "
                              f"'same' padding {same}")
         shape += (k, k)
-    # a parametrized tensor is not read here: that would run its parametrization once more
+    # plain parameters only: a parametrized tensor would run its parametrization once more here (and
+    # weight norm's is made by its hook from the parameters it checks itself)
+    params = mod._parameters
     for pname, want in (("weight", shape), ("bias", (out_ch,))):
-        t = None if parametrize.is_parametrized(mod, pname) else getattr(mod, pname)
-        if t is not None and tuple(t.shape) != want:
+        t = params.get(pname)
+        if t is not None and t.shape != want:
             raise ValueError(f"{who}: {name}.{pname} must have shape {want} for this layer's channels, got "
                              f"{tuple(t.shape)}")
