@@ -3,7 +3,8 @@
 ``recurrence.CHANNELS_LAST_MIN_PIXELS`` sends small images (a U-Net's bottleneck) to NCHW convs;
 this measures where that pays.  Per shape ``B,T,C,H`` (SA-LSTM, Cin = C, k = 5, H x H, float32):
 the eager reference, the cpp backend with every layer's convs channels_last, with every layer
-NCHW, and as shipped -- inference (``torch.no_grad``) and a training step (forward with grad,
+NCHW (input and recurrent convs apart, and with one conv over ``cat(x_t, h)`` at ``t > 0``), and
+as shipped -- inference (``torch.no_grad``) and a training step (forward with grad,
 backward of ``out.sum()``).  Times are the minimum over ``--rounds`` rounds that run the rows in
 turn, each sample about 0.1 s of calls: robust to other processes on a shared machine (a median
 of one row after another was not: two helpers on this 2-core machine moved rows by 30%).  Peak
@@ -27,11 +28,14 @@ from salstm_kernels import recurrence  # noqa: E402
 from salstm_kernels.bench import environment, peak_memory  # noqa: E402
 
 SHIPPED = dict(recurrence.CHANNELS_LAST_MIN_PIXELS)
-ROWS = {  # row -> CHANNELS_LAST_MIN_PIXELS on CPU (None: eager)
+SHIPPED_CAT = set(recurrence.CAT_CONV_DEVICES)
+NCHW = {"cpu": (2**62, 0)}
+ROWS = {  # row -> (CHANNELS_LAST_MIN_PIXELS, CAT_CONV_DEVICES) (None: eager)
     "eager": None,
-    "channels_last": {},
-    "nchw": {"cpu": (2**62, 0)},
-    "shipped": SHIPPED,
+    "channels_last": ({}, SHIPPED_CAT),
+    "nchw": (NCHW, SHIPPED_CAT),
+    "nchw, cat": (NCHW, SHIPPED_CAT | {"cpu"}),  # t > 0: one conv over cat(x_t, h)
+    "shipped": (SHIPPED, SHIPPED_CAT),
 }
 
 
@@ -69,7 +73,7 @@ def measure(B, T, C, H, rounds):
     try:
         for r in range(rounds + 1):  # round 0 measures memory
             for name, rule in ROWS.items():
-                recurrence.CHANNELS_LAST_MIN_PIXELS = SHIPPED if rule is None else rule
+                recurrence.CHANNELS_LAST_MIN_PIXELS, recurrence.CAT_CONV_DEVICES = rule or (SHIPPED, SHIPPED_CAT)
                 for i, fn in enumerate(calls[name]):
                     if r == 0:
                         fn()
@@ -77,7 +81,7 @@ def measure(B, T, C, H, rounds):
                     else:
                         best[name][i] = min(best[name][i], _seconds(fn, n) * 1e3)
     finally:
-        recurrence.CHANNELS_LAST_MIN_PIXELS = SHIPPED
+        recurrence.CHANNELS_LAST_MIN_PIXELS, recurrence.CAT_CONV_DEVICES = SHIPPED, SHIPPED_CAT
     return best, mem
 
 
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
         for name in ROWS:
             t = best[name]
             cells.append(f"{t[0]:6.1f}/{t[1]:6.1f} {e[0] / t[0]:4.2f}/{e[1] / t[1]:4.2f}x")
-        mems = " ".join(f"{n[:5]} {m[0]:.1f}/{m[1]:.1f}" for n, m in mem.items())
+        mems = " ".join(f"{n.replace(', ', '+')[:8]} {m[0]:.1f}/{m[1]:.1f}" for n, m in mem.items())
         print(f"{B},{T},{C},{H}x{H}".ljust(14) + f" {B * H * H:6d}  " + "  ".join(f"{c:>24s}" for c in cells) + "   " + mems,
               flush=True)
     return 0

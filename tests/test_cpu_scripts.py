@@ -20,12 +20,12 @@ def _load(name):
 @pytest.mark.skipif(not cpp_extension.is_available(), reason="needs the C++ extension")
 def test_cpu_conv_layout_rows(capsys):
     """Every row measured at each shape, and the shipped rule put back afterwards."""
-    kept = dict(recurrence.CHANNELS_LAST_MIN_PIXELS)
+    kept = dict(recurrence.CHANNELS_LAST_MIN_PIXELS), set(recurrence.CAT_CONV_DEVICES)
     script = _load("cpu_conv_layout")
     assert script.main(["1,2,8,6", "2,1,8,5", "--rounds", "1", "--threads", str(torch.get_num_threads())]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("1,2,8,6x6", "2,1,8,5x5"))]
     assert len(rows) == 2, out
     for row in rows:
-        assert row.count("x ") >= 4 and "eager " in row and "shipp " in row, row
-    assert recurrence.CHANNELS_LAST_MIN_PIXELS == kept
+        assert row.count("x ") >= 5 and "eager " in row and "shipped " in row and "nchw+cat " in row, row
+    assert (recurrence.CHANNELS_LAST_MIN_PIXELS, recurrence.CAT_CONV_DEVICES) == kept
