@@ -52,6 +52,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch import Tensor, nn
 
 from . import ops
@@ -243,13 +244,18 @@ def channels_last_convs(backend: str, device_type: str, pixels: Optional[int] = 
     there, for ``pixels = B * H * W`` and the layer's ``Cin + C`` (:data:`CHANNELS_LAST_CONVS`,
     :data:`CHANNELS_LAST_MIN_PIXELS`; ``pixels=None``: at any size).  Not inside
     ``torch.func.vmap``: its batched tensors cannot be asked for their layout ("NYI: querying
-    is_contiguous inside of vmap")."""
+    is_contiguous inside of vmap").  Symbolic sizes (``torch.compile(dynamic=True)``,
+    ``torch.export`` with dynamic dimensions) take the large-image layout: comparing them would
+    guard the graph to one side of the threshold, and one graph serves every size."""
     if (backend, device_type) not in CHANNELS_LAST_CONVS or _in_vmap():
         return False
     if pixels is None or device_type not in CHANNELS_LAST_MIN_PIXELS:
         return True
     least, per_channel = CHANNELS_LAST_MIN_PIXELS[device_type]
-    return pixels >= least and not (training and pixels < per_channel * conv_in_channels)
+    # a symbolic size is small only where that holds for every size the graph may see (no guard)
+    small = statically_known_true(pixels < least) or (training and statically_known_true(
+        pixels < per_channel * conv_in_channels))
+    return not small
 
 
 def _in_vmap() -> bool:

@@ -14,9 +14,18 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import salstm_kernels as sk
+from salstm_kernels import recurrence
 from salstm_kernels.testing import assert_close, grads_of
 
 PATHS = sk.available_backends("cpu")
+SHIPPED_LAYOUT_RULE = dict(recurrence.CHANNELS_LAST_MIN_PIXELS)  # (conftest's fixture switches it off)
+
+
+@pytest.fixture(autouse=True)
+def shipped_layout_rule(monkeypatch):
+    """The shipped conv layout rule: on cpp, images of 1024 pixels and more run channels_last, the
+    smaller ones NCHW.  A graph must serve both sides without a guard on the size."""
+    monkeypatch.setattr(recurrence, "CHANNELS_LAST_MIN_PIXELS", SHIPPED_LAYOUT_RULE)
 
 
 def _nets(path):
@@ -53,9 +62,10 @@ def test_compile_dynamic_does_not_recompile_per_image_size(path):
         compiled = torch.compile(net, backend=counter, dynamic=True, fullgraph=True)
         # first call: B, H, W unlike each other, T = 2 and Cin = 3 (dynamo gives equal sizes one
         # symbol, and specializes 0 and 1)
-        for B, H, W in ((4, 5, 6), (6, 3, 7), (5, 8, 4)):
+        # the last one: B*H*W over the cpp layout rule's 1024 pixels, the others under it
+        for B, H, W in ((4, 5, 6), (6, 3, 7), (5, 8, 4), (4, 20, 17)):
             _compare(compiled, net, torch.randn(B, 2, 3, H, W, requires_grad=True), f"{path} {H}x{W}")
-        assert counter.frame_count == 1, f"{type(net).__name__} on {path}: {counter.frame_count} compiles for 3 sizes"
+        assert counter.frame_count == 1, f"{type(net).__name__} on {path}: {counter.frame_count} compiles for 4 sizes"
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -66,6 +76,7 @@ def test_export_with_dynamic_batch_and_image_size(path):
     for net in _nets(path):
         ep = torch.export.export(net, (torch.randn(4, 2, 3, 5, 6),), dynamic_shapes=({0: B, 3: H, 4: W},))
         _compare(ep.module(), net, torch.randn(3, 2, 3, 6, 3, requires_grad=True), f"{path} exported")
+        _compare(ep.module(), net, torch.randn(4, 2, 3, 20, 20, requires_grad=True), f"{path} exported, large")
         f = io.BytesIO()
         torch.export.save(ep, f)
         f.seek(0)
