@@ -36,7 +36,6 @@ class ChannelProjections(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.channels = channels
         self.q_matrix = nn.Linear(channels, channels)
         self.k_matrix = nn.Linear(channels, channels)
         self.v_matrix = nn.Linear(channels, channels)
@@ -50,9 +49,9 @@ class ChannelProjections(nn.Module):
             out += [weight, weight.new_zeros(weight.shape[0]) if lin.bias is None else lin.bias]
         return tuple(t if dtype is None else t.to(dtype) for t in out)
 
-    def submodules(self, prefix: str):
-        """``(name, module, base class)`` of the projections, for :func:`prepare_submodules`."""
-        C = self.channels
+    def submodules(self, prefix: str, C: int):
+        """``(name, module, base class, weight channels)`` of the projections over ``C`` channels,
+        for :func:`prepare_submodules`."""
         return [(f"{prefix}{n}", getattr(self, n), nn.Linear, (C, C)) for n in ("q_matrix", "k_matrix", "v_matrix")]
 
 
@@ -245,7 +244,7 @@ class _ProjectedAttention(_AttentionMixin, ConvLSTM2d):
         return self.attention.tensors(dtype)
 
     def _submodules(self):
-        return super()._submodules() + self.attention.submodules("attention.")
+        return super()._submodules() + self.attention.submodules("attention.", self.hidden_list[-1])
 
 
 class LSTMSA2d(_ProjectedAttention):
@@ -282,7 +281,7 @@ class SAOnly2d(_AttentionMixin, nn.Module):
             raise TypeError(f"SAOnly2d: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SAOnly2d: x must be (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
-        prepare_submodules(self.attention.submodules("attention."), x, "SAOnly2d")
+        prepare_submodules(self.attention.submodules("attention.", self.in_channels), x, "SAOnly2d")
         return reference.sa_only_ref(x, self.attention.tensors(), self.scale_for(x))
 
 
