@@ -32,10 +32,10 @@ SHIPPED_CAT = set(recurrence.CAT_CONV_DEVICES)
 NCHW = {"cpu": (2**62, 0)}
 ROWS = {  # row -> (CHANNELS_LAST_MIN_PIXELS, CAT_CONV_DEVICES) (None: eager)
     "eager": None,
+    "shipped": (SHIPPED, SHIPPED_CAT),
     "channels_last": ({}, SHIPPED_CAT),
     "nchw": (NCHW, SHIPPED_CAT),
     "nchw, cat": (NCHW, SHIPPED_CAT | {"cpu"}),  # t > 0: one conv over cat(x_t, h)
-    "shipped": (SHIPPED, SHIPPED_CAT),
 }
 
 

@@ -32,6 +32,7 @@ from typing import Iterable, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -91,18 +92,21 @@ def _check_geometry(mod: nn.Module, base: type, channels: Tuple[int, int], name:
     """The weight and bias shapes, and for a conv the geometry, that every backend computes with."""
     out_ch, in_ch = channels
     shape: Tuple[int, ...] = (out_ch, in_ch)
-    if base is nn.Conv2d:
-        k = mod.kernel_size[0]
-        if mod.kernel_size != (k, k) or k % 2 == 0:
+    if base is nn.Conv2d:  # (attributes set by hand may be ints or lists: compared as pairs)
+        k = _pair(mod.kernel_size)[0]
+        if _pair(mod.kernel_size) != (k, k) or k % 2 == 0:
             raise ValueError(f"{who}: {name}.kernel_size={mod.kernel_size!r} is not supported; the ConvLSTM conv's "
                              "kernel is square and odd (k, k)")
         for attr in ("stride", "dilation", "groups"):
-            if getattr(mod, attr) not in ((1, 1), 1):
-                raise ValueError(f"{who}: {name}.{attr}={getattr(mod, attr)!r} is not supported; the ConvLSTM "
+            value = getattr(mod, attr)
+            if (value if attr == "groups" else _pair(value)) not in ((1, 1), 1):
+                raise ValueError(f"{who}: {name}.{attr}={value!r} is not supported; the ConvLSTM "
                                  "conv has stride 1, dilation 1 and groups 1")
         same = ((k - 1) // 2,) * 2
-        if mod.padding != same and mod.padding != "same":
-            raise ValueError(f"{who}: {name}.padding={mod.padding!r} is not supported; a {k}x{k} kernel needs "
+        padding = mod.padding
+        if not (padding == "same" or (padding == "valid" and k == 1)
+                or (not isinstance(padding, str) and _pair(padding) == same)):
+            raise ValueError(f"{who}: {name}.padding={padding!r} is not supported; a {k}x{k} kernel needs "
                              f"'same' padding {same}")
         shape += (k, k)
     # plain parameters only: a parametrized tensor would run its parametrization once more here (and

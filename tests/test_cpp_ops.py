@@ -747,16 +747,17 @@ def test_cpp_convs_run_nchw_at_small_images(monkeypatch):
     least, per_channel = SHIPPED_CHANNELS_LAST_MIN_PIXELS["cpu"]
     m = sk.SALSTM2d(3, [4, 64], 1, backend="cpp")
 
-    def layouts(W, grad):
-        x = torch.randn(1, 2, 3, 1, W, requires_grad=grad)
+    def layouts(pixels, grad):  # B = 2: the rule counts B * H * W
+        assert pixels % 2 == 0
+        x = torch.randn(2, 2, 3, 1, pixels // 2, requires_grad=grad)
         with torch.set_grad_enabled(grad):
             out, states = m(x, return_state=True)
         return [h.is_contiguous() for h, _ in states] + [out.is_contiguous()]
 
-    assert layouts(least - 1, False) == [True, True, True]
+    assert layouts(least - 2, False) == [True, True, True]
     assert layouts(least, False) == [False, False, False]
     # training: layer 0's convs have Cin + C = 7 input channels, layer 1's 68
     assert per_channel * 7 <= least < per_channel * 68
     assert layouts(least, True) == [False, True, True]
-    assert layouts(per_channel * 68 - 1, True) == [False, True, True]
+    assert layouts(per_channel * 68 - 2, True) == [False, True, True]
     assert layouts(per_channel * 68, True) == [False, False, False]

@@ -18,8 +18,10 @@ def _load(name):
 
 
 @pytest.mark.skipif(not cpp_extension.is_available(), reason="needs the C++ extension")
-def test_cpu_conv_layout_rows(capsys):
-    """Every row measured at each shape, and the shipped rule put back afterwards."""
+def test_cpu_conv_layout_rows(capsys, monkeypatch):
+    """Every row measured at each shape, and the settings found put back afterwards (a rule unlike
+    any row's, so that a script leaving its last row's setting behind fails)."""
+    monkeypatch.setattr(recurrence, "CHANNELS_LAST_MIN_PIXELS", {"cpu": (7, 3)})
     kept = dict(recurrence.CHANNELS_LAST_MIN_PIXELS), set(recurrence.CAT_CONV_DEVICES)
     script = _load("cpu_conv_layout")
     assert script.main(["1,2,8,6", "2,1,8,5", "--rounds", "1", "--threads", str(torch.get_num_threads())]) == 0

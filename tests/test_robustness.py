@@ -117,6 +117,8 @@ def test_wrong_channel_count(path):
         m(torch.randn(2, 2, 4, 5, 6))
     with pytest.raises(ValueError, match=r"x has 4 channels, expected in_channels=3 \(x shape \(2, 4, 5, 6\)\)"):
         m(torch.randn(2, 4, 5, 6))  # 4-D: the message names the shape passed, not its 5-D view
+    with pytest.raises(ValueError, match=r"x has an empty H x W = 0 x 6 \(shape \(2, 3, 0, 6\)\)"):
+        m(torch.randn(2, 3, 0, 6))
 
 
 def _conv_changes():
@@ -159,14 +161,70 @@ def test_submodule_geometry_no_backend_computes_is_refused(change, path):
         run(m, torch.randn(2, 2, 3, 5, 6), path)
 
 
+@pytest.mark.parametrize("variant", ["same", "ints", "list", "1x1 valid"])
 @pytest.mark.parametrize("path", PATHS)
-def test_submodule_geometry_the_math_allows_runs(path):
-    """'same' padding as a string and another odd kernel size (with its padding) are the same math."""
+def test_submodule_geometry_the_math_allows_runs(path, variant):
+    """The same math spelled otherwise runs: padding 'same', attributes set by hand as ints or lists,
+    a 1x1 kernel with padding 'valid', another odd kernel size with its padding."""
     m = make(sk.SALSTM2d)
-    m.cell0.conv.padding = "same"
+    conv = m.cell0.conv
+    if variant == "same":
+        conv.padding = "same"
+    elif variant == "ints":
+        conv.padding, conv.stride, conv.dilation, conv.kernel_size = 1, 1, 1, 3
+    elif variant == "list":
+        conv.padding, conv.kernel_size = [1, 1], [3, 3]
+    else:
+        m.cell0.conv = nn.Conv2d(7, 16, 1, padding="valid")
     m.cell1.conv = nn.Conv2d(9, 20, 5, padding=2)
     x = torch.randn(2, 2, 3, 5, 6)
     check_against(forward_backward(m, x, path), forward_backward(m, x, "reference"), torch.float32, path)
+
+
+@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm", "prune"])
+def test_submodule_geometry_checked_under_weight_hooks(hook):
+    """A conv whose weight a pre-hook makes (weight norm, spectral norm, pruning) is checked too,
+    after its hooks have run."""
+    m = make(sk.SALSTM2d)
+    conv = m.cell1.conv
+    if hook == "prune":
+        torch.nn.utils.prune.l1_unstructured(conv, "weight", 0.3)
+    else:
+        getattr(torch.nn.utils, hook)(conv)
+    conv.padding = (0, 0)
+    with pytest.raises(ValueError, match=r"SALSTM2d: cell1\.conv\.padding=\(0, 0\) is not supported"):
+        m(torch.randn(2, 2, 3, 5, 6))
+
+
+def test_parametrized_weights_are_computed_once_per_read():
+    """The geometry check reads plain parameters only: a parametrized projection's weight is computed
+    as often as the forward itself reads it -- the same count with the check as without."""
+    from torch.nn.utils import parametrize
+
+    from salstm_kernels import submodules
+
+    class Counting(nn.Module):
+        calls = 0
+
+        def forward(self, w):
+            Counting.calls += 1
+            return w
+
+    m = make(sk.LSTMSA2d)
+    parametrize.register_parametrization(m.attention.q_matrix, "weight", Counting())
+    x = torch.randn(2, 1, 3, 5, 6)
+
+    def reads(check):
+        kept = submodules._check_geometry
+        submodules._check_geometry = check
+        try:
+            Counting.calls = 0
+            m(x)
+            return Counting.calls
+        finally:
+            submodules._check_geometry = kept
+
+    assert reads(submodules._check_geometry) == reads(lambda *a: None) >= 1
 
 
 def _state(B=2, H=5, W=6, dtype=torch.float32, hidden=HIDDEN):
@@ -496,6 +554,38 @@ def test_nonfinite_state_through_nonlinear_attention(cls, path, value):
     assert torch.isfinite(ref[0][0][0]).all() and ref[0][0][1].isnan().any() == (value != value)
     assert any(g.isnan().any() for g in ref[1])  # -inf too: the 0 * inf above
     check_against(forward_backward(m, x, path, state), ref, torch.float32, path)
+
+
+@pytest.mark.parametrize("backend", sk.available_backends("cpu"))
+@pytest.mark.parametrize("C,gated", [(5, False), (5, True), (70, False)])  # Triton: single-pass, blocked
+def test_nonlinear_gradient_at_exact_zeros(backend, C, gated):
+    """relu(f c') and relu(g h') at exactly +-0 (zero conv output for the g gate, a zero state: an
+    image's zero padding or a zero input with zero bias): relu's gradient there is 0, as autograd
+    of the reference takes it.  A mask ``x < 0`` instead of ``x <= 0`` passes the gradient: dA 4e-2
+    off (the review's mutation, which no other test caught)."""
+    g = torch.Generator().manual_seed(C)
+    A = torch.randn(2, 4 * C, 4, 5, generator=g) * 2
+    c = torch.randn(2, C, 4, 5, generator=g)
+    # One channel at a time, so that the other channels' K and Q keep dQ, dK there non-zero.
+    # Channel 0: g = +-0 and c = +-0, so c' = +-0 and f c' = +-0 with f and dQ non-zero.
+    # Channel 1: g = +-0 and c non-zero, so g h' = +-0 with h' and dK non-zero.
+    for ch in (0, 1):
+        A[:, 3 * C + ch, 0] = 0.0
+        A[:, 3 * C + ch, 1] = -0.0
+    c[:, 0, 0] = 0.0
+    c[:, 0, 1] = -0.0
+    proj = tuple(p.detach() for p in random_projections(C, torch.float32, generator=g)) if gated else None
+    grads = [torch.randn(c.shape, generator=g) for _ in range(3)]
+
+    def run(fn):
+        A_, c_ = A.clone().requires_grad_(), c.clone().requires_grad_()
+        out, h, c_new = fn(A_, c_)[:3]
+        return [out, h, c_new, *torch.autograd.grad([out, h, c_new], [A_, c_], grads)]
+
+    want = run(lambda A_, c_: reference.lstm_attention_ref(A_, c_, 0.3, "nonlinear", proj))
+    got = run(lambda A_, c_: ops.lstm_attention(A_, c_, *(proj or (None,) * 6), 0.3, "nonlinear", backend))
+    for name, a, b in zip(["out", "h'", "c'", "dA", "dc"], got, want):
+        assert_close(a, b, torch.float32, backward=name.startswith("d"), name=f"{backend} {name}")
 
 
 @pytest.mark.parametrize("path,dtype", [(p, d) for p in PATHS for d in (torch.float32, torch.float64)
