@@ -245,12 +245,13 @@ def channels_last_convs(backend: str, device_type: str, pixels: Optional[int] = 
     :data:`CHANNELS_LAST_MIN_PIXELS`; ``pixels=None``: at any size).  Not inside
     ``torch.func.vmap``: its batched tensors cannot be asked for their layout ("NYI: querying
     is_contiguous inside of vmap").  Symbolic sizes (``torch.compile(dynamic=True)``,
-    ``torch.export`` with dynamic dimensions) take the large-image layout: comparing them would
-    guard the graph to one side of the threshold, and one graph serves every size."""
+    ``torch.export`` with dynamic dimensions, ``torch.jit.trace``) take the large-image layout:
+    comparing them would guard the graph to one side of the threshold, and one graph serves every
+    size."""
     if (backend, device_type) not in CHANNELS_LAST_CONVS or _in_vmap():
         return False
-    if pixels is None or device_type not in CHANNELS_LAST_MIN_PIXELS:
-        return True
+    if pixels is None or isinstance(pixels, Tensor) or device_type not in CHANNELS_LAST_MIN_PIXELS:
+        return True  # (torch.jit.trace records sizes as 0-dim tensors: one graph for all, as above)
     least, per_channel = CHANNELS_LAST_MIN_PIXELS[device_type]
     # a symbolic size is small only where that holds for every size the graph may see (no guard)
     small = statically_known_true(pixels < least) or (training and statically_known_true(
