@@ -232,9 +232,10 @@ CHANNELS_LAST_CONVS: Set[Tuple[str, str]] = {("cpp", "cpu")}
 #: channels_last convs lose: each copies its weight into that layout, and each backward its weight
 #: gradient back (one weight-sized copy per conv and direction; NCHW convs make none), so at a
 #: U-Net's bottleneck (7x7-14x14, C = 64-256) the cpp module was slower than eager in training.
-#: cpp, SA-LSTM, T = 2-3, 2 threads, channels_last against NCHW: B=4 C=128 7x7 train 0.75x ->
-#: 1.17x eager, forward 0.83x -> 1.11x; the crossovers: forward about 1024 pixels at C = 32-128,
-#: training about 24 pixels per input channel (``benchmarks/RESULTS.md``, fourteenth session).
+#: cpp, SA-LSTM, T = 2-3, 2 threads, channels_last against NCHW (``benchmarks/cpu_conv_layout.py``):
+#: B=4 C=128 7x7 T=3 train 0.76x -> 1.08x eager, forward 0.78x -> 1.09x; the crossovers: forward
+#: about 1024 pixels at C = 32-128, training about 24 pixels per input channel
+#: (``benchmarks/RESULTS.md``, fourteenth session).
 CHANNELS_LAST_MIN_PIXELS: Dict[str, Tuple[int, int]] = {"cpu": (1024, 24)}
 
 
