@@ -66,22 +66,17 @@ def prepare_submodules(named: Iterable[Tuple[str, nn.Module, type, Tuple[int, in
         if base is nn.Conv2d and mod.padding_mode != "zeros":
             raise ValueError(f"{who}: {name}.padding_mode={mod.padding_mode!r} is not supported; the convs pad "
                              "with zeros (padding_mode='zeros')")
-        if not (mod._forward_pre_hooks and any(isinstance(h, WEIGHT_HOOKS) for h in mod._forward_pre_hooks.values())):
-            _check_geometry(mod, base, channels, name, who)  # (else after the hooks have made the weight)
         for pname, param in mod._parameters.items():  # (a parametrized weight is not among them)
             if param is not None and (param.dtype != dtype or param.device != device):  # (the common case fast)
                 check_matches_parameters(x, param, who, f"{name}.{pname}")
-        if not (mod._forward_pre_hooks or mod._forward_hooks):
-            continue
-        others = weight_hooks = False
-        for hook in list(mod._forward_pre_hooks.values()):
-            if isinstance(hook, WEIGHT_HOOKS):
-                hook(mod, ())
-                weight_hooks = True
-            else:
-                others = True
-        if weight_hooks:
-            _check_geometry(mod, base, channels, name, who)
+        others = False
+        if mod._forward_pre_hooks:  # (the common case fast)
+            for hook in list(mod._forward_pre_hooks.values()):
+                if isinstance(hook, WEIGHT_HOOKS):
+                    hook(mod, ())
+                else:
+                    others = True
+        _check_geometry(mod, base, channels, name, who)  # (after the weight hooks have made the weight)
         if (others or mod._forward_hooks) and not torch.compiler.is_compiling():  # (dynamo cannot trace warn)
             warn_user(f"{who}: the forward hooks registered on {name} do not run: the module reads its "
                       "parameters and computes it without calling it (weight_norm, spectral_norm and prune "
